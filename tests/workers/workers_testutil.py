@@ -1,0 +1,192 @@
+"""Helpers for the workers tests: tiny random checkpoints and a server subprocess handle."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+PROMPT = [3, 17, 101, 5, 250, 64, 9]
+NEW_TOKENS = 6
+KEY = {"Authorization": "Bearer secret"}  # the API key of the servers started with "secret"
+
+# The checkpoints the server tests serve (conftest.py `checkpoints`):
+# qwen3: untied, 4 query / 2 KV heads (split over TP=2), ships a tokenizer.
+# llama: tied embeddings, q/k/v/o and MLP biases, llama3 rope scaling, 1 KV head (replicated
+# over TP=2).
+FAMILIES = {
+    "qwen3": dict(family="qwen3", overrides={}, tokenizer=True),
+    "llama": dict(
+        family="llama",
+        overrides=dict(
+            tie_word_embeddings=True,
+            attention_bias=True,
+            mlp_bias=True,
+            num_key_value_heads=1,
+            rope_theta=50000.0,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+        ),
+        tokenizer=False,
+    ),
+}
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=256,
+    max_position_embeddings=512,
+)
+
+
+def hf_config(family: str, **overrides):
+    from transformers import LlamaConfig, Qwen3Config
+
+    cls = {"qwen3": Qwen3Config, "llama": LlamaConfig}[family]
+    return cls(**{**TINY, **overrides})
+
+
+def make_hf_model(family: str, *, seed: int = 0, **overrides):
+    """A tiny random model in float32, every parameter (norms included) randomised, so that a
+    misplaced tensor changes the logits."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(family, **overrides)).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.1)
+    return model
+
+
+def save_checkpoint(model, path: Path, *, tokenizer: bool = False, **save_kwargs) -> Path:
+    model.save_pretrained(path, **save_kwargs)
+    if tokenizer:
+        save_word_tokenizer(path / "tokenizer.json", model.config.vocab_size)
+    return path
+
+
+def save_word_tokenizer(path: Path, vocab_size: int) -> None:
+    """A word-level tokenizer: "w<i>" is token i (w0 doubles as the unknown token)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = Whitespace()
+    tok.save(str(path))
+
+
+@torch.no_grad()
+def hf_greedy(model, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens by full recomputation (no cache), and the logits each was picked from."""
+    ids = list(prompt)
+    rows = []
+    for _ in range(new_tokens):
+        logits = model(torch.tensor([ids])).logits[0, -1]
+        rows.append(logits)
+        ids.append(int(torch.argmax(logits)))
+    return ids[len(prompt) :], torch.stack(rows)
+
+
+def free_port() -> int:
+    """As tests/conftest.py's free_port (not imported: several conftest modules may exist)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def skip_without_gpus(device: str, count: int) -> None:
+    import pytest
+
+    if device == "cuda" and torch.cuda.device_count() < count:
+        pytest.skip(f"needs {count} CUDA GPUs")
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str
+    log: Path
+
+    def get(self, path: str, **kw) -> requests.Response:
+        return requests.get(self.url + path, timeout=kw.pop("timeout", 60), **kw)
+
+    def post(self, path: str, json=None, **kw) -> requests.Response:
+        return requests.post(self.url + path, json=json, timeout=kw.pop("timeout", 60), **kw)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """Kill the whole process group (front and ranks)."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(15)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(15)
+
+
+def start_server(model_path: Path, *args: str, log: Path) -> Server:
+    """`python -m workers.server` in its own process group, on a free port (not yet up)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "workers.server", "--model-path", str(model_path)]
+    cmd += ["--port", str(port), *args]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return Server(proc=proc, url=f"http://127.0.0.1:{port}", log=log)
+
+
+def wait_until_up(server: Server, deadline_s: float = 120.0) -> None:
+    """Poll /ping until it answers; fail early with the log if the server exits."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"server exited ({server.proc.returncode}):\n{server.output()}")
+        try:
+            if requests.get(server.url + "/ping", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"server not up after {deadline_s}s:\n{server.output()}")
+
+
+def poll(predicate, deadline_s: float, what: str):
+    """Call `predicate` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {deadline_s}s: {what}")
+        time.sleep(0.2)

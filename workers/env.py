@@ -1,0 +1,31 @@
+"""Every environment variable the inference side reads, read once, here.
+
+Callers take an explicit argument first and fall back to these values only when the argument is
+None (`x if x is not None else ENV.x`), never `x or ENV.x`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Env:
+    api_key: str | None
+    """CKPT_ENGINE_API_KEY: default for `--api-key` (weight-changing endpoints need it)."""
+    log_level: str
+    """CKPT_ENGINE_LOG_LEVEL: default for `--log-level` (debug, info, warning, error)."""
+
+
+def read_env(environ: dict[str, str] | None = None) -> Env:
+    """Read the variables from `environ` (default: the process environment)."""
+    environ = os.environ if environ is None else environ
+    api_key = environ.get("CKPT_ENGINE_API_KEY")
+    return Env(
+        api_key=api_key if api_key else None,
+        log_level=environ.get("CKPT_ENGINE_LOG_LEVEL", "info").lower(),
+    )
+
+
+ENV = read_env()

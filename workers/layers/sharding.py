@@ -1,0 +1,132 @@
+"""How one rank's parameter relates to checkpoint tensors: a declarative `ShardLayout`.
+
+A parameter is the concatenation, along its tensor-parallel dim, of one or more *parts*; each part
+is (this rank's chunk of) one checkpoint tensor. Unfused layers have one part (shard id None);
+fused ones have several (`qkv_proj`: parts "q", "k", "v"; `gate_up_proj`: parts 0, 1). A part is
+cut into `chunks` pieces along the dim; rank r holds piece `r * chunks // size`, so `chunks ==
+size` splits evenly and `chunks < size` replicates each piece over `size // chunks` ranks (KV heads
+when there are fewer KV heads than ranks). A piece longer than what remains of the tensor is zero
+padded (vocabulary rows when the vocabulary does not divide by the TP size).
+
+From this one record follow, with no per-layer code: the local shape, `load` (checkpoint tensor ->
+this rank's slice, written in place), `unshard` (every rank's slice -> checkpoint tensors) and the
+expected checkpoint shapes that `check_weights` validates against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from workers.errors import WeightCheckError
+
+ShardId = str | int | None
+
+
+@dataclass(frozen=True)
+class Part:
+    shard_id: ShardId
+    full_shape: tuple[int, ...]
+    chunks: int
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    dim: int | None  # the tensor-parallel dim; None: the whole tensor on every rank
+    parts: tuple[Part, ...]
+    rank: int = 0
+    size: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.parts:
+            raise ValueError("a layout needs at least one part")
+        if self.dim is None and (len(self.parts) != 1 or self.parts[0].chunks != 1):
+            raise ValueError("a replicated layout has exactly one part of one chunk")
+        for part in self.parts:
+            if part.chunks < 1 or self.size % part.chunks:
+                raise ValueError(
+                    f"part {part.shard_id!r}: {part.chunks} chunks over {self.size} ranks"
+                )
+            if self.dim is not None:
+                rest = _without(part.full_shape, self.dim)
+                if rest != _without(self.parts[0].full_shape, self.dim):
+                    raise ValueError(f"parts of one parameter differ off dim {self.dim}")
+
+    @classmethod
+    def replicated(cls, shape: tuple[int, ...]) -> ShardLayout:
+        return cls(dim=None, parts=(Part(None, tuple(shape), 1),))
+
+    def piece_len(self, part: Part) -> int:
+        return -(-part.full_shape[self.dim] // part.chunks)  # ceil
+
+    def local_shape(self) -> tuple[int, ...]:
+        if self.dim is None:
+            return self.parts[0].full_shape
+        shape = list(self.parts[0].full_shape)
+        shape[self.dim] = sum(self.piece_len(p) for p in self.parts)
+        return tuple(shape)
+
+    def shard_ids(self) -> tuple[ShardId, ...]:
+        return tuple(p.shard_id for p in self.parts)
+
+    def full_shape(self, shard_id: ShardId) -> tuple[int, ...]:
+        return self._find(shard_id)[0].full_shape
+
+    def _find(self, shard_id: ShardId) -> tuple[Part, int]:
+        offset = 0
+        for part in self.parts:
+            if part.shard_id == shard_id:
+                return part, offset
+            offset += self.piece_len(part) if self.dim is not None else 0
+        raise KeyError(f"no part {shard_id!r} in this parameter (parts: {self.shard_ids()})")
+
+    @torch.no_grad()
+    def load(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+        """Write this rank's slice of checkpoint tensor `loaded` into `param`, in place."""
+        part, offset = self._find(shard_id)
+        if tuple(loaded.shape) != part.full_shape:
+            raise WeightCheckError(
+                [f"shape {tuple(loaded.shape)} does not fit {part.full_shape} (part {shard_id!r})"]
+            )
+        if self.dim is None:
+            param.data.copy_(loaded)
+            return
+        n = self.piece_len(part)
+        start = (self.rank * part.chunks // self.size) * n
+        length = max(0, min(n, part.full_shape[self.dim] - start))
+        dst = param.data.narrow(self.dim, offset, n)
+        if length:
+            dst.narrow(self.dim, 0, length).copy_(loaded.narrow(self.dim, start, length))
+        if length < n:
+            dst.narrow(self.dim, length, n - length).zero_()
+
+    def unshard(self, shards: list[torch.Tensor]) -> dict[ShardId, torch.Tensor]:
+        """Checkpoint tensors from every rank's parameter (`shards[r]` is rank r's data)."""
+        if self.dim is None:
+            return {self.parts[0].shard_id: shards[0]}
+        if len(shards) != self.size:
+            raise ValueError(f"need {self.size} shards, got {len(shards)}")
+        out: dict[ShardId, torch.Tensor] = {}
+        offset = 0
+        for part in self.parts:
+            n, step = self.piece_len(part), self.size // part.chunks
+            pieces = [shards[c * step].narrow(self.dim, offset, n) for c in range(part.chunks)]
+            full = torch.cat(pieces, dim=self.dim).narrow(self.dim, 0, part.full_shape[self.dim])
+            out[part.shard_id] = full.contiguous()
+            offset += n
+        return out
+
+
+def _without(shape: tuple[int, ...], dim: int) -> tuple[int, ...]:
+    return shape[:dim] + shape[dim + 1 :]
+
+
+def make_param(layout: ShardLayout) -> nn.Parameter:
+    """An uninitialised parameter of the layout's local shape (current default device and dtype),
+    carrying `shard_layout` and the `weight_loader(param, tensor, shard_id)` that loaders call."""
+    param = nn.Parameter(torch.empty(layout.local_shape()), requires_grad=False)
+    param.shard_layout = layout
+    param.weight_loader = layout.load
+    return param

@@ -1,0 +1,160 @@
+"""Checkpoint names <-> (possibly fused) parameters, for any model built from `workers.layers`.
+
+A model declares `packed_modules_mapping` (checkpoint module name -> (fused module name, shard
+id)), e.g. {"q_proj": ("qkv_proj", "q"), "gate_proj": ("gate_up_proj", 0)}; every parameter
+carries a `shard_layout`. From those two alone this mixin provides:
+
+- `load_weights(weights)`: any order, any subset; checks every (name, shape) of the call before
+  writing a byte, then writes this rank's slices in place (`param.data` is never re-allocated,
+  so CUDA graphs and IPC views stay valid); returns the checkpoint names written.
+- `check_weights(metas)`: the same checks on (name, dtype, shape) records, writing nothing.
+- `checkpoint_names()`: every tensor a full checkpoint must provide.
+- `checkpoint_tensors()`: (name, full tensor in checkpoint layout), unfused and gathered over the
+  TP group, so the same weights give the same tensors whatever the TP size. Collective: every rank
+  must iterate it to the end, in step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from workers.distributed import TensorParallel
+from workers.errors import WeightCheckError
+from workers.layers.sharding import ShardId, ShardLayout
+
+# Names some checkpoints carry that hold no weight (precomputed rotary tables): accepted, skipped.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+class CheckpointWeights:
+    """Mixin for an `nn.Module` model with `tp: TensorParallel` and `packed_modules_mapping`."""
+
+    packed_modules_mapping: dict[str, tuple[str, ShardId]] = {}
+    tp: TensorParallel
+    # Checkpoint names accepted and skipped because another tensor carries them (a tied LM head).
+    aliased_names: frozenset[str] = frozenset()
+
+    def _params(self) -> dict[str, nn.Parameter]:
+        # Parameters are never re-allocated (loads copy in place), so the table is built once.
+        table = self.__dict__.get("_param_table")
+        if table is None:
+            table = self.__dict__["_param_table"] = dict(self.named_parameters())  # type: ignore[attr-defined]
+        return table
+
+    def resolve(self, name: str) -> tuple[str, ShardId]:
+        """Checkpoint name -> (parameter name, shard id); KeyError names an unknown one."""
+        parts = name.split(".")
+        for i, part in enumerate(parts):
+            if part in self.packed_modules_mapping:
+                fused, shard_id = self.packed_modules_mapping[part]
+                param_name = ".".join([*parts[:i], fused, *parts[i + 1 :]])
+                if param_name in self._params():
+                    return param_name, shard_id
+        if name in self._params():
+            return name, None
+        raise KeyError(name)
+
+    def checkpoint_name(self, param_name: str, shard_id: ShardId) -> str:
+        """(parameter name, shard id) -> checkpoint name: the inverse of `resolve`."""
+        if shard_id is None:
+            return param_name
+        parts = param_name.split(".")
+        for ckpt_module, (fused, sid) in self.packed_modules_mapping.items():
+            if sid == shard_id and fused in parts:
+                i = parts.index(fused)
+                return ".".join([*parts[:i], ckpt_module, *parts[i + 1 :]])
+        raise KeyError(f"{param_name} has no checkpoint name for shard {shard_id!r}")
+
+    def checkpoint_names(self) -> list[str]:
+        return [
+            self.checkpoint_name(pname, sid)
+            for pname, param in self._params().items()
+            for sid in _layout(pname, param).shard_ids()
+        ]
+
+    def _skipped(self, name: str) -> bool:
+        return name in self.aliased_names or name.endswith(IGNORED_SUFFIXES)
+
+    def _problem(self, name: str, shape: tuple[int, ...]) -> str | None:
+        try:
+            pname, sid = self.resolve(name)
+        except KeyError:
+            return f"{name}: the model has no such tensor"
+        expected = _layout(pname, self._params()[pname]).full_shape(sid)
+        if tuple(shape) != expected:
+            return f"{name}: shape {tuple(shape)} does not fit the model's {expected}"
+        return None
+
+    def check_weights(self, metas: Iterable[tuple[str, Any, Any]]) -> list[str]:
+        """Problems with (name, dtype, shape) records: unknown names, shapes that do not fit,
+        non-floating dtypes, duplicates. Writes nothing; an empty list means all fit."""
+        problems, seen = [], set()
+        for name, dtype, shape in metas:
+            if name in seen:
+                problems.append(f"{name}: given twice")
+            seen.add(name)
+            if _dtype(dtype) is None or not _dtype(dtype).is_floating_point:
+                problems.append(f"{name}: dtype {dtype} is not a floating-point dtype")
+            if not self._skipped(name) and (p := self._problem(name, tuple(shape))):
+                problems.append(p)
+        return problems
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Write checkpoint tensors into this rank's parameters; see the module docstring."""
+        items = [(name, t) for name, t in weights if not self._skipped(name)]
+        problems = self.check_weights((name, t.dtype, t.shape) for name, t in items)
+        if problems:
+            raise WeightCheckError(problems)
+        params = self._params()
+        for name, tensor in items:
+            pname, sid = self.resolve(name)
+            param = params[pname]
+            param.weight_loader(param, tensor, sid)
+        return {name for name, _ in items}
+
+    def checkpoint_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for pname, param in self._params().items():
+            layout = _layout(pname, param)
+            shards = [param.data] if layout.dim is None else self.tp.all_gather_list(param.data)
+            for sid, full in layout.unshard(shards).items():
+                yield self.checkpoint_name(pname, sid), full
+
+
+def _layout(name: str, param: nn.Parameter) -> ShardLayout:
+    layout = getattr(param, "shard_layout", None)
+    if layout is None:
+        raise TypeError(f"parameter {name} was not built with workers.layers (no shard_layout)")
+    return layout
+
+
+def _dtype(dtype: Any) -> torch.dtype | None:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    found = getattr(torch, str(dtype).removeprefix("torch."), None)
+    return found if isinstance(found, torch.dtype) else None
+
+
+def tensor_digest(tensor: torch.Tensor) -> dict[str, Any]:
+    """{"dtype", "shape", "sha256"}: sha256 of the tensor's raw bytes (contiguous, on CPU)."""
+    flat = tensor.detach().contiguous().cpu().reshape(-1)
+    digest = hashlib.sha256(flat.view(torch.uint8).numpy()).hexdigest()
+    return {
+        "dtype": str(tensor.dtype).removeprefix("torch."),
+        "shape": list(tensor.shape),
+        "sha256": digest,
+    }
+
+
+def combined_digest(tensors: dict[str, dict[str, Any]]) -> str:
+    """One sha256 over every tensor's (name, dtype, shape, sha256), in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        d = tensors[name]
+        h.update(f"{name}\t{d['dtype']}\t{d['shape']}\t{d['sha256']}\n".encode())
+    return h.hexdigest()

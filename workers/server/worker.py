@@ -1,0 +1,170 @@
+"""`RankWorker`: what one tensor-parallel rank process can do, and the one table of what the
+HTTP front may ask of it.
+
+`RPC_METHODS` is the allowlist of `/collective_rpc` (vLLM shape): any other name is refused by
+the front before it reaches a rank, and again here. `FRONT_METHODS` are called only by the
+front's own endpoints. Methods in `WEIGHT_CHANGING_METHODS` write weights: the front runs them
+under its FIFO lock, commits a new weight version when every rank succeeds, and stops serving
+(fail closed) when one fails after writing part of the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from workers.config import ServerArgs
+from workers.distributed import TensorParallel, init_tensor_parallel
+from workers.errors import UpdateUnavailableError, WorkersError
+from workers.model_loader import get_load_format
+from workers.models import ModelConfig, build_model, resolve_dtype
+from workers.models.weights import combined_digest, tensor_digest
+from workers.server.generate import greedy_generate
+
+logger = logging.getLogger(__name__)
+
+RPC_METHODS: dict[str, str] = {
+    "ping": "() -> {rank, device, pid}: liveness of every rank",
+    "get_weights_info": "() -> {tensors: {name: {dtype, shape, sha256}}, checksum} (rank 0)",
+    "check_weights": "(metas: [[name, dtype, shape], ...]) -> problems: validate, write nothing",
+    "update_weights_from_disk": "(model_path=None) -> loaded names count: reload safetensors",
+    "update_weights_from_ipc": "(zmq_handles: {device_key: zmq_address}) -> None",
+}
+WEIGHT_CHANGING_METHODS = frozenset({"update_weights_from_disk", "update_weights_from_ipc"})
+FRONT_METHODS = frozenset({"generate"})
+
+
+class RankWorker:
+    def __init__(
+        self, *, args: ServerArgs, tp: TensorParallel, model, device: torch.device
+    ) -> None:
+        self.args = args
+        self.tp = tp
+        self.model = model
+        self.device = device
+        self.tensors_written = 0  # by weight updates; tells the front whether a failure wrote
+
+    @classmethod
+    def create(cls, rank: int, args: ServerArgs, store_port: int) -> RankWorker:
+        """Join the TP group, build the model on this rank's device, load the initial weights."""
+        if args.device == "cuda":
+            device = torch.device("cuda", rank)
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.tp))
+        tp = init_tensor_parallel(
+            rank=rank,
+            size=args.tp,
+            store_port=store_port,
+            device=device,
+            timeout_s=args.rank_timeout,
+        )
+        config = ModelConfig.from_pretrained(args.model_path)
+        model = build_model(config, tp=tp, dtype=resolve_dtype(args.dtype, config), device=device)
+        get_load_format(args.load_format, seed=args.seed).load(model, args.model_path)
+        logger.info("rank %d: %s weights loaded on %s", rank, args.load_format, device)
+        return cls(args=args, tp=tp, model=model, device=device)
+
+    @property
+    def device_index(self) -> int:
+        """The device index ckpt_engine's device keys use: the CUDA index, the TP rank on CPU."""
+        return self.device.index if self.device.type == "cuda" else self.tp.rank
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def call(self, method: str, args: list, kwargs: dict) -> Any:
+        if method not in RPC_METHODS and method not in FRONT_METHODS:
+            raise WorkersError(
+                f"method {method!r} is not callable; allowed: {', '.join(RPC_METHODS)}"
+            )
+        return getattr(self, method)(*args, **kwargs)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """`model.load_weights`, counted: the `run` callback of weight updates."""
+        names = self.model.load_weights(weights)
+        self.tensors_written += len(names)
+        return names
+
+    # ---- front methods -------------------------------------------------------------------
+
+    def generate(
+        self,
+        input_ids: list[int],
+        max_new_tokens: int,
+        stop_token_ids: list[int],
+        return_logits: bool = False,
+    ) -> dict[str, Any] | None:
+        out = greedy_generate(
+            self.model,
+            input_ids,
+            max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_token_ids,
+            return_logits=return_logits,
+        )
+        if self.tp.rank != 0:
+            return None
+        result = {"output_ids": out.output_ids, "finish_reason": out.finish_reason}
+        if out.logits is not None:
+            result["logits"] = out.logits
+        return result
+
+    # ---- RPC methods (RPC_METHODS) ----------------------------------------------------------
+
+    def ping(self) -> dict[str, Any]:
+        return {"rank": self.tp.rank, "device": str(self.device), "pid": os.getpid()}
+
+    def get_weights_info(self) -> dict[str, Any] | None:
+        """Checksums per checkpoint tensor (collective: every rank gathers, rank 0 hashes)."""
+        tensors = {}
+        for name, tensor in self.model.checkpoint_tensors():
+            if self.tp.rank == 0:
+                tensors[name] = tensor_digest(tensor)
+        if self.tp.rank != 0:
+            return None
+        return {"tensors": tensors, "checksum": combined_digest(tensors)}
+
+    def check_weights(self, metas: list[list[Any]]) -> list[str]:
+        if not isinstance(metas, list) or not all(
+            isinstance(m, list | tuple) and len(m) == 3 for m in metas
+        ):
+            raise WorkersError("metas must be a list of [name, dtype, shape]")
+        return self.model.check_weights([tuple(m) for m in metas])
+
+    def update_weights_from_disk(self, model_path: str | None = None) -> int:
+        """Reload every tensor from a safetensors folder (default: --model-path), checked from
+        the headers first, so a checkpoint that does not fit changes nothing."""
+        path = self.args.model_path if model_path is None else model_path
+        if not isinstance(path, str):
+            raise WorkersError("model_path must be a string")
+        before = self.tensors_written
+        get_load_format("auto").load(self.model, path, write=self.load_weights)
+        return self.tensors_written - before
+
+    def update_weights_from_ipc(self, zmq_handles: dict[str, str]) -> None:
+        """Apply one update pushed by the parameter server (ckpt_engine) through ZMQ + IPC.
+
+        The next issue fills this one function, roughly:
+            key = ckpt_engine.device.device_key(self.device_index)   # GPU-<uuid> / CPU-<host>-<i>
+            ckpt_engine.worker.update_weights_from_ipc(
+                self.zmq_ctx, zmq_handles[key], self.device_index,
+                run=self.load_weights,            # counted: a failure reports weights_modified
+                validate=<raise if self.model.check_weights(manifest) finds problems>,
+                post_hook=None)                   # nothing to repack for dense bf16/fp32
+        The front already commits the weight version and flips /health when every rank returns,
+        and fails closed when one raises after writing. Until then this refuses, honestly,
+        without touching the weights."""
+        if not isinstance(zmq_handles, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in zmq_handles.items()
+        ):
+            raise WorkersError("zmq_handles must map device keys (str) to ZMQ addresses (str)")
+        raise UpdateUnavailableError(
+            "this server cannot apply IPC weight updates yet (the ckpt_engine worker primitive "
+            "is not wired in); weights unchanged"
+        )
