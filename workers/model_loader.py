@@ -6,6 +6,9 @@ a duplicate is an error at once, and a load that ends with parameters never writ
 listing them. `dummy` writes random values into the same (already allocated) parameters, so it
 takes the memory of the real weights; the server never reports random weights as healthy (it
 refuses /generate until real weights arrive through an update).
+
+Every format ends a successful load with `model.process_weights_after_loading()` (once, after
+the last tensor: FP8 layers rebuild their forward weights there); so does every update path.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class LoadFormat(ABC):
         for name, tensor in self.weights(path):
             accounting.add(write([(name, tensor)]))
         accounting.finish()
+        model.process_weights_after_loading()
 
     def precheck(self, model, path: Path, source: str) -> None:  # noqa: B027 (optional hook)
         """Raise before any write when the source cannot fit the model (default: no check)."""
@@ -95,7 +99,8 @@ class SafetensorsFormat(LoadFormat):
 
 
 class DummyFormat(LoadFormat):
-    """`dummy`: random values (uniform in +-1e-3, seeded) in every parameter, same memory."""
+    """`dummy`: random values (uniform in +-1e-3, seeded) in every parameter, same memory; FP8
+    weights get uniform +-1 (times their +-1e-3 block scales)."""
 
     name = "dummy"
 
@@ -106,7 +111,12 @@ class DummyFormat(LoadFormat):
         with torch.no_grad():
             for i, param in enumerate(model.parameters()):
                 gen = torch.Generator(device=param.device).manual_seed(self.seed + i)
-                param.data.uniform_(-1e-3, 1e-3, generator=gen)
+                if param.dtype.itemsize == 1:  # float8: no uniform_, fill through float32
+                    values = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+                    param.data.copy_(values.uniform_(-1.0, 1.0, generator=gen))
+                else:
+                    param.data.uniform_(-1e-3, 1e-3, generator=gen)
+        model.process_weights_after_loading()
 
     def weights(self, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise NotImplementedError("dummy weights are written by load() directly")

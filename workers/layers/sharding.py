@@ -123,10 +123,11 @@ def _without(shape: tuple[int, ...], dim: int) -> tuple[int, ...]:
     return shape[:dim] + shape[dim + 1 :]
 
 
-def make_param(layout: ShardLayout) -> nn.Parameter:
-    """An uninitialised parameter of the layout's local shape (current default device and dtype),
-    carrying `shard_layout` and the `weight_loader(param, tensor, shard_id)` that loaders call."""
-    param = nn.Parameter(torch.empty(layout.local_shape()), requires_grad=False)
+def make_param(layout: ShardLayout, *, dtype: torch.dtype | None = None) -> nn.Parameter:
+    """An uninitialised parameter of the layout's local shape (current default device; `dtype`,
+    default the current default dtype), carrying `shard_layout` and the
+    `weight_loader(param, tensor, shard_id)` that loaders call."""
+    param = nn.Parameter(torch.empty(layout.local_shape(), dtype=dtype), requires_grad=False)
     param.shard_layout = layout
     param.weight_loader = layout.load
     return param

@@ -1,6 +1,7 @@
 """`ModelConfig`: what the reference model needs from a Hugging Face config.json, parsed without
 `transformers` (it is not a runtime dependency). Accepts both config layouts in circulation:
-`rope_parameters` (transformers 5) and `rope_theta` + `rope_scaling` (transformers 4)."""
+`rope_parameters` (transformers 5) and `rope_theta` + `rope_scaling` (transformers 4).
+`quantization_config` of block-wise FP8 checkpoints becomes `quantization` (`layers.fp8`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.errors import ConfigError
+from workers.layers.fp8 import Fp8Config
 from workers.layers.rotary import RopeParams
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM")
@@ -35,6 +37,7 @@ class ModelConfig:
     qk_norm: bool = False
     dtype: str | None = None
     eos_token_ids: tuple[int, ...] = ()
+    quantization: Fp8Config | None = None  # block-wise FP8 linear weights; None: unquantized
 
     def __post_init__(self) -> None:
         sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
@@ -105,6 +108,7 @@ class ModelConfig:
                 qk_norm=arch == "Qwen3ForCausalLM",
                 dtype=raw.get("dtype", raw.get("torch_dtype")),
                 eos_token_ids=eos_token_ids,
+                quantization=Fp8Config.from_hf(raw.get("quantization_config")),
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks {e.args[0]!r}") from e

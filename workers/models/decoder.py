@@ -3,7 +3,9 @@
 Module and parameter names mirror the Hugging Face checkpoints (`model.layers.N.self_attn...`),
 except for the fused `qkv_proj` and `gate_up_proj`, mapped by `packed_modules_mapping`. Covers
 grouped-query attention, RoPE (theta + scaling), RMSNorm, SwiGLU, Qwen3's per-head q/k norms,
-attention/MLP biases, tied or untied embeddings.
+attention/MLP biases, tied or untied embeddings, and block-FP8 linear weights when config.json
+carries a `quantization_config` (`layers.fp8`; each layer is told its checkpoint module names so
+`modules_to_not_convert` applies).
 """
 
 from __future__ import annotations
@@ -25,19 +27,32 @@ from workers.layers import (
     apply_rotary,
     cached_attention,
 )
+from workers.layers.fp8 import layer_quant
 from workers.models.config import ModelConfig
 from workers.models.weights import CheckpointWeights
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel, prefix: str = "") -> None:
         super().__init__()
-        c = config
+        c, q = config, config.quantization
         self.qkv_proj = QKVParallelLinear(
-            c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, bias=c.attention_bias, tp=tp
+            c.hidden_size,
+            c.head_dim,
+            c.num_heads,
+            c.num_kv_heads,
+            bias=c.attention_bias,
+            tp=tp,
+            quant=layer_quant(q, *(f"{prefix}.{m}_proj" for m in "qkv")),
+            prefix=f"{prefix}.qkv_proj",
         )
         self.o_proj = RowParallelLinear(
-            c.num_heads * c.head_dim, c.hidden_size, bias=c.attention_bias, tp=tp
+            c.num_heads * c.head_dim,
+            c.hidden_size,
+            bias=c.attention_bias,
+            tp=tp,
+            quant=layer_quant(q, f"{prefix}.o_proj"),
+            prefix=f"{prefix}.o_proj",
         )
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
@@ -69,14 +84,24 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderMLP(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel, prefix: str = "") -> None:
         super().__init__()
-        c = config
+        c, q = config, config.quantization
         self.gate_up_proj = MergedColumnParallelLinear(
-            c.hidden_size, [c.intermediate_size] * 2, bias=c.mlp_bias, tp=tp
+            c.hidden_size,
+            [c.intermediate_size] * 2,
+            bias=c.mlp_bias,
+            tp=tp,
+            quant=layer_quant(q, f"{prefix}.gate_proj", f"{prefix}.up_proj"),
+            prefix=f"{prefix}.gate_up_proj",
         )
         self.down_proj = RowParallelLinear(
-            c.intermediate_size, c.hidden_size, bias=c.mlp_bias, tp=tp
+            c.intermediate_size,
+            c.hidden_size,
+            bias=c.mlp_bias,
+            tp=tp,
+            quant=layer_quant(q, f"{prefix}.down_proj"),
+            prefix=f"{prefix}.down_proj",
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,12 +110,12 @@ class DecoderMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel, prefix: str = "") -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = DecoderAttention(config, tp)
+        self.self_attn = DecoderAttention(config, tp, f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = DecoderMLP(config, tp)
+        self.mlp = DecoderMLP(config, tp, f"{prefix}.mlp")
 
     def forward(self, x, cos_sin, cache: KVCache, layer: int, start: int) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, cache, layer, start)
@@ -101,7 +126,9 @@ class DecoderModel(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp=tp)
-        self.layers = nn.ModuleList(DecoderLayer(config, tp) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, tp, f"model.layers.{i}") for i in range(config.num_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope)
 

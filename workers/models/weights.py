@@ -12,6 +12,14 @@ carries a `shard_layout`. From those two alone this mixin provides:
 - `checkpoint_tensors()`: (name, full tensor in checkpoint layout), unfused and gathered over the
   TP group, so the same weights give the same tensors whatever the TP size. Collective: every rank
   must iterate it to the end, in step.
+- `process_weights_after_loading()`: the post-load hook, run once after a whole load or update
+  (never per bucket): every submodule's `process_weights_after_loading` (FP8 layers rebuild their
+  forward weight from the checkpoint-layout parameters), then the model's own
+  `process_own_weights_after_loading`. Re-entrant and idempotent: it reads only parameters that
+  loads write, writes only buffers allocated at build time, so memory stays flat over updates.
+
+A parameter may restrict the checkpoint dtypes it accepts (`param.checkpoint_dtypes`, e.g. FP8
+weights take float8_e4m3fn only); others take any floating dtype and convert on copy.
 """
 
 from __future__ import annotations
@@ -80,14 +88,19 @@ class CheckpointWeights:
     def _skipped(self, name: str) -> bool:
         return name in self.aliased_names or name.endswith(IGNORED_SUFFIXES)
 
-    def _problem(self, name: str, shape: tuple[int, ...]) -> str | None:
+    def _problem(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> str | None:
         try:
             pname, sid = self.resolve(name)
         except KeyError:
             return f"{name}: the model has no such tensor"
-        expected = _layout(pname, self._params()[pname]).full_shape(sid)
+        param = self._params()[pname]
+        expected = _layout(pname, param).full_shape(sid)
         if tuple(shape) != expected:
             return f"{name}: shape {tuple(shape)} does not fit the model's {expected}"
+        accepted = getattr(param, "checkpoint_dtypes", None)
+        if accepted is not None and dtype not in accepted:
+            names = ", ".join(str(d).removeprefix("torch.") for d in accepted)
+            return f"{name}: dtype {str(dtype).removeprefix('torch.')} is not {names}"
         return None
 
     def check_weights(self, metas: Iterable[tuple[str, Any, Any]]) -> list[str]:
@@ -100,7 +113,7 @@ class CheckpointWeights:
             seen.add(name)
             if _dtype(dtype) is None or not _dtype(dtype).is_floating_point:
                 problems.append(f"{name}: dtype {dtype} is not a floating-point dtype")
-            if not self._skipped(name) and (p := self._problem(name, tuple(shape))):
+            elif not self._skipped(name) and (p := self._problem(name, _dtype(dtype), shape)):
                 problems.append(p)
         return problems
 
@@ -121,9 +134,30 @@ class CheckpointWeights:
     def checkpoint_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for pname, param in self._params().items():
             layout = _layout(pname, param)
-            shards = [param.data] if layout.dim is None else self.tp.all_gather_list(param.data)
+            data = param.data
+            if data.dtype in _BYTE_FLOATS:  # not every collective backend carries float8
+                data = data.view(torch.uint8)
+            shards = [data] if layout.dim is None else self.tp.all_gather_list(data)
             for sid, full in layout.unshard(shards).items():
-                yield self.checkpoint_name(pname, sid), full
+                yield self.checkpoint_name(pname, sid), full.view(param.dtype)
+
+    @torch.no_grad()
+    def process_weights_after_loading(self) -> None:
+        """The post-load hook: once after the last tensor of a load or update; see the module
+        docstring. Local to this rank (no collective)."""
+        for module in self.modules():  # type: ignore[attr-defined]
+            hook = getattr(module, "process_weights_after_loading", None)
+            if module is not self and hook is not None:
+                hook()
+        self.process_own_weights_after_loading()
+
+    def process_own_weights_after_loading(self) -> None:
+        """The model's own post-load step, after every module's (default: nothing)."""
+
+
+_BYTE_FLOATS = tuple(
+    getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)
+)
 
 
 def _layout(name: str, param: nn.Parameter) -> ShardLayout:
