@@ -1,0 +1,91 @@
+"""Named exceptions, one per failure domain. All derive from CkptEngineError."""
+
+from __future__ import annotations
+
+
+class CkptEngineError(Exception):
+    """Base class of every error ckpt_engine raises on purpose."""
+
+
+class CheckpointFileError(CkptEngineError):
+    """A checkpoint file is unusable; names the file and the problem."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+class CheckpointError(CkptEngineError):
+    """Registering, looking up or unregistering a checkpoint failed (not a file's fault)."""
+
+
+class MetasError(CkptEngineError):
+    """Tensor metadata is missing, malformed, or disagrees between ranks."""
+
+
+class ProtocolError(CkptEngineError):
+    """A message between parameter server and worker broke the wire protocol."""
+
+
+class CollectiveError(CkptEngineError):
+    """A control collective between parameter-server ranks failed (a peer died or timed out)."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+class WorkerError(CkptEngineError):
+    """A worker failed, disconnected or did not answer in time (seen from the parameter server)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        bucket: int | None = None,
+        traceback: str = "",
+        timed_out: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.bucket = bucket
+        self.traceback = traceback
+        self.timed_out = timed_out
+
+
+class UpdateError(CkptEngineError):
+    """An update failed; raised on every parameter-server rank alike.
+
+    ``rank`` and ``bucket`` locate the first failure (either may be None when unknown, e.g. a
+    failure before the first bucket); ``message`` is the worker's or the rank's own message;
+    ``errors`` lists every failure reported by any rank, as plain dicts.
+    """
+
+    def __init__(
+        self,
+        summary: str,
+        *,
+        rank: int | None = None,
+        bucket: int | None = None,
+        message: str = "",
+        traceback: str = "",
+        errors: list[dict] | None = None,
+    ) -> None:
+        super().__init__(summary)
+        self.rank = rank
+        self.bucket = bucket
+        self.message = message
+        self.traceback = traceback
+        self.errors = errors if errors is not None else []
+
+
+class UpdateTimeout(UpdateError):
+    """An update failed because some wait (on a worker or on another rank) ran out of time."""
+
+
+class UpdateAborted(CkptEngineError):
+    """Worker side: the parameter server aborted the update (or vanished); ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -1,0 +1,224 @@
+"""Tensor metadata records: what each rank holds, gathered over all ranks; JSON save/load.
+
+No pickle anywhere: records are plain JSON with a format tag and a version, validated on load
+(field types, known dtypes, sizes consistent with shapes, tensors inside their buffers, ranks
+complete, no tensor name held twice).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from ckpt_engine import dtypes
+from ckpt_engine.errors import MetasError
+
+FORMAT = "ckpt-engine-metas"
+VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorMeta:
+    """One tensor held by a rank: ``nbytes`` bytes at ``offset`` of its host buffer ``buffer``."""
+
+    name: str
+    dtype: str  # safetensors spelling, e.g. "BF16"
+    shape: tuple[int, ...]
+    nbytes: int
+    buffer: int
+    offset: int
+
+    @property
+    def itemsize(self) -> int:
+        return dtypes.itemsize(self.dtype)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "nbytes": self.nbytes,
+            "buffer": self.buffer,
+            "offset": self.offset,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankMetas:
+    """What one rank holds of one checkpoint: its host buffers' sizes and its tensors."""
+
+    rank: int
+    device_key: str
+    host: str
+    buffer_bytes: tuple[int, ...]
+    tensors: tuple[TensorMeta, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "device_key": self.device_key,
+            "host": self.host,
+            "buffer_bytes": list(self.buffer_bytes),
+            "tensors": [t.to_json() for t in self.tensors],
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointMetas:
+    """Every rank's holdings of one checkpoint, indexed by rank (``ranks[r].rank == r``)."""
+
+    name: str
+    ranks: tuple[RankMetas, ...]
+
+    def __post_init__(self) -> None:
+        owners: dict[str, int] = {}
+        for index, rank in enumerate(self.ranks):
+            if rank.rank != index:
+                raise MetasError(f"metas of {self.name!r}: entry {index} is for rank {rank.rank}")
+            for t in rank.tensors:
+                if t.name in owners:
+                    raise MetasError(
+                        f"metas of {self.name!r}: tensor {t.name!r} is held by ranks "
+                        f"{owners[t.name]} and {rank.rank}"
+                    )
+                owners[t.name] = rank.rank
+
+    @property
+    def world_size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def num_tensors(self) -> int:
+        return sum(len(r.tensors) for r in self.ranks)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.ranks)
+
+    def owner_of(self, name: str) -> int:
+        for r in self.ranks:
+            if any(t.name == name for t in r.tensors):
+                return r.rank
+        raise KeyError(name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "checkpoint": self.name,
+            "ranks": [r.to_json() for r in self.ranks],
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), separators=(",", ":"))
+
+    @classmethod
+    def loads(cls, text: str | bytes) -> CheckpointMetas:
+        try:
+            obj = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MetasError(f"metas are not valid JSON: {e}") from e
+        return checkpoint_metas_from_json(obj)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically (temp file + rename) as JSON."""
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".metas-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.dumps())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CheckpointMetas:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise MetasError(f"cannot read metas file {os.fspath(path)}: {e}") from e
+        try:
+            return cls.loads(data)
+        except MetasError as e:
+            raise MetasError(f"{os.fspath(path)}: {e}") from e
+
+
+def _field(obj: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(obj, dict) or key not in obj:
+        raise MetasError(f"{where}: missing field {key!r}")
+    value = obj[key]
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+        raise MetasError(f"{where}: field {key!r} has type {type(value).__name__}")
+    return value
+
+
+def _uint(obj: dict, key: str, where: str) -> int:
+    value = _field(obj, key, int, where)
+    if value < 0:
+        raise MetasError(f"{where}: field {key!r} is negative")
+    return value
+
+
+def tensor_meta_from_json(obj: Any, where: str, buffer_bytes: tuple[int, ...]) -> TensorMeta:
+    name = _field(obj, "name", str, where)
+    where = f"{where} tensor {name!r}"
+    dtype = _field(obj, "dtype", str, where)
+    if not dtypes.is_supported(dtype):
+        raise MetasError(f"{where}: unknown dtype {dtype!r}")
+    shape = _field(obj, "shape", list, where)
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise MetasError(f"{where}: shape is not a list of non-negative integers")
+    meta = TensorMeta(
+        name=name,
+        dtype=dtype,
+        shape=tuple(shape),
+        nbytes=_uint(obj, "nbytes", where),
+        buffer=_uint(obj, "buffer", where),
+        offset=_uint(obj, "offset", where),
+    )
+    if meta.nbytes != dtypes.nbytes_of(dtype, meta.shape):
+        raise MetasError(f"{where}: nbytes {meta.nbytes} disagrees with {dtype}{list(shape)}")
+    if meta.buffer >= len(buffer_bytes) and meta.nbytes:
+        raise MetasError(f"{where}: buffer {meta.buffer} does not exist")
+    if meta.nbytes and meta.offset + meta.nbytes > buffer_bytes[meta.buffer]:
+        raise MetasError(f"{where}: bytes [{meta.offset}, +{meta.nbytes}) exceed its buffer")
+    return meta
+
+
+def rank_metas_from_json(obj: Any, where: str = "metas") -> RankMetas:
+    rank = _uint(obj, "rank", where)
+    where = f"{where} rank {rank}"
+    buffers = tuple(_field(obj, "buffer_bytes", list, where))
+    if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in buffers):
+        raise MetasError(f"{where}: buffer_bytes is not a list of non-negative integers")
+    tensors = _field(obj, "tensors", list, where)
+    return RankMetas(
+        rank=rank,
+        device_key=_field(obj, "device_key", str, where),
+        host=_field(obj, "host", str, where),
+        buffer_bytes=buffers,
+        tensors=tuple(tensor_meta_from_json(t, where, buffers) for t in tensors),
+    )
+
+
+def checkpoint_metas_from_json(obj: Any) -> CheckpointMetas:
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise MetasError(f"not a {FORMAT} document")
+    if obj.get("version") != VERSION:
+        raise MetasError(f"metas version {obj.get('version')!r} is not supported ({VERSION})")
+    name = _field(obj, "checkpoint", str, "metas")
+    ranks = _field(obj, "ranks", list, "metas")
+    return CheckpointMetas(
+        name=name, ranks=tuple(rank_metas_from_json(r, f"metas of {name!r}") for r in ranks)
+    )

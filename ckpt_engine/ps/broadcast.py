@@ -1,0 +1,310 @@
+"""The broadcast update driver: one update of one checkpoint on one rank.
+
+Phases (every rank runs them in lockstep; each phase ends in a vote over the control group, so
+a failure anywhere ends the update everywhere with the same error):
+
+1. prepare: check local state against the metas, bind the worker socket, report free memory;
+   gathered, so every rank learns every socket address and the plan's memory budget.
+2. handshake: allocate the IPC buffer, start ``req_func(socket_paths)``, wait for the worker to
+   connect, send Plan (buffer handle + manifest), wait for its Ack. Ranks vote every
+   ``connect_poll_s`` while waiting, so a failure on one rank ends the wait on all.
+3. buckets: for bucket k: vote; launch k into slot k % num_slots (H2D on the owner, broadcast);
+   take the worker's Ack of bucket k-1; wait for k to land; send Bucket k. The worker consumes
+   k-1 while k moves, and a slot is rewritten only after the Ack of the bucket that used it.
+4. finish: Done (worker releases the buffer) -> free the buffer -> vote -> Commit (worker runs
+   its post_hook) -> req_func returns -> final vote.
+
+On failure: gather every rank's error record, send Abort to a worker still listening, free
+everything, raise UpdateError (UpdateTimeout when the first failure was a timeout).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable
+
+import zmq
+
+from ckpt_engine import device, env, wire
+from ckpt_engine.errors import CollectiveError, UpdateError, WorkerError
+from ckpt_engine.ipc import IpcBuffer
+from ckpt_engine.planner import BucketPlan
+from ckpt_engine.ps.context import UpdateContext, check_local, choose_plan, update_error
+from ckpt_engine.ps.link import ReqFuncThread, WorkerLink
+from ckpt_engine.ps.mover import Launched, SlotMover
+
+logger = logging.getLogger(__name__)
+
+
+class _Voted(Exception):
+    """Some rank reported a failure in a vote."""
+
+
+class BroadcastUpdate:
+    def __init__(self, ctx: UpdateContext, req_func: Callable[[list[tuple[str, str]]], object]):
+        self.ctx = ctx
+        self.req_func = req_func
+        self.update_id = f"{ctx.run_id}-{ctx.update_no}"
+        self.vote_timeout_s = 2 * ctx.timeout_s + 5
+        # A context per update: terminating it at the end releases every socket and fd now,
+        # not whenever zmq's reaper gets to it.
+        self.zmq_ctx = zmq.Context()
+        self.error: dict | None = None
+        self.stage = "prepare"
+        self.bucket: int | None = None
+        self.link: WorkerLink | None = None
+        self.req: ReqFuncThread | None = None
+        self.ipc: IpcBuffer | None = None
+        self.mover: SlotMover | None = None
+        self.in_flight: list[Launched] = []
+
+    # -- error bookkeeping ---------------------------------------------------------------------
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is not None:
+            return
+        bucket = getattr(exc, "bucket", None)
+        self.error = {
+            "rank": self.ctx.rank,
+            "stage": self.stage,
+            "bucket": bucket if bucket is not None else self.bucket,
+            "error": type(exc).__name__,
+            "message": str(exc),
+            "traceback": getattr(exc, "traceback", "") or traceback.format_exc(),
+            "timed_out": bool(getattr(exc, "timed_out", False)),
+        }
+        logger.warning(
+            "rank %d: update %s failed at %s: %s", self.ctx.rank, self.update_id, self.stage, exc
+        )
+
+    def _vote(self, pending: bool = False) -> bool:
+        """True if some rank is still pending; raises _Voted if some rank failed."""
+        err, pend = self.ctx.control.all_reduce(
+            [int(self.error is not None), int(pending)],
+            op="max",
+            timeout_s=self.vote_timeout_s,
+            what=f"vote ({self.stage})",
+        )
+        if err:
+            raise _Voted
+        return bool(pend)
+
+    # -- phases --------------------------------------------------------------------------------
+    def _prepare(self) -> list[dict]:
+        ctx = self.ctx
+        info: dict = {"device_key": ctx.device_key, "address": "", "free": 0, "error": None}
+        try:
+            check_local(ctx)
+            name = f"r{ctx.rank}u{ctx.update_no}"
+            self.link = WorkerLink(
+                self.zmq_ctx,
+                ctx.socket_dir.address(name),
+                update_id=self.update_id,
+                max_bytes=ctx.config.max_message_bytes,
+            )
+            info["address"] = self.link.address
+            info["free"] = device.free_bytes(ctx.device_type, ctx.device_index)
+        except Exception as e:
+            self._fail(e)
+            info["error"] = self.error
+        return ctx.control.all_gather_json(info, timeout_s=self.vote_timeout_s, what="prepare")
+
+    def _handshake(self, plan: BucketPlan, socket_paths: list[tuple[str, str]]) -> None:
+        ctx, link = self.ctx, self.link
+        try:
+            self.ipc = IpcBuffer(
+                ctx.device_type,
+                ctx.device_index,
+                plan.slot_bytes * ctx.config.num_slots,
+                shm_dir=env.shm_dir(),
+                label=f"{ctx.run_id}-r{ctx.rank}",
+            )
+            self.mover = SlotMover(
+                device_type=ctx.device_type,
+                device_index=ctx.device_index,
+                rank=ctx.rank,
+                world_size=ctx.world_size,
+                group=ctx.data_group,
+                buffer=self.ipc.tensor,
+                slot_bytes=plan.slot_bytes,
+                checkpoint=ctx.checkpoint,
+            )
+            self.req = link.req = ReqFuncThread(self.zmq_ctx, self.req_func, socket_paths)
+            self.req.start()
+        except Exception as e:
+            self._fail(e)
+        deadline = time.monotonic() + ctx.timeout_s
+        state = "connect"
+        while True:
+            if self.error is None and state != "ready":
+                try:
+                    state = self._advance(state, plan, deadline)
+                except Exception as e:
+                    self._fail(e)
+            if not self._vote(pending=state != "ready"):
+                return
+
+    def _advance(self, state: str, plan: BucketPlan, deadline: float) -> str:
+        round_end = min(deadline, time.monotonic() + self.ctx.config.connect_poll_s)
+        link = self.link
+        if state == "connect" and link.wait_connected(round_end):
+            link.send(self._plan_message(plan), what="plan")
+            state = "plan"
+        if state == "plan" and link.reply(round_end, of="plan") is not None:
+            state = "ready"
+        if state != "ready" and time.monotonic() >= deadline:
+            what = "connect" if state == "connect" else "acknowledge the plan"
+            raise WorkerError(
+                f"worker did not {what} within {self.ctx.timeout_s} s", timed_out=True
+            )
+        return state
+
+    def _plan_message(self, plan: BucketPlan) -> wire.Plan:
+        ctx = self.ctx
+        return wire.Plan(
+            update_id=self.update_id,
+            rank=ctx.rank,
+            device_key=ctx.device_key,
+            buffer=self.ipc.handle,
+            num_slots=ctx.config.num_slots,
+            slot_bytes=plan.slot_bytes,
+            num_buckets=len(plan.buckets),
+            recv_timeout_s=self.vote_timeout_s + ctx.timeout_s,
+            manifest=tuple(
+                wire.TensorSpec(i.name, i.dtype, i.shape) for b in plan.buckets for i in b.items
+            ),
+        )
+
+    def _buckets(self, plan: BucketPlan) -> None:
+        ctx, link, mover = self.ctx, self.link, self.mover
+        n, slots = len(plan.buckets), ctx.config.num_slots
+        self.stage = "bucket"
+        launched: Launched | None = None
+        for k in range(n + 1):
+            if k > 0:  # bucket 0 follows the handshake's vote directly
+                self._vote()
+            try:
+                launched = None
+                if k < n:
+                    self.bucket = k
+                    launched = mover.launch(plan.buckets[k], k % slots)
+                    self.in_flight.append(launched)
+                if k > 0:
+                    self.bucket = k - 1
+                    deadline = time.monotonic() + ctx.timeout_s
+                    if link.reply(deadline, of="bucket", bucket=k - 1) is None:
+                        raise WorkerError(
+                            f"no reply from the worker to bucket {k - 1} within {ctx.timeout_s} s",
+                            bucket=k - 1,
+                            timed_out=True,
+                        )
+                if launched is not None:
+                    self.bucket = k
+                    mover.wait(launched, self.vote_timeout_s)
+                    self.in_flight.remove(launched)
+                    link.send(self._bucket_message(launched), what=f"bucket {k}")
+            except Exception as e:
+                self._fail(e)
+        self.bucket = None
+
+    def _bucket_message(self, launched: Launched) -> wire.Bucket:
+        return wire.Bucket(
+            update_id=self.update_id,
+            id=launched.bucket.id,
+            slot=launched.slot,
+            tensors=tuple(
+                wire.TensorSlot(i.name, i.dtype, i.shape, i.offset, i.nbytes)
+                for i in launched.bucket.items
+            ),
+        )
+
+    def _finish(self) -> None:
+        ctx, link = self.ctx, self.link
+        self.stage = "done"
+        try:
+            link.request(
+                wire.Done(update_id=self.update_id), time.monotonic() + ctx.timeout_s, of="done"
+            )
+            self.ipc.close()  # the worker has let go; free device memory before its post_hook
+        except Exception as e:
+            self._fail(e)
+        self._vote()
+        self.stage = "commit"
+        try:
+            deadline = time.monotonic() + ctx.timeout_s
+            link.request(wire.Commit(update_id=self.update_id), deadline, of="commit")
+            self.stage = "req_func"
+            if not self.req.join(deadline):
+                raise WorkerError(
+                    f"req_func did not return within {ctx.timeout_s} s", timed_out=True
+                )
+            self.req.check()
+        except Exception as e:
+            self._fail(e)
+        self._vote()
+
+    # -- driver --------------------------------------------------------------------------------
+    def run(self) -> None:
+        failure: UpdateError | None = None
+        try:
+            try:
+                self._phases()
+            except _Voted:
+                failure = self._gathered_error()
+            except CollectiveError as e:
+                self._fail(e)
+                failure = update_error(self.ctx.name, [self.error], lost_contact=True)
+            except UpdateError as e:
+                failure = e
+        finally:
+            self._cleanup(str(failure) if failure is not None else "update interrupted")
+        if failure is not None:
+            raise failure
+
+    def _phases(self) -> None:
+        ctx = self.ctx
+        infos = self._prepare()
+        failures = [i["error"] for i in infos if i["error"]]
+        if failures:
+            raise update_error(ctx.name, failures)
+        try:
+            plan = choose_plan(ctx.metas, ctx.config, min(i["free"] for i in infos))
+        except ValueError as e:  # same inputs on every rank: every rank raises this
+            self._fail(e)
+            raise update_error(ctx.name, [self.error]) from e
+        socket_paths = [(i["device_key"], i["address"]) for i in infos]
+        self.stage = "handshake"
+        self._handshake(plan, socket_paths)
+        self._buckets(plan)
+        self._finish()
+        logger.info(
+            "rank %d: update %s done: %d buckets", ctx.rank, self.update_id, len(plan.buckets)
+        )
+
+    def _gathered_error(self) -> UpdateError:
+        try:
+            errors = self.ctx.control.all_gather_json(
+                self.error, timeout_s=self.vote_timeout_s, what="gather errors"
+            )
+        except CollectiveError as e:
+            self._fail(e)
+            return update_error(self.ctx.name, [self.error], lost_contact=True)
+        return update_error(self.ctx.name, [e for e in errors if e])
+
+    def _cleanup(self, reason: str) -> None:
+        ctx = self.ctx
+        if self.mover is not None and not self.mover.drain(self.in_flight, self.vote_timeout_s):
+            logger.error("rank %d: a broadcast never finished; keeping its buffer", ctx.rank)
+            self.ipc = None  # leak rather than free memory a collective may still write
+        if self.link is not None:
+            if not self.link.finished:
+                self.link.abort(reason, min(ctx.timeout_s, 10.0))
+            self.link.close()
+        if self.ipc is not None:
+            self.ipc.close()
+        if self.req is not None:
+            if not self.req.join(time.monotonic() + min(ctx.timeout_s, 5.0)):
+                logger.warning("rank %d: req_func still running after the update ended", ctx.rank)
+            self.req.close()
+        self.zmq_ctx.term()

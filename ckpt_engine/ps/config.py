@@ -1,0 +1,76 @@
+"""Configuration of a ParameterServer: one frozen, keyword-only record, validated on creation.
+
+Defaults come from the environment (see ckpt_engine.env) when set, else from the constants here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from ckpt_engine import env, wire
+
+GiB = 1 << 30
+HOST_MEMORY_KINDS = ("shm", "anonymous")
+
+
+def _env_or(value, default):
+    return value if value is not None else default
+
+
+@dataclass(frozen=True, kw_only=True)
+class PSConfig:
+    """Knobs of the parameter server.
+
+    - bucket_bytes: target size of one bucket (one IPC slot); a single tensor larger than this
+      gets a bucket of its own and the slots grow to hold it.
+    - num_slots: slots in the IPC buffer; bucket k uses slot k % num_slots, so the next bucket
+      is moved while the worker consumes the previous one.
+    - timeout_s: default limit of any single wait of an update (a worker's reply, a collective).
+    - device_memory_fraction: share of the free device memory (min over ranks) the IPC buffer
+      may take; buckets shrink to fit.
+    - host_memory: ``shm`` (files in the shm directory; shareable) or ``anonymous``.
+    - pin_in_place: map checkpoint files that already live in the shm directory instead of
+      copying them (they must not change while registered).
+    - read_threads: threads reading checkpoint files.
+    - connect_poll_s: while waiting for workers to connect, ranks compare notes this often, so a
+      failure on one rank (e.g. req_func raising) ends the wait everywhere.
+    - max_message_bytes: size cap of one wire message.
+    - init_timeout_s: timeout of torch.distributed initialization and of the process groups.
+    """
+
+    bucket_bytes: int = field(default_factory=lambda: _env_or(env.bucket_bytes(), GiB))
+    num_slots: int = 2
+    timeout_s: float = field(default_factory=lambda: _env_or(env.timeout_s(), 300.0))
+    device_memory_fraction: float = 0.5
+    host_memory: str = "shm"
+    pin_in_place: bool = True
+    read_threads: int = field(
+        default_factory=lambda: _env_or(env.read_threads(), min(16, os.cpu_count() or 1))
+    )
+    connect_poll_s: float = 0.5
+    max_message_bytes: int = field(
+        default_factory=lambda: _env_or(env.max_message_bytes(), wire.DEFAULT_MAX_MESSAGE_BYTES)
+    )
+    init_timeout_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        if self.bucket_bytes < 4096:
+            raise ValueError(f"bucket_bytes must be >= 4096, got {self.bucket_bytes}")
+        if self.num_slots < 2:
+            raise ValueError(f"num_slots must be >= 2, got {self.num_slots}")
+        for name in ("timeout_s", "connect_poll_s", "init_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.device_memory_fraction <= 1:
+            raise ValueError(
+                f"device_memory_fraction must be in (0, 1], got {self.device_memory_fraction}"
+            )
+        if self.host_memory not in HOST_MEMORY_KINDS:
+            raise ValueError(
+                f"host_memory must be one of {', '.join(HOST_MEMORY_KINDS)}, got {self.host_memory!r}"
+            )
+        if self.read_threads < 1:
+            raise ValueError(f"read_threads must be >= 1, got {self.read_threads}")
+        if self.max_message_bytes < 4096:
+            raise ValueError(f"max_message_bytes must be >= 4096, got {self.max_message_bytes}")

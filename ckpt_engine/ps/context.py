@@ -1,0 +1,104 @@
+"""What one update needs to know (UpdateContext), and the pure pieces of an update: local
+consistency checks, the choice of bucket size, and the error every rank raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ckpt_engine.channel import SocketDir
+from ckpt_engine.errors import MetasError, UpdateError, UpdateTimeout
+from ckpt_engine.metas import CheckpointMetas
+from ckpt_engine.planner import ALIGN, BucketPlan, largest_tensor_bytes, plan_buckets
+from ckpt_engine.ps.collectives import ControlGroup
+from ckpt_engine.ps.config import PSConfig
+from ckpt_engine.ps.registry import RegisteredCheckpoint
+
+STAGES = ("prepare", "handshake", "bucket", "done", "commit", "req_func")
+
+
+@dataclass(kw_only=True)
+class UpdateContext:
+    name: str
+    update_no: int
+    run_id: str
+    rank: int
+    world_size: int
+    device_type: str
+    device_index: int
+    device_key: str
+    control: ControlGroup
+    data_group: Any
+    socket_dir: SocketDir
+    config: PSConfig
+    timeout_s: float
+    metas: CheckpointMetas | None
+    checkpoint: RegisteredCheckpoint | None
+
+
+def check_local(ctx: UpdateContext) -> None:
+    """This rank's share of the metas must be exactly what it has registered."""
+    metas = ctx.metas
+    if metas is None:
+        raise MetasError(f"no metas for {ctx.name!r}: call gather_metas or load_metas first")
+    if metas.world_size != ctx.world_size:
+        raise MetasError(f"metas are for {metas.world_size} ranks, the job has {ctx.world_size}")
+    mine = metas.ranks[ctx.rank]
+    if not mine.tensors:
+        return
+    if ctx.checkpoint is None:
+        raise MetasError(
+            f"metas give this rank {len(mine.tensors)} tensors of {ctx.name!r}, "
+            "but it has not registered that checkpoint"
+        )
+    have = {t.name: t for t in ctx.checkpoint.tensors}
+    for t in mine.tensors:
+        if have.get(t.name) != t:
+            raise MetasError(f"registered tensor differs from the metas: {have.get(t.name)} vs {t}")
+    sizes = tuple(b.nbytes for b in ctx.checkpoint.buffers)
+    if sizes != mine.buffer_bytes:
+        raise MetasError(
+            f"registered buffer sizes {sizes} differ from the metas' {mine.buffer_bytes}"
+        )
+
+
+def choose_plan(metas: CheckpointMetas, config: PSConfig, min_free: int) -> BucketPlan:
+    """Buckets no larger than the configured size nor the memory budget (same on every rank)."""
+    per_slot = int(min_free * config.device_memory_fraction) // config.num_slots
+    per_slot = per_slot // ALIGN * ALIGN
+    need = max(largest_tensor_bytes(metas), ALIGN)
+    if per_slot < need:
+        raise ValueError(
+            f"not enough free memory for the IPC buffer: {config.num_slots} slots of at least "
+            f"{need} bytes (the largest tensor) needed, {per_slot} bytes available per slot"
+        )
+    return plan_buckets(metas, bucket_bytes=min(config.bucket_bytes, per_slot))
+
+
+def update_error(name: str, errors: list[dict], *, lost_contact: bool = False) -> UpdateError:
+    """The exception of a failed update; the earliest failure (stage, bucket, rank) leads."""
+
+    def order(e: dict) -> tuple:
+        stage = STAGES.index(e["stage"]) if e["stage"] in STAGES else len(STAGES)
+        return (stage, e["bucket"] if e["bucket"] is not None else -1, e["rank"])
+
+    first = min(errors, key=order)
+    where = f"rank {first['rank']}"
+    if first["bucket"] is not None:
+        where += f", bucket {first['bucket']}"
+    summary = f"update of {name!r} failed on {where} ({first['stage']}): {first['message']}"
+    if lost_contact:
+        summary += " [lost contact with the other ranks]"
+    others = [e for e in errors if e is not first]
+    if others:
+        summary += f" (+{len(others)} more: "
+        summary += "; ".join(f"rank {e['rank']}: {e['message']}" for e in others) + ")"
+    cls = UpdateTimeout if first["timed_out"] else UpdateError
+    return cls(
+        summary,
+        rank=first["rank"],
+        bucket=first["bucket"],
+        message=first["message"],
+        traceback=first["traceback"],
+        errors=errors,
+    )

@@ -1,0 +1,251 @@
+"""Registered checkpoints of one rank: host buffers plus the metadata of every tensor in them.
+
+Registration is all or nothing: headers are parsed and names checked before any memory is
+allocated, and on any failure every buffer allocated so far is freed again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ckpt_engine import dtypes, host_memory
+from ckpt_engine.errors import CheckpointError, CheckpointFileError
+from ckpt_engine.metas import TensorMeta
+from ckpt_engine.planner import ALIGN, align_up
+from ckpt_engine.safetensors_io import ReadJob, SafetensorsHeader, read_header, read_parallel
+
+logger = logging.getLogger(__name__)
+
+NAMED_TENSORS_SOURCE = "<named_tensors>"
+
+
+@dataclass
+class RegisteredCheckpoint:
+    """One checkpoint held by this rank: ``tensors[i]`` lives in ``buffers[tensors[i].buffer]``."""
+
+    name: str
+    buffers: list[host_memory.HostBuffer] = field(default_factory=list)
+    sources: list[str] = field(
+        default_factory=list
+    )  # file path (or NAMED_TENSORS_SOURCE) per buffer
+    tensors: tuple[TensorMeta, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def bytes_of(self, meta: TensorMeta) -> torch.Tensor:
+        """The raw bytes of one tensor (uint8 view into host memory)."""
+        return self.buffers[meta.buffer].tensor[meta.offset : meta.offset + meta.nbytes]
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """A typed view of one registered tensor (no copy)."""
+        for meta in self.tensors:
+            if meta.name == name:
+                raw = self.bytes_of(meta)
+                if meta.nbytes == 0:
+                    return torch.empty(meta.shape, dtype=dtypes.to_torch(meta.dtype))
+                return raw.view(dtypes.to_torch(meta.dtype)).reshape(meta.shape)
+        raise KeyError(name)
+
+    def close(self) -> None:
+        for buf in self.buffers:
+            buf.close()
+        self.buffers = []
+
+
+def _label(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)[:40]
+
+
+def _check_named(named: Mapping[str, torch.Tensor]) -> None:
+    for name, tensor in named.items():
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(f"named_tensors: key {name!r} is not a non-empty string")
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(
+                f"named_tensors[{name!r}] is a {type(tensor).__name__}, not a tensor"
+            )
+        try:
+            dtypes.from_torch(tensor.dtype)
+        except ValueError as e:
+            raise CheckpointError(f"named_tensors[{name!r}]: {e}") from None
+        if tensor.is_sparse or tensor.layout != torch.strided:
+            raise CheckpointError(f"named_tensors[{name!r}] is not a dense tensor")
+
+
+class Registry:
+    """The checkpoints registered on this rank, by name."""
+
+    def __init__(
+        self,
+        *,
+        host_memory_kind: str,
+        shm_dir: str,
+        pin: bool,
+        pin_in_place: bool,
+        read_threads: int,
+        label: str,
+    ) -> None:
+        self._kind = host_memory_kind
+        self._shm_dir = shm_dir
+        self._pin = pin
+        self._pin_in_place = pin_in_place
+        self._threads = read_threads
+        self._label = label
+        self._checkpoints: dict[str, RegisteredCheckpoint] = {}
+
+    def names(self) -> list[str]:
+        return list(self._checkpoints)
+
+    def get(self, name: str) -> RegisteredCheckpoint:
+        try:
+            return self._checkpoints[name]
+        except KeyError:
+            raise CheckpointError(
+                f"checkpoint {name!r} is not registered; registered: {self.names() or 'none'}"
+            ) from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._checkpoints
+
+    def register(
+        self,
+        name: str,
+        *,
+        files: Sequence[str | os.PathLike] = (),
+        named_tensors: Mapping[str, torch.Tensor] | None = None,
+    ) -> RegisteredCheckpoint:
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(f"checkpoint name must be a non-empty string, got {name!r}")
+        if name in self._checkpoints:
+            raise CheckpointError(f"checkpoint {name!r} is already registered")
+        if isinstance(files, (str, os.PathLike)):
+            raise CheckpointError("files must be a list of paths, not a single path")
+        named = dict(named_tensors or {})
+        _check_named(named)
+        headers = [read_header(os.fspath(f)) for f in files]
+        self._check_unique(headers, named)
+        ckpt = RegisteredCheckpoint(name=name)
+        try:
+            metas = self._load_files(ckpt, headers, label=_label(name))
+            metas += self._load_named(ckpt, named, label=_label(name))
+            ckpt.tensors = tuple(metas)
+        except BaseException:
+            ckpt.close()
+            raise
+        self._checkpoints[name] = ckpt
+        logger.info(
+            "registered %r: %d tensors, %d bytes in %d buffers",
+            name,
+            len(ckpt.tensors),
+            ckpt.nbytes,
+            len(ckpt.buffers),
+        )
+        return ckpt
+
+    def unregister(self, name: str) -> None:
+        self.get(name).close()
+        del self._checkpoints[name]
+
+    def close(self) -> None:
+        for name in list(self._checkpoints):
+            self.unregister(name)
+
+    @staticmethod
+    def _check_unique(headers: list[SafetensorsHeader], named: Mapping[str, torch.Tensor]) -> None:
+        seen: dict[str, str] = {}
+        for header in headers:
+            for t in header.tensors:
+                if t.name in seen:
+                    raise CheckpointFileError(
+                        header.path,
+                        f"the same tensor name twice: {t.name!r} (also in {seen[t.name]})",
+                    )
+                seen[t.name] = header.path
+        for tname in named:
+            if tname in seen:
+                raise CheckpointFileError(
+                    seen[tname], f"the same tensor name twice: {tname!r} (also in named_tensors)"
+                )
+
+    def _load_files(
+        self, ckpt: RegisteredCheckpoint, headers: list[SafetensorsHeader], *, label: str
+    ) -> list[TensorMeta]:
+        jobs: list[ReadJob] = []
+        metas: list[TensorMeta] = []
+        for header in headers:
+            index = len(ckpt.buffers)
+            if self._pin_in_place and host_memory.in_shm_dir(header.path, self._shm_dir):
+                buf = host_memory.map_in_place(header.path, pin=self._pin)
+                base = header.data_start
+            else:
+                buf = host_memory.allocate(
+                    header.data_bytes,
+                    kind=self._kind,
+                    shm_dir=self._shm_dir,
+                    label=f"{self._label}-{label}",
+                    pin=self._pin,
+                )
+                base = 0
+                if header.data_bytes:
+                    jobs.append(ReadJob(header.path, header.data_start, buf.memoryview()))
+            ckpt.buffers.append(buf)
+            ckpt.sources.append(header.path)
+            metas.extend(
+                TensorMeta(
+                    name=t.name,
+                    dtype=t.dtype,
+                    shape=t.shape,
+                    nbytes=t.nbytes,
+                    buffer=index,
+                    offset=base + t.begin,
+                )
+                for t in header.tensors
+            )
+        read_parallel(jobs, threads=self._threads)
+        return metas
+
+    def _load_named(
+        self, ckpt: RegisteredCheckpoint, named: Mapping[str, torch.Tensor], *, label: str
+    ) -> list[TensorMeta]:
+        if not named:
+            return []
+        offsets, total = [], 0
+        for tensor in named.values():
+            total = align_up(total, ALIGN)
+            offsets.append(total)
+            total += tensor.numel() * tensor.element_size()
+        buf = host_memory.allocate(
+            total,
+            kind=self._kind,
+            shm_dir=self._shm_dir,
+            label=f"{self._label}-{label}",
+            pin=self._pin,
+        )
+        index = len(ckpt.buffers)
+        ckpt.buffers.append(buf)
+        ckpt.sources.append(NAMED_TENSORS_SOURCE)
+        metas = []
+        for (tname, tensor), offset in zip(named.items(), offsets):
+            nbytes = tensor.numel() * tensor.element_size()
+            if nbytes:
+                flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+                buf.tensor[offset : offset + nbytes].copy_(flat)
+            metas.append(
+                TensorMeta(
+                    name=tname,
+                    dtype=dtypes.from_torch(tensor.dtype),
+                    shape=tuple(tensor.shape),
+                    nbytes=nbytes,
+                    buffer=index,
+                    offset=offset,
+                )
+            )
+        return metas

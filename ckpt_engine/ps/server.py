@@ -1,0 +1,270 @@
+"""ParameterServer: one per torchrun rank. A thin orchestrator over the registry (host memory),
+the metas (who holds what), and the update driver (ps.broadcast).
+
+Rank, world size and rendezvous come from torchrun's environment unless given as arguments. The
+device index is LOCAL_RANK (one GPU per rank; 0 when a single GPU is visible), so nothing
+assumes that all ranks share a host. torch.distributed is initialized at the first collective
+(gather_metas / update) unless the caller already did: gloo on CPU, ``cpu:gloo,cuda:nccl`` on GPU.
+Control traffic and metadata use a separate gloo group with deadlines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ckpt_engine import device, env
+from ckpt_engine.channel import SocketDir
+from ckpt_engine.errors import MetasError
+from ckpt_engine.metas import CheckpointMetas, RankMetas, rank_metas_from_json
+from ckpt_engine.ps.broadcast import BroadcastUpdate
+from ckpt_engine.ps.collectives import ControlGroup
+from ckpt_engine.ps.config import PSConfig
+from ckpt_engine.ps.context import UpdateContext
+from ckpt_engine.ps.registry import RegisteredCheckpoint, Registry
+
+logger = logging.getLogger(__name__)
+
+ReqFunc = Callable[[list[tuple[str, str]]], object]
+
+
+def _device_index(device_type: str, local_rank: int) -> int:
+    if device_type != "cuda":
+        return local_rank
+    count = torch.cuda.device_count()
+    if count == 1:
+        return 0
+    if local_rank >= count:
+        raise ValueError(f"LOCAL_RANK {local_rank} but only {count} GPUs are visible")
+    return local_rank
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ParameterServer:
+    """Holds checkpoints in host memory and pushes them into colocated inference workers."""
+
+    def __init__(
+        self,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        local_rank: int | None = None,
+        master_addr: str | None = None,
+        master_port: int | None = None,
+        device_type: str | None = None,
+        config: PSConfig | None = None,
+    ) -> None:
+        self.env = env.dist_env(
+            rank=rank,
+            world_size=world_size,
+            local_rank=local_rank,
+            master_addr=master_addr,
+            master_port=master_port,
+        )
+        self.config = config if config is not None else PSConfig()
+        self.device_type = device.resolve_device_type(device_type)
+        self.device_index = _device_index(self.device_type, self.env.local_rank)
+        if self.device_type == "cuda":
+            torch.cuda.set_device(self.device_index)
+        self.device_key = device.device_key(self.device_index, device_type=self.device_type)
+        self.run_id = secrets.token_hex(4)
+        self._registry = Registry(
+            host_memory_kind=self.config.host_memory,
+            shm_dir=env.shm_dir(),
+            pin=self.device_type == "cuda",
+            pin_in_place=self.config.pin_in_place,
+            read_threads=self.config.read_threads,
+            label=f"{self.run_id}-r{self.rank}",
+        )
+        self._metas: dict[str, CheckpointMetas] = {}
+        self._socket_dir = SocketDir(env.socket_dir(), self.run_id)
+        self._control: ControlGroup | None = None
+        self._data_group: dist.ProcessGroup | None = None
+        self._owns_process_group = False
+        self._updates = 0
+        logger.info(
+            "parameter server rank %d/%d on %s", self.rank, self.world_size, self.device_key
+        )
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def register_checkpoint(
+        self,
+        name: str,
+        *,
+        files: Sequence[str | os.PathLike] | None = None,
+        named_tensors: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Load safetensors ``files`` (parallel reads; files in the shm directory are mapped in
+        place) and/or in-memory ``named_tensors`` into host memory under ``name``.
+
+        All or nothing: a bad file raises CheckpointFileError naming it and the problem, and
+        nothing of the checkpoint stays registered. Local to this rank (no collective).
+        """
+        self._registry.register(name, files=files or (), named_tensors=named_tensors)
+
+    def unregister_checkpoint(self, name: str) -> None:
+        """Free every buffer of ``name`` (and forget its metas)."""
+        self._registry.unregister(name)
+        self._metas.pop(name, None)
+
+    def registered_checkpoints(self) -> list[str]:
+        return self._registry.names()
+
+    def checkpoint(self, name: str) -> RegisteredCheckpoint:
+        return self._registry.get(name)
+
+    # -- metas -----------------------------------------------------------------------------------
+    def local_metas(self, name: str) -> RankMetas:
+        ckpt = self._registry.get(name)
+        return RankMetas(
+            rank=self.rank,
+            device_key=self.device_key,
+            host=env.hostname(),
+            buffer_bytes=tuple(b.nbytes for b in ckpt.buffers),
+            tensors=ckpt.tensors,
+        )
+
+    def gather_metas(self, name: str) -> CheckpointMetas:
+        """Collective: every rank learns what every rank holds of ``name``."""
+        control = self._groups()
+        local = self.local_metas(name).to_json() if name in self._registry else None
+        infos = control.all_gather_json(
+            local, timeout_s=self.config.init_timeout_s, what=f"gather_metas({name!r})"
+        )
+        missing = [r for r, info in enumerate(infos) if info is None]
+        if missing:
+            raise MetasError(f"checkpoint {name!r} is not registered on ranks {missing}")
+        metas = CheckpointMetas(name=name, ranks=tuple(rank_metas_from_json(i) for i in infos))
+        self._metas[name] = metas
+        return metas
+
+    def get_metas(self, name: str) -> CheckpointMetas:
+        try:
+            return self._metas[name]
+        except KeyError:
+            raise MetasError(f"no metas for {name!r}: call gather_metas or load_metas") from None
+
+    def load_metas(self, metas: CheckpointMetas) -> None:
+        """Adopt metas gathered elsewhere (e.g. ``CheckpointMetas.load(path)``)."""
+        if metas.world_size != self.world_size:
+            raise MetasError(
+                f"metas of {metas.name!r} are for {metas.world_size} ranks, not {self.world_size}"
+            )
+        self._metas[metas.name] = metas
+
+    # -- update ----------------------------------------------------------------------------------
+    def update(
+        self,
+        name: str,
+        req_func: ReqFunc,
+        *,
+        ranks: Sequence[int] | None = None,
+        timeout: float | timedelta | None = None,
+    ) -> None:
+        """Collective: push checkpoint ``name`` into every rank's colocated worker.
+
+        ``req_func(socket_paths)`` runs in a thread on every rank with
+        ``[(device_key, zmq_address), ...]`` ordered by rank; it should make the inference side
+        call ``update_weights_from_ipc`` with its address (e.g. one HTTP call per instance,
+        from one rank per instance). Returns when every worker applied every bucket and ran its
+        post_hook; otherwise raises UpdateError on every rank. ``timeout`` (seconds or timedelta;
+        default ``config.timeout_s``) bounds each wait on a worker or on the other ranks.
+        """
+        if ranks is not None and sorted(ranks) != list(range(self.world_size)):
+            raise NotImplementedError(
+                "updating a subset of ranks (P2P) is not implemented yet; pass ranks=None"
+            )
+        if isinstance(timeout, timedelta):
+            timeout = timeout.total_seconds()
+        timeout_s = float(timeout) if timeout is not None else self.config.timeout_s
+        if timeout_s <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout_s}")
+        control = self._groups()
+        self._updates += 1
+        ctx = UpdateContext(
+            name=name,
+            update_no=self._updates,
+            run_id=self.run_id,
+            rank=self.rank,
+            world_size=self.world_size,
+            device_type=self.device_type,
+            device_index=self.device_index,
+            device_key=self.device_key,
+            control=control,
+            data_group=self._data_group,
+            socket_dir=self._socket_dir,
+            config=self.config,
+            timeout_s=timeout_s,
+            metas=self._metas.get(name),
+            checkpoint=self._registry.get(name) if name in self._registry else None,
+        )
+        BroadcastUpdate(ctx, req_func).run()
+
+    # -- process groups and lifetime -------------------------------------------------------------
+    def _groups(self) -> ControlGroup:
+        if self._control is not None:
+            return self._control
+        timeout = timedelta(seconds=self.config.init_timeout_s)
+        if not dist.is_initialized():
+            port = self.env.master_port
+            if port is None:
+                if self.world_size > 1:
+                    raise ValueError(
+                        "MASTER_PORT is not set (run under torchrun or pass master_port)"
+                    )
+                port = _free_port()
+            backend = "cpu:gloo,cuda:nccl" if self.device_type == "cuda" else "gloo"
+            dist.init_process_group(
+                backend=backend,
+                init_method=f"tcp://{self.env.master_addr}:{port}",
+                rank=self.rank,
+                world_size=self.world_size,
+                timeout=timeout,
+            )
+            self._owns_process_group = True
+        elif (dist.get_rank(), dist.get_world_size()) != (self.rank, self.world_size):
+            raise ValueError(
+                f"torch.distributed is initialized as rank {dist.get_rank()}/{dist.get_world_size()}, "
+                f"not {self.rank}/{self.world_size}"
+            )
+        group = dist.new_group(backend="gloo", timeout=timeout)
+        self._data_group = dist.group.WORLD
+        if self.device_type == "cuda" and "nccl" not in str(dist.get_backend()):
+            self._data_group = dist.new_group(backend="nccl", timeout=timeout)
+        self._control = ControlGroup(group, rank=self.rank, world_size=self.world_size)
+        return self._control
+
+    def close(self) -> None:
+        """Free every checkpoint and socket; tear down torch.distributed if we set it up."""
+        self._registry.close()
+        self._metas.clear()
+        self._socket_dir.close()
+        if self._owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self._control = None
+
+    def __enter__(self) -> ParameterServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,241 @@
+"""The worker-side primitive any inference engine calls: ``update_weights_from_ipc``.
+
+Same signature as the upstream checkpoint-engine function, so engines that call that one can call
+ours, plus optional keywords ``validate`` and ``timeout_s``. It speaks our wire protocol
+(ckpt_engine.wire: typed JSON, no pickle) over a REP socket connected to the parameter server's
+address, maps the IPC buffer (CUDA IPC on this process's ``device_id``, shared memory on CPU),
+and for each bucket calls ``run([(name, tensor_view), ...])``.
+
+The views point into the shared buffer and are only valid during that ``run`` call: copy what
+you keep (``model.load_weights`` does). On GPU the device is synchronized after each ``run``
+before the bucket is acknowledged, since the parameter server then reuses the slot.
+
+After the last bucket the worker checks that every tensor of the manifest arrived exactly once,
+releases the buffer, and once every rank has succeeded runs ``post_hook()`` once. If anything
+fails on any rank, the parameter server sends Abort and this function raises UpdateAborted
+(chained from the local exception, if the failure was here); it never hangs: every receive has
+a deadline and a parameter server that disappears is noticed at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from collections.abc import Callable
+
+import torch
+import zmq
+
+from ckpt_engine import dtypes, env, wire
+from ckpt_engine.channel import Channel, ipc_path
+from ckpt_engine.errors import ProtocolError, UpdateAborted
+from ckpt_engine.ipc import open_ipc_buffer, release_ipc_buffer
+from ckpt_engine.wire import TensorSpec
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FIRST_MESSAGE_TIMEOUT_S = 60.0
+
+Weights = list[tuple[str, torch.Tensor]]
+
+
+class _Session:
+    """One update seen from the worker: socket, plan, and what has been delivered so far."""
+
+    def __init__(self, ctx: zmq.Context, address: str, device_id: int) -> None:
+        path = ipc_path(address)
+        if path is not None and not os.path.exists(path):
+            raise UpdateAborted(f"no parameter server listening at {address}")
+        max_bytes = env.max_message_bytes()
+        self.max_bytes = max_bytes if max_bytes is not None else wire.DEFAULT_MAX_MESSAGE_BYTES
+        sock = ctx.socket(zmq.REP)
+        sock.linger = 1000  # let the last reply leave before the socket closes
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_bytes)
+        self.channel = Channel(sock, max_bytes=self.max_bytes)
+        sock.connect(address)
+        self.address = address
+        self.device_id = device_id
+        self.plan: wire.Plan | None = None
+        self.manifest: dict[str, TensorSpec] = {}
+        self.delivered: set[str] = set()
+        self.next_bucket = 0
+        self.released = False
+
+    def recv(self, timeout_s: float) -> wire.Message:
+        state = self.channel.wait(zmq.POLLIN, time.monotonic() + timeout_s)
+        if state == Channel.LOST:
+            raise UpdateAborted(f"parameter server at {self.address} disconnected")
+        if state != Channel.READY:
+            raise UpdateAborted(f"no message from the parameter server within {timeout_s} s")
+        return self.channel.recv()
+
+    def send(self, msg: wire.Message) -> None:
+        self.channel.send(msg)
+
+    @property
+    def update_id(self) -> str:
+        return self.plan.update_id if self.plan is not None else ""
+
+    def error(self, stage: str, exc: BaseException, bucket: int | None = None) -> wire.Error:
+        return wire.Error(
+            update_id=self.update_id,
+            stage=stage,
+            bucket=bucket,
+            message=f"{type(exc).__name__}: {exc}",
+            traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        )
+
+    def accept_plan(self, plan: wire.Plan) -> None:
+        if plan.num_slots < 1 or plan.buffer.nbytes < plan.num_slots * plan.slot_bytes:
+            raise ProtocolError(
+                f"buffer of {plan.buffer.nbytes} bytes cannot hold {plan.num_slots} slots "
+                f"of {plan.slot_bytes}"
+            )
+        for spec in plan.manifest:
+            if spec.name in self.manifest:
+                raise ProtocolError(f"tensor {spec.name!r} appears twice in the manifest")
+            self.manifest[spec.name] = spec
+        self.plan = plan
+
+    def views(self, msg: wire.Bucket, buffer: torch.Tensor) -> Weights:
+        plan = self.plan
+        if msg.update_id != plan.update_id or msg.id != self.next_bucket:
+            raise ProtocolError(
+                f"expected bucket {self.next_bucket} of {plan.update_id}, got {msg.id}"
+            )
+        if msg.id >= plan.num_buckets or msg.slot >= plan.num_slots:
+            raise ProtocolError(f"bucket {msg.id} / slot {msg.slot} out of range")
+        base = msg.slot * plan.slot_bytes
+        weights: Weights = []
+        for t in msg.tensors:
+            spec = self.manifest.get(t.name)
+            if spec is None or (spec.dtype, spec.shape) != (t.dtype, t.shape):
+                raise ProtocolError(
+                    f"tensor {t.name!r} of bucket {msg.id} is not in the manifest as sent"
+                )
+            if t.name in self.delivered:
+                raise ProtocolError(f"tensor {t.name!r} delivered twice")
+            dtype = dtypes.to_torch(t.dtype)
+            if t.nbytes != dtypes.nbytes_of(t.dtype, t.shape) or t.offset % dtype.itemsize:
+                raise ProtocolError(f"tensor {t.name!r}: bad size {t.nbytes} or offset {t.offset}")
+            if t.offset + t.nbytes > plan.slot_bytes:
+                raise ProtocolError(f"tensor {t.name!r} overruns its slot")
+            if t.nbytes == 0:
+                view = torch.empty(t.shape, dtype=dtype, device=buffer.device)
+            else:
+                raw = buffer[base + t.offset : base + t.offset + t.nbytes]
+                view = raw.view(dtype).reshape(t.shape)
+            weights.append((t.name, view))
+            self.delivered.add(t.name)
+        self.next_bucket += 1
+        return weights
+
+    def check_complete(self) -> None:
+        missing = [n for n in self.manifest if n not in self.delivered]
+        if self.next_bucket != self.plan.num_buckets or missing:
+            raise ProtocolError(
+                f"update ended after {self.next_bucket} of {self.plan.num_buckets} buckets; "
+                f"{len(missing)} tensors never delivered, e.g. {missing[:3]}"
+            )
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def update_weights_from_ipc(
+    zmq_ctx: zmq.Context,
+    zmq_handle: str,
+    device_id: int,
+    *,
+    run: Callable[[Weights], None],
+    post_hook: Callable[[], None] | None = None,
+    validate: Callable[[list[TensorSpec]], None] | None = None,
+    timeout_s: float | None = None,
+) -> None:
+    """Receive one update from the parameter server at ``zmq_handle``; see the module docstring.
+
+    ``validate(manifest)``, if given, is called with every tensor (name, dtype, shape) the update
+    will deliver, before the first bucket; if it raises, the update fails and nothing is written.
+    ``timeout_s`` bounds the wait for the first message (default CKPT_ENGINE_WORKER_TIMEOUT_S or
+    60 s); later waits use the limit the parameter server announces in its plan.
+    """
+    env_timeout = env.worker_timeout_s()
+    first_timeout = (
+        timeout_s
+        if timeout_s is not None
+        else (env_timeout if env_timeout is not None else DEFAULT_FIRST_MESSAGE_TIMEOUT_S)
+    )
+    session = _Session(zmq_ctx, zmq_handle, device_id)
+    buffer: torch.Tensor | None = None
+    is_cuda = False
+    try:
+        failure: BaseException | None = None
+        msg = session.recv(first_timeout)
+        try:
+            if not isinstance(msg, wire.Plan):
+                raise ProtocolError(f"expected a plan first, got {msg.TYPE}")
+            session.accept_plan(msg)
+            if validate is not None:
+                validate(list(msg.manifest))
+            is_cuda = isinstance(msg.buffer, wire.CudaBuffer)
+            buffer = open_ipc_buffer(msg.buffer, device_id)
+            session.send(wire.Ack(update_id=msg.update_id, of="plan"))
+        except Exception as e:
+            failure = e
+            session.send(session.error("plan", e))
+        timeout = session.plan.recv_timeout_s if session.plan is not None else first_timeout
+        while True:
+            try:
+                msg = session.recv(timeout)
+            except ProtocolError as e:  # undecodable: answer so the PS can abort us
+                failure = failure or e
+                session.send(session.error("protocol", e))
+                continue
+            if isinstance(msg, wire.Abort):
+                session.send(wire.Ack(update_id=session.update_id, of="abort"))
+                raise UpdateAborted(msg.reason) from failure
+            if failure is not None:
+                session.send(
+                    session.error("protocol", ProtocolError(f"expected abort, got {msg.TYPE}"))
+                )
+                continue
+            try:
+                if isinstance(msg, wire.Bucket):
+                    weights = session.views(msg, buffer)
+                    run(weights)
+                    del weights
+                    if is_cuda:
+                        torch.cuda.synchronize(device_id)
+                    session.send(wire.Ack(update_id=session.update_id, of="bucket", id=msg.id))
+                elif isinstance(msg, wire.Done):
+                    session.check_complete()
+                    buffer = None
+                    release_ipc_buffer("cuda" if is_cuda else "cpu", device_id)
+                    session.released = True
+                    session.send(wire.Ack(update_id=session.update_id, of="done"))
+                elif isinstance(msg, wire.Commit) and session.released:
+                    if post_hook is not None:
+                        post_hook()
+                    if is_cuda:
+                        torch.cuda.synchronize(device_id)
+                    session.send(wire.Ack(update_id=session.update_id, of="commit"))
+                    return
+                else:
+                    raise ProtocolError(f"unexpected {msg.TYPE} message")
+            except Exception as e:
+                failure = e
+                bucket = msg.id if isinstance(msg, wire.Bucket) else None
+                stage = (
+                    msg.TYPE
+                    if isinstance(msg, (wire.Bucket, wire.Done, wire.Commit))
+                    else "protocol"
+                )
+                logger.warning("update %s failed at %s %s: %s", session.update_id, stage, bucket, e)
+                session.send(session.error(stage, e, bucket))
+    finally:
+        buffer = None
+        if not session.released:
+            release_ipc_buffer("cuda" if is_cuda else "cpu", device_id)
+        session.close()

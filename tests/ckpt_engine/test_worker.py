@@ -1,0 +1,216 @@
+"""The worker primitive against a scripted parameter server (same process, CPU)."""
+
+import threading
+
+import pytest
+import torch
+import zmq
+
+from ckpt_engine import UpdateAborted, update_weights_from_ipc, wire
+from ckpt_engine.ipc import IpcBuffer
+
+SLOT = 1024
+A = torch.arange(4, dtype=torch.float32)
+B = torch.tensor([-1, 0, 1], dtype=torch.int8)
+MANIFEST = (
+    wire.TensorSpec("a", "F32", (4,)),
+    wire.TensorSpec("b", "I8", (3,)),
+    wire.TensorSpec("s", "BF16", ()),
+)
+
+
+class FakePS:
+    def __init__(self, tmp_path):
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.REQ)
+        self.sock.linger = 0
+        self.address = f"ipc://{tmp_path}/ps.sock"
+        self.sock.bind(self.address)
+        self.ipc = IpcBuffer("cpu", 0, 2 * SLOT, shm_dir=str(tmp_path), label="test")
+        self.ipc.tensor[0:16] = A.view(torch.uint8)
+        self.ipc.tensor[SLOT + 256 : SLOT + 259] = B.view(torch.uint8)
+        self.ipc.tensor[SLOT + 512 : SLOT + 514] = (
+            torch.tensor(2.5, dtype=torch.bfloat16).reshape(1).view(torch.uint8)
+        )
+
+    def plan(self, **overrides):
+        fields = dict(
+            update_id="u",
+            rank=0,
+            device_key="CPU-h-0",
+            buffer=self.ipc.handle,
+            num_slots=2,
+            slot_bytes=SLOT,
+            num_buckets=2,
+            recv_timeout_s=5.0,
+            manifest=MANIFEST,
+        )
+        fields.update(overrides)
+        return wire.Plan(**fields)
+
+    def bucket(self, i, tensors=None):
+        if tensors is None:
+            tensors = (
+                [wire.TensorSlot("a", "F32", (4,), 0, 16)]
+                if i == 0
+                else [
+                    wire.TensorSlot("b", "I8", (3,), 256, 3),
+                    wire.TensorSlot("s", "BF16", (), 512, 2),
+                ]
+            )
+        return wire.Bucket(update_id="u", id=i, slot=i % 2, tensors=tuple(tensors))
+
+    def request(self, msg):
+        self.sock.send(msg if isinstance(msg, bytes) else wire.encode(msg))
+        assert self.sock.poll(10_000), "worker did not answer"
+        return wire.decode(self.sock.recv())
+
+    def close(self):
+        self.sock.close()
+        self.ctx.term()
+        self.ipc.close()
+
+
+class Worker(threading.Thread):
+    def __init__(self, address, **kwargs):
+        super().__init__(daemon=True)
+        self.address, self.kwargs = address, kwargs
+        self.calls, self.post_hooks, self.error = [], 0, None
+        self.kwargs.setdefault("run", self.run_weights)
+        self.kwargs.setdefault("post_hook", self.post_hook)
+        self.start()
+
+    def run_weights(self, weights):
+        self.calls.append([(n, t.clone()) for n, t in weights])
+
+    def post_hook(self):
+        self.post_hooks += 1
+
+    def run(self):
+        ctx = zmq.Context()
+        try:
+            update_weights_from_ipc(ctx, self.address, 0, **self.kwargs)
+        except BaseException as e:
+            self.error = e
+        finally:
+            ctx.term()
+
+    def result(self):
+        self.join(20)
+        assert not self.is_alive()
+        return self.error
+
+
+@pytest.fixture
+def ps(tmp_path):
+    server = FakePS(tmp_path)
+    yield server
+    server.close()
+
+
+def test_full_update(ps):
+    seen = []
+    w = Worker(ps.address, validate=lambda manifest: seen.extend(manifest))
+    assert ps.request(ps.plan()) == wire.Ack("u", "plan")
+    assert seen == list(MANIFEST)
+    assert ps.request(ps.bucket(0)) == wire.Ack("u", "bucket", 0)
+    assert ps.request(ps.bucket(1)) == wire.Ack("u", "bucket", 1)
+    assert ps.request(wire.Done("u")) == wire.Ack("u", "done")
+    assert w.post_hooks == 0  # not before every rank succeeded
+    assert ps.request(wire.Commit("u")) == wire.Ack("u", "commit")
+    assert w.result() is None and w.post_hooks == 1
+    (a,), (b, s) = w.calls
+    assert a[0] == "a" and torch.equal(a[1], A)
+    assert b[0] == "b" and torch.equal(b[1], B)
+    assert s[1].shape == () and s[1].item() == 2.5
+
+
+def expect_abort(ps, w, cause=None):
+    assert ps.request(wire.Abort("u", "rank 3 failed")) == wire.Ack("u", "abort")
+    error = w.result()
+    assert isinstance(error, UpdateAborted) and "rank 3 failed" in str(error)
+    if cause is not None:
+        assert isinstance(error.__cause__, cause)
+    assert w.post_hooks == 0
+
+
+def test_validate_rejects_before_anything_is_written(ps):
+    def validate(manifest):
+        raise KeyError("unknown tensor b")
+
+    w = Worker(ps.address, validate=validate)
+    reply = ps.request(ps.plan())
+    assert (
+        isinstance(reply, wire.Error)
+        and reply.stage == "plan"
+        and "unknown tensor b" in reply.message
+    )
+    expect_abort(ps, w, KeyError)
+    assert w.calls == []
+
+
+def test_run_raising_reports_bucket_and_message(ps):
+    def run(weights):
+        if weights[0][0] == "b":
+            raise ValueError("shape mismatch in layer 7")
+
+    w = Worker(ps.address, run=run)
+    ps.request(ps.plan())
+    ps.request(ps.bucket(0))
+    reply = ps.request(ps.bucket(1))
+    assert isinstance(reply, wire.Error) and reply.bucket == 1 and reply.stage == "bucket"
+    assert (
+        "ValueError: shape mismatch in layer 7" in reply.message and "Traceback" in reply.traceback
+    )
+    # anything but Abort is refused now
+    assert isinstance(ps.request(wire.Done("u")), wire.Error)
+    expect_abort(ps, w, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("bad", "problem"),
+    [
+        ("order", "expected bucket 0"),
+        ("unknown", "not in the manifest"),
+        ("overrun", "overruns its slot"),
+        ("size", "bad size"),
+        ("garbage", "not JSON"),
+        ("commit_early", "unexpected commit"),
+        ("missing", "never delivered"),
+    ],
+)
+def test_protocol_violations_are_errors(ps, bad, problem):
+    w = Worker(ps.address)
+    ps.request(ps.plan())
+    msg = {
+        "order": ps.bucket(1),
+        "unknown": ps.bucket(0, [wire.TensorSlot("zzz", "F32", (4,), 0, 16)]),
+        "overrun": ps.bucket(0, [wire.TensorSlot("a", "F32", (4,), SLOT - 8, 16)]),
+        "size": ps.bucket(0, [wire.TensorSlot("a", "F32", (4,), 0, 12)]),
+        "garbage": b"\x80\x04not json",
+        "commit_early": wire.Commit("u"),
+        "missing": wire.Done("u"),
+    }[bad]
+    reply = ps.request(msg)
+    assert isinstance(reply, wire.Error) and problem in reply.message
+    expect_abort(ps, w)
+
+
+def test_no_message_times_out(ps):
+    w = Worker(ps.address, timeout_s=0.3)
+    error = w.result()
+    assert isinstance(error, UpdateAborted) and "within 0.3 s" in str(error)
+
+
+def test_parameter_server_vanishing_is_noticed_at_once(ps):
+    w = Worker(ps.address)
+    ps.request(ps.plan(recv_timeout_s=60))
+    ps.sock.close()  # the PS process "dies"
+    error = w.result()
+    assert isinstance(error, UpdateAborted) and "disconnected" in str(error)
+
+
+def test_nothing_listening(tmp_path):
+    w = Worker(f"ipc://{tmp_path}/nobody.sock")
+    error = w.result()
+    assert isinstance(error, UpdateAborted) and "no parameter server" in str(error)
