@@ -9,6 +9,10 @@ A HostBuffer is one host memory region seen as a 1-D uint8 tensor. Kinds:
 - ``anonymous``: private process memory, for machines whose /dev/shm is too small.
 - ``in_place``: an existing file (a checkpoint already in /dev/shm) mapped shared; never unlinked.
 
+Files are named ``ckpt-engine-<run id>-r<rank>-<label>-<random token>``: a process killed with
+SIGKILL cannot unlink them, and the run id (logged at start) tells an operator which to remove;
+we never delete files we did not create.
+
 On GPU machines a buffer is pinned with cudaHostRegister so that host-to-device copies are
 asynchronous DMA, and unpinned before it is unmapped. Exact sizes: no power-of-two rounding as in
 torch's pinned-memory cache.

@@ -42,7 +42,7 @@ class IpcBuffer:
             )
             self.handle: ShmBuffer | CudaBuffer = _export_cuda(self._tensor)
         else:
-            self._host = host_memory.create_shm(nbytes, shm_dir=shm_dir, label=f"ipc-{label}")
+            self._host = host_memory.create_shm(nbytes, shm_dir=shm_dir, label=f"{label}-ipc")
             self._tensor = self._host.tensor
             self.handle = ShmBuffer(path=self._host.path or "", nbytes=nbytes)
 

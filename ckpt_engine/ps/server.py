@@ -95,7 +95,12 @@ class ParameterServer:
         self._owns_process_group = False
         self._updates = 0
         logger.info(
-            "parameter server rank %d/%d on %s", self.rank, self.world_size, self.device_key
+            "parameter server rank %d/%d on %s, run id %s (files ckpt-engine-%s-*)",
+            self.rank,
+            self.world_size,
+            self.device_key,
+            self.run_id,
+            self.run_id,
         )
 
     @property

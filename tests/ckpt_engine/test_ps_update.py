@@ -110,7 +110,19 @@ def run_ranks(
     for rank in range(world):
         path = tmp_path / f"rank{rank}.json"
         records[rank] = json.loads(path.read_text()) if path.exists() else []
+        if records[rank]:  # a killed rank cannot clean up after itself: do it for it
+            remove_leftovers(records[rank][0]["run_id"])
     return records, [p.returncode for p in procs]
+
+
+def remove_leftovers(run_id: str) -> None:
+    prefix = f"ckpt-engine-{run_id}-"
+    for name in os.listdir("/dev/shm"):
+        if name.startswith(prefix):
+            os.unlink(os.path.join("/dev/shm", name))
+    for name in os.listdir(tempfile.gettempdir()):
+        if name.startswith(prefix):
+            shutil.rmtree(os.path.join(tempfile.gettempdir(), name), ignore_errors=True)
 
 
 def logs(tmp_path: Path) -> str:
