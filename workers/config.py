@@ -18,6 +18,8 @@ from typing import Any
 from workers.env import ENV
 from workers.errors import ConfigError
 from workers.model_loader import LOAD_FORMATS
+from workers.remote_instance.backend import TRANSFER_BACKENDS
+from workers.remote_instance.settings import PREFIX, RemoteInstanceSettings
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -47,7 +49,8 @@ class ServerArgs:
     load_format: str = field(
         default="auto",
         metadata=_opt(
-            "auto: read the safetensors; dummy: random values, same memory",
+            "auto: read the safetensors; dummy: random values, same memory; "
+            "remote_instance: fork from a running seed server (GPU to GPU)",
             choices=tuple(LOAD_FORMATS),
         ),
     )
@@ -82,6 +85,43 @@ class ServerArgs:
         default=1800.0, metadata=_opt("seconds the rank processes may take to build and load")
     )
     seed: int = field(default=0, metadata=_opt("seed of the dummy weights"))
+    base_gpu_id: int = field(
+        default=0, metadata=_opt("first CUDA device: rank r runs on cuda:(base_gpu_id + r)")
+    )
+    # --load-format remote_instance (fork from a running seed; workers.remote_instance.settings)
+    remote_instance_weight_loader_seed_instance_ip: str | None = field(
+        default=None, metadata=_opt("fork: the seed server's IP address")
+    )
+    remote_instance_weight_loader_seed_instance_service_port: int | None = field(
+        default=None, metadata=_opt("fork: the seed server's HTTP port")
+    )
+    remote_instance_weight_loader_send_weights_group_ports: str | None = field(
+        default=None,
+        metadata=_opt(
+            "fork: one port per TP rank of this server, on the seed's host, e.g. '[30001,30002]'"
+        ),
+    )
+    remote_instance_weight_loader_backend: str | None = field(
+        default=None,
+        metadata=_opt(
+            "fork: transfer backend (default: nccl on cuda, gloo on cpu)",
+            choices=tuple(TRANSFER_BACKENDS),
+        ),
+    )
+    remote_instance_weight_loader_seed_api_key: str | None = field(
+        default=None, metadata=_opt("fork: the seed's API key (default: this server's --api-key)")
+    )
+    remote_instance_weight_loader_timeout: float = field(
+        default=120.0,
+        metadata=_opt(
+            "fork, as client and as seed: seconds any one step may take (an HTTP call, the "
+            "group rendezvous, a transfer making no progress)"
+        ),
+    )
+    remote_instance_weight_loader_verify_checksums: bool = field(
+        default=False,
+        metadata=_opt("fork: after loading, compare every tensor's sha256 with the seed's"),
+    )
     log_level: str = field(
         default="info",
         metadata=_opt(
@@ -98,10 +138,12 @@ class ServerArgs:
             raise ConfigError(f"--tp must be >= 1, got {self.tp}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must be in 1..65535, got {self.port}")
+        if self.base_gpu_id < 0:
+            raise ConfigError(f"--base-gpu-id must be >= 0, got {self.base_gpu_id}")
         for name in ("wait_for_initial_weights_timeout", "rank_timeout", "startup_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-        for name in ("device", "dtype", "load_format", "log_level"):
+        for name in ("device", "dtype", "load_format", "log_level", PREFIX + "backend"):
             choices = _metadata(name).get("choices")
             value = getattr(self, name)
             if choices and value is not None and value not in choices:
@@ -111,7 +153,8 @@ class ServerArgs:
         if self.device is None:
             object.__setattr__(self, "device", _default_device())
         if self.device == "cuda":
-            _check_cuda(self.tp)
+            _check_cuda(self.base_gpu_id + self.tp)
+        RemoteInstanceSettings.from_server_args(self)  # missing or inconsistent: ConfigError
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -178,10 +221,12 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _check_cuda(tp: int) -> None:
+def _check_cuda(devices: int) -> None:
     import torch
 
     if not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
-    if torch.cuda.device_count() < tp:
-        raise ConfigError(f"--tp {tp} needs {tp} CUDA devices, {torch.cuda.device_count()} visible")
+    if torch.cuda.device_count() < devices:
+        raise ConfigError(
+            f"--base-gpu-id + --tp need {devices} CUDA devices, {torch.cuda.device_count()} visible"
+        )

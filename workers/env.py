@@ -16,6 +16,9 @@ class Env:
     """CKPT_ENGINE_API_KEY: default for `--api-key` (weight-changing endpoints need it)."""
     log_level: str
     """CKPT_ENGINE_LOG_LEVEL: default for `--log-level` (debug, info, warning, error)."""
+    test_fork_delay_s: float = 0.0
+    """CKPT_ENGINE_TEST_FORK_DELAY_S: tests only: seconds a seed pauses after each tensor it
+    sends to a forking client (to kill it mid-transfer)."""
 
 
 def read_env(environ: dict[str, str] | None = None) -> Env:
@@ -25,6 +28,7 @@ def read_env(environ: dict[str, str] | None = None) -> Env:
     return Env(
         api_key=api_key if api_key else None,
         log_level=environ.get("CKPT_ENGINE_LOG_LEVEL", "info").lower(),
+        test_fork_delay_s=float(environ.get("CKPT_ENGINE_TEST_FORK_DELAY_S", "0") or 0),
     )
 
 

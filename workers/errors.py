@@ -78,3 +78,24 @@ class RequestError(WorkersError):
 
 class NotReadyError(WorkersError):
     """The server holds no servable weights now (HTTP 503): waiting, timed out, or inconsistent."""
+
+
+class RemoteInstanceError(WeightLoadError):
+    """A fork from a seed instance (`--load-format remote_instance`) failed; names the seed."""
+
+
+class ManifestMismatchError(RemoteInstanceError):
+    """Seed and client disagree on the model (config, names, dtypes, shapes); nothing was sent."""
+
+    def __init__(self, problems: list[str], seed: str) -> None:
+        self.problems = list(problems)
+        shown = "; ".join(self.problems[:30])
+        more = f" (and {len(self.problems) - 30} more)" if len(self.problems) > 30 else ""
+        super().__init__(
+            f"seed {seed} cannot serve this model: {len(self.problems)} difference(s): "
+            f"{shown}{more}"
+        )
+
+
+class TransferError(RemoteInstanceError):
+    """A transfer group could not form, broke, or made no progress before its deadline."""

@@ -13,6 +13,7 @@ the last tensor: FP8 layers rebuild their forward weights there); so does every 
 
 from __future__ import annotations
 
+import importlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -122,16 +123,27 @@ class DummyFormat(LoadFormat):
         raise NotImplementedError("dummy weights are written by load() directly")
 
 
-LOAD_FORMATS: dict[str, type[LoadFormat]] = {
+LOAD_FORMATS: dict[str, type[LoadFormat] | str] = {
     SafetensorsFormat.name: SafetensorsFormat,
     DummyFormat.name: DummyFormat,
+    # "module:class", imported on first use (it brings HTTP and transfer code along)
+    "remote_instance": "workers.remote_instance.loader:RemoteInstanceFormat",
 }
 
 
-def get_load_format(name: str, *, seed: int = 0) -> LoadFormat:
+def get_load_format(name: str, *, seed: int = 0, args=None) -> LoadFormat:
+    """The load format `name`; one configured by server flags (`from_server_args`: the
+    remote-instance fork) needs the server's `args`."""
     if name not in LOAD_FORMATS:
         raise ConfigError(f"unknown load format {name!r}; supported: {', '.join(LOAD_FORMATS)}")
     cls = LOAD_FORMATS[name]
+    if isinstance(cls, str):
+        module, _, attr = cls.partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+    if hasattr(cls, "from_server_args"):
+        if args is None:
+            raise ConfigError(f"load format {name!r} needs the server's settings")
+        return cls.from_server_args(args)
     return cls(seed=seed) if cls is DummyFormat else cls()
 
 

@@ -116,7 +116,9 @@ def test_dummy_writes_every_parameter_deterministically(hf_model, tmp_path):
 def test_unknown_format_lists_the_supported_ones():
     with pytest.raises(ConfigError, match="unknown load format 'npz'; supported: auto, dummy"):
         get_load_format("npz")
-    assert set(LOAD_FORMATS) == {"auto", "dummy"}
+    assert set(LOAD_FORMATS) == {"auto", "dummy", "remote_instance"}
+    with pytest.raises(ConfigError, match="'remote_instance' needs the server's settings"):
+        get_load_format("remote_instance")
 
 
 def test_accounting():

@@ -8,6 +8,7 @@ On exit, SIGTERM or SIGINT it stops every rank process (ranks also die with it b
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
@@ -48,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ckpt-engine-server: {e}", file=sys.stderr)
         return 1
     try:
+        if args.load_format == "remote_instance":  # a fork serves the seed's weight version
+            (version, *_) = ranks.call(
+                "remote_instance_weight_version", [], {}, timeout=args.rank_timeout
+            )
+            if version is not None:
+                args = dataclasses.replace(args, weight_version=version)
         front = Frontend(ranks=ranks, args=args, model=model, codec=codec)
         app = create_app(front, api_key=args.api_key)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)

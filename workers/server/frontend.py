@@ -172,6 +172,18 @@ class Frontend:
         suffix = f" Weight version updated to {version}." if version is not None else ""
         return "IPC weight update completed successfully." + suffix
 
+    async def run_exclusive(
+        self, method: str, kwargs: dict, *, servable: bool
+    ) -> tuple[list[Any], str]:
+        """A front method on every rank under the FIFO lock, and the weight version it ran with
+        (remote-instance sends: they read the weights, so no update may interleave; generation
+        waits). With `servable`, refused (503) unless the weights are servable."""
+        async with self._lock:
+            if servable:
+                self._require_servable()
+            values = await self._run(method, [], kwargs, self.args.rank_timeout)
+            return values, self.state.version
+
     async def weights_info(self) -> dict[str, Any]:
         async with self._lock:
             values = await self._run("get_weights_info", [], {}, self.args.rank_timeout)

@@ -7,6 +7,7 @@
 | POST /collective_rpc           | yes | 200 {success, results: [per rank]}; 400 method not allowed|
 | POST /update_weights_from_ipc  | yes | 200 / 400 {success, message}                              |
 | GET  /weights_info             |     | 200 {weight_version, status, checksum, tensors}           |
+| remote-instance (fork) seed routes: `workers.remote_instance.routes`                        |
 
 Errors: 400 bad request or a failed weight update, 401 missing/wrong API key, 503 not servable or
 a dead rank, 504 a rank timed out, 500 anything else. Bodies are {"success": false, "message"}.
@@ -119,4 +120,7 @@ def create_app(front: Frontend, *, api_key: str | None) -> FastAPI:
     async def weights_info() -> dict:
         return await front.weights_info()
 
+    from workers.remote_instance.routes import add_seed_routes
+
+    add_seed_routes(app, front, require_key)
     return app

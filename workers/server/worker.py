@@ -10,8 +10,10 @@ under its FIFO lock, commits a new weight version when every rank succeeds, and 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -35,7 +37,16 @@ RPC_METHODS: dict[str, str] = {
     "update_weights_from_ipc": "(zmq_handles: {device_key: zmq_address}) -> None",
 }
 WEIGHT_CHANGING_METHODS = frozenset({"update_weights_from_disk", "update_weights_from_ipc"})
-FRONT_METHODS = frozenset({"generate"})
+FRONT_METHODS = frozenset(
+    {
+        "generate",
+        # remote-instance fork, seed side (workers.remote_instance.routes) and client side
+        "remote_instance_manifest",
+        "init_weights_send_group",
+        "send_weights_to_remote_instance",
+        "remote_instance_weight_version",
+    }
+)
 
 
 class RankWorker:
@@ -52,7 +63,7 @@ class RankWorker:
     def create(cls, rank: int, args: ServerArgs, store_port: int) -> RankWorker:
         """Join the TP group, build the model on this rank's device, load the initial weights."""
         if args.device == "cuda":
-            device = torch.device("cuda", rank)
+            device = torch.device("cuda", args.base_gpu_id + rank)
             torch.cuda.set_device(device)
         else:
             device = torch.device("cpu")
@@ -66,9 +77,16 @@ class RankWorker:
         )
         config = ModelConfig.from_pretrained(args.model_path)
         model = build_model(config, tp=tp, dtype=resolve_dtype(args.dtype, config), device=device)
-        get_load_format(args.load_format, seed=args.seed).load(model, args.model_path)
-        logger.info("rank %d: %s weights loaded on %s", rank, args.load_format, device)
-        return cls(args=args, tp=tp, model=model, device=device)
+        load_format = get_load_format(args.load_format, seed=args.seed, args=args)
+        start = time.perf_counter()
+        load_format.load(model, args.model_path)
+        seconds = time.perf_counter() - start
+        logger.info(
+            "rank %d: %s weights loaded on %s in %.3f s", rank, args.load_format, device, seconds
+        )
+        worker = cls(args=args, tp=tp, model=model, device=device)
+        worker.forked_weight_version = getattr(load_format, "weight_version", None)
+        return worker
 
     @property
     def device_index(self) -> int:
@@ -114,6 +132,31 @@ class RankWorker:
         if out.logits is not None:
             result["logits"] = out.logits
         return result
+
+    # ---- remote-instance fork (front methods; workers.remote_instance) ---------------------
+
+    @functools.cached_property
+    def _sender(self):
+        from workers.env import ENV
+        from workers.remote_instance.seed import WeightSender
+
+        timeout = self.args.remote_instance_weight_loader_timeout
+        return WeightSender(
+            self.model, self.tp, self.device, timeout=timeout, delay=ENV.test_fork_delay_s
+        )
+
+    def remote_instance_manifest(self) -> dict[str, Any] | None:
+        return self._sender.manifest()
+
+    def init_weights_send_group(self, **kwargs: Any) -> None:
+        self._sender.init_group(**kwargs)
+
+    def send_weights_to_remote_instance(self, **kwargs: Any) -> dict[str, Any]:
+        return self._sender.send(**kwargs)
+
+    def remote_instance_weight_version(self) -> str | None:
+        """The seed's weight version this rank forked (rank 0; None when not forked)."""
+        return getattr(self, "forked_weight_version", None)
 
     # ---- RPC methods (RPC_METHODS) ----------------------------------------------------------
 

@@ -1,0 +1,188 @@
+"""End to end, remote-instance fork on CPU (gloo): a TP=2 seed loaded from disk; a TP=2 client
+(shard mode) and a TP=1 client (full mode) fork from it at the same time and serve the same
+weights (checksums) and tokens; a forked client serves as a seed in turn; a mismatched manifest
+or a wrong key is refused naming the cause; a client killed mid-transfer leaves the seed serving;
+a seed killed mid-transfer makes the client exit non-zero within its timeout."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from workers_testutil import (
+    NEW_TOKENS,
+    PROMPT,
+    free_port,
+    poll,
+    skip_without_gpus,
+    start_server,
+    wait_until_up,
+)
+
+pytestmark = pytest.mark.slow
+
+VERSION = "fork-v1"
+GENERATE = {"input_ids": PROMPT, "max_new_tokens": NEW_TOKENS}
+
+
+def start_seed(path, log, *extra, device="cpu"):
+    args = ["--device", device, "--dtype", "float32", "--api-key", "secret"]
+    return start_server(path, *args, "--weight-version", VERSION, *extra, log=log)
+
+
+def start_client(path, seed, *, tp: int, log, extra=(), device="cpu"):
+    args = ["--tp", str(tp), "--device", device, "--dtype", "float32", "--api-key", "secret"]
+    args += ["--load-format", "remote_instance"]
+    args += ["--remote-instance-weight-loader-seed-instance-ip", "127.0.0.1"]
+    args += ["--remote-instance-weight-loader-seed-instance-service-port", seed.url.split(":")[-1]]
+    ports = json.dumps([free_port() for _ in range(tp)])
+    args += ["--remote-instance-weight-loader-send-weights-group-ports", ports]
+    return start_server(path, *args, *extra, log=log)
+
+
+@pytest.fixture(scope="module")
+def seed(checkpoints, tmp_path_factory):
+    path, _ = checkpoints["qwen3"]
+    server = start_seed(path, tmp_path_factory.mktemp("logs") / "seed.log", "--tp", "2")
+    try:
+        wait_until_up(server)
+        yield server, path
+    finally:
+        server.stop()
+
+
+def same_weights_and_tokens(a, b) -> None:
+    info_a, info_b = a.get("/weights_info").json(), b.get("/weights_info").json()
+    assert info_a["tensors"] == info_b["tensors"]
+    assert info_a["checksum"] == info_b["checksum"]
+    assert info_b["status"] == "ready" and info_b["weight_version"] == VERSION
+    out_a, out_b = a.post("/generate", GENERATE).json(), b.post("/generate", GENERATE).json()
+    assert out_a["output_ids"] == out_b["output_ids"] and out_b["weight_version"] == VERSION
+
+
+def test_two_clients_fork_at_once_then_a_client_seeds_another(seed, tmp_path):
+    seed_server, path = seed
+    verify = ["--remote-instance-weight-loader-verify-checksums"]
+    tp2 = start_client(path, seed_server, tp=2, log=tmp_path / "tp2.log", extra=verify)
+    tp1 = start_client(path, seed_server, tp=1, log=tmp_path / "tp1.log")
+    third = None
+    try:
+        wait_until_up(tp2)
+        wait_until_up(tp1)
+        assert "shard mode" in tp2.output() and "full mode" in tp1.output()
+        assert "sha256 matches the seed's" in tp2.output()
+        same_weights_and_tokens(seed_server, tp2)
+        same_weights_and_tokens(seed_server, tp1)
+        assert seed_server.get("/health").status_code == 200
+        # A client that finished loading is a seed in its turn (TP=1 -> TP=1: shard mode).
+        third = start_client(path, tp1, tp=1, log=tmp_path / "third.log")
+        wait_until_up(third)
+        same_weights_and_tokens(seed_server, third)
+    finally:
+        for server in (tp2, tp1, third):
+            if server is not None:
+                server.stop()
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (
+            ["--dtype", "bfloat16"],
+            [
+                "cannot serve this model",
+                "tensor model.norm.weight: seed float32[64], client bfloat16[64]",
+            ],
+        ),
+        (["--remote-instance-weight-loader-seed-api-key", "wrong"], ["answered 401", "API key"]),
+    ],
+    ids=["dtype-mismatch", "wrong-key"],
+)
+def test_a_refused_fork_fails_at_start_up_naming_the_cause(seed, tmp_path, extra, expected):
+    seed_server, path = seed
+    client = start_client(path, seed_server, tp=1, log=tmp_path / "c.log", extra=extra)
+    try:
+        rc = client.proc.wait(120)
+    finally:
+        client.stop()
+    assert rc != 0
+    for text in expected:
+        assert text in client.output()
+    assert "remote_instance weights loaded" not in client.output()
+    assert seed_server.get("/health").status_code == 200
+
+
+def test_killed_client_leaves_the_seed_serving_and_killed_seed_fails_the_client(
+    checkpoints, tmp_path, monkeypatch
+):
+    path, _ = checkpoints["qwen3"]
+    monkeypatch.setenv("CKPT_ENGINE_TEST_FORK_DELAY_S", "0.3")  # about 6 s per send
+    slow_seed = start_seed(path, tmp_path / "slow-seed.log")
+    monkeypatch.delenv("CKPT_ENGINE_TEST_FORK_DELAY_S")
+    timeout = ["--remote-instance-weight-loader-timeout", "20"]
+    try:
+        wait_until_up(slow_seed)
+
+        def sending(n: int):
+            return lambda: slow_seed.output().count("sending (") >= n
+
+        # A client killed mid-transfer: the send fails on the seed, which keeps serving.
+        doomed = start_client(path, slow_seed, tp=1, log=tmp_path / "doomed.log", extra=timeout)
+        poll(sending(1), 60, "the seed to start sending")
+        doomed.stop()
+        poll(lambda: "send_weights_to_remote_instance" in slow_seed.output(), 30, "send failure")
+        assert slow_seed.get("/health").status_code == 200
+        assert slow_seed.post("/generate", GENERATE).status_code == 200
+
+        # The seed killed mid-transfer: the client exits non-zero, quickly, saying why.
+        client = start_client(path, slow_seed, tp=1, log=tmp_path / "client.log", extra=timeout)
+        poll(sending(2), 60, "the seed to start sending again")
+        slow_seed.stop()
+        killed = time.monotonic()
+        try:
+            rc = client.proc.wait(40)
+        finally:
+            client.stop()
+        assert rc != 0
+        assert time.monotonic() - killed < 25
+        out = client.output()
+        assert "fork from seed" in out or "seed http://127.0.0.1" in out, out
+        assert "failed to start" in out
+    finally:
+        slow_seed.stop()
+
+
+@pytest.mark.gpu
+def test_fork_over_nccl_from_gpu_0_to_gpu_1(checkpoints, tmp_path, monkeypatch):
+    """NCCL: a TP=1 seed on GPU 0, a TP=1 client on GPU 1 (same weights and tokens); then a
+    client killed mid-transfer (the seed aborts its NCCL group and keeps serving)."""
+    skip_without_gpus("cuda", 2)
+    path, _ = checkpoints["qwen3"]
+    monkeypatch.setenv("CKPT_ENGINE_TEST_FORK_DELAY_S", "0.2")
+    seed = start_seed(path, tmp_path / "seed.log", device="cuda")
+    monkeypatch.delenv("CKPT_ENGINE_TEST_FORK_DELAY_S")
+    on_gpu1 = ["--base-gpu-id", "1", "--remote-instance-weight-loader-timeout", "20"]
+    client = doomed = None
+    try:
+        wait_until_up(seed)
+        client = start_client(
+            path, seed, tp=1, log=tmp_path / "c.log", extra=on_gpu1, device="cuda"
+        )
+        wait_until_up(client)
+        assert "shard mode" in client.output()
+        same_weights_and_tokens(seed, client)
+        client.stop()
+        doomed = start_client(
+            path, seed, tp=1, log=tmp_path / "d.log", extra=on_gpu1, device="cuda"
+        )
+        poll(lambda: seed.output().count("sending (") >= 2, 60, "the second send to start")
+        doomed.stop()
+        failed = "send_weights_to_remote_instance failed"
+        poll(lambda: failed in seed.output(), 90, "the seed to give up the send")
+        assert seed.get("/health").status_code == 200
+        assert seed.post("/generate", GENERATE).status_code == 200
+    finally:
+        for server in (doomed, client, seed):
+            if server is not None:
+                server.stop()

@@ -1,0 +1,68 @@
+"""Who sends what to whom in a fork (pure).
+
+Groups: one two-rank group per client TP rank j, rendezvous on `ports[j]` at the seed's address
+(the seed rank hosts the store, as group rank 0, the broadcast source; the client rank is group
+rank 1). Client rank j is served by seed rank `j % seed_tp`, so each seed rank serves
+ceil(client_tp / seed_tp) clients at most and, with equal TP sizes, rank i serves rank i.
+
+Modes (the seed and the client derive the same one from the two TP sizes):
+- "shard" (equal TP sizes): seed rank i sends its own parameters verbatim, by name in its
+  manifest's `parameters` order, and client rank i receives them in place into the parameter of
+  the same name: no gather, no copy, each byte crosses the link once.
+- "full" (different TP sizes): every seed rank iterates `checkpoint_tensors()` (gathered over the
+  seed's TP group, in checkpoint layout) and sends each full tensor to its clients, in the
+  manifest's `tensors` order; each client rank keeps its slice through `model.load_weights`.
+  Costs: the seed gathers, and each client rank receives the whole model (client_tp copies in
+  all) -- simple and correct for any pair of TP sizes; sending only the needed slices is the
+  optimisation a cross-node backend should add.
+"""
+
+from __future__ import annotations
+
+import json
+
+SHARD = "shard"
+FULL = "full"
+
+
+def fork_mode(seed_tp: int, client_tp: int) -> str:
+    return SHARD if seed_tp == client_tp else FULL
+
+
+def clients_of(seed_rank: int, seed_tp: int, client_tp: int) -> list[int]:
+    """The client ranks that seed rank `seed_rank` sends to."""
+    return [j for j in range(client_tp) if j % seed_tp == seed_rank]
+
+
+def pair_group_name(base: str, port: int, client_rank: int) -> str:
+    """The name of one pair group (SGLang's `f"{group_name}_{port}_{tp_rank}"`)."""
+    return f"{base}_{port}_{client_rank}"
+
+
+def parse_ports(value: object) -> tuple[int, ...]:
+    """Ports as SGLang spells them: a JSON list ("[30001, 30002]") or "30001,30002"; ValueError
+    names the problem (not a list, a bad or repeated port)."""
+    if isinstance(value, list | tuple):
+        items = list(value)
+    else:
+        text = str(value).strip()
+        if text.startswith("["):
+            try:
+                items = json.loads(text)
+            except ValueError as e:
+                raise ValueError(f"ports {text!r} are not a JSON list: {e}") from None
+            if not isinstance(items, list):
+                raise ValueError(f"ports {text!r} are not a list")
+        else:
+            items = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        ports = tuple(int(p) for p in items)
+    except (TypeError, ValueError):
+        raise ValueError(f"ports {value!r}: not all integers") from None
+    if not ports:
+        raise ValueError("no ports given")
+    if bad := [p for p in ports if not 0 < p < 65536]:
+        raise ValueError(f"ports out of 1..65535: {bad}")
+    if len(set(ports)) != len(ports):
+        raise ValueError(f"ports repeat: {list(ports)}")
+    return ports

@@ -1,0 +1,116 @@
+"""Seed side, on every server: the fork endpoints of the HTTP front (SGLang's payloads).
+
+| route                                              | answers                                   |
+| GET  /remote_instance_manifest                     | the `Manifest` JSON + the weight version  |
+| POST /init_weights_send_group_for_remote_instance  | {success, message} once every group formed|
+| POST /send_weights_to_remote_instance              | {success, message, weight_version, mode,  |
+|                                                    |  bytes, seconds} once everything was sent |
+
+All three need the API key (when the server has one). Each runs on every rank under the front's
+FIFO lock: no weight update interleaves with a send, and generation requests wait while one runs
+(a fork delays the seed's requests by its rendezvous and its send). Init and send refuse while
+the weights are not servable (503): a client never forks dummy or half-updated weights.
+"""
+
+from __future__ import annotations
+
+from fastapi import Depends, FastAPI
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from workers.errors import RankDeadError, RankError, RankTimeoutError, RequestError
+from workers.remote_instance.backend import TRANSFER_BACKENDS
+from workers.remote_instance.plan import parse_ports
+from workers.remote_instance.seed_client import INIT_PATH, MANIFEST_PATH, SEND_PATH
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class InitWeightsSendGroupRequest(_Strict):
+    """SGLang's `InitWeightsSendGroupForRemoteInstanceReqInput`."""
+
+    master_address: str = Field(min_length=1)
+    ports: str
+    group_rank: int
+    world_size: int
+    group_name: str = Field(default="weight_send_group", min_length=1, max_length=200)
+    backend: str = "nccl"
+
+
+class SendWeightsRequest(_Strict):
+    """SGLang's `SendWeightsToRemoteInstanceReqInput`."""
+
+    master_address: str = Field(min_length=1)
+    ports: str
+    group_name: str = Field(default="weight_send_group", min_length=1, max_length=200)
+
+
+def add_seed_routes(app: FastAPI, front, require_key) -> None:
+    def failed(e: RankError) -> JSONResponse:
+        """The method ran and failed on a rank (400); a dead or silent rank stays 503/504."""
+        if isinstance(e, RankDeadError | RankTimeoutError):
+            raise e
+        return JSONResponse({"success": False, "message": str(e)}, status_code=400)
+
+    @app.get(MANIFEST_PATH, dependencies=[Depends(require_key)])
+    async def manifest() -> dict:
+        values, version = await front.run_exclusive("remote_instance_manifest", {}, servable=False)
+        return {**values[0], "weight_version": version}
+
+    @app.post(INIT_PATH, dependencies=[Depends(require_key)])
+    async def init_group(req: InitWeightsSendGroupRequest) -> JSONResponse:
+        _check_ports(req.ports)
+        if req.world_size != 2 or req.group_rank != 0:
+            raise RequestError(
+                "this seed forms one two-rank group per client TP rank, as its rank 0: "
+                f"world_size must be 2 and group_rank 0 (got {req.world_size}, {req.group_rank})"
+            )
+        if req.backend not in TRANSFER_BACKENDS:
+            raise RequestError(
+                f"backend {req.backend!r}: supported: {', '.join(TRANSFER_BACKENDS)}"
+            )
+        kwargs = {
+            "master_address": req.master_address,
+            "ports": req.ports,
+            "group_name": req.group_name,
+            "backend": req.backend,
+        }
+        try:
+            await front.run_exclusive("init_weights_send_group", kwargs, servable=True)
+        except RankError as e:
+            return failed(e)
+        return JSONResponse(
+            {"success": True, "message": f"send group {req.group_name} formed on every rank"}
+        )
+
+    @app.post(SEND_PATH, dependencies=[Depends(require_key)])
+    async def send(req: SendWeightsRequest) -> JSONResponse:
+        _check_ports(req.ports)
+        kwargs = {"master_address": req.master_address, "ports": req.ports}
+        kwargs["group_name"] = req.group_name
+        try:
+            values, version = await front.run_exclusive(
+                "send_weights_to_remote_instance", kwargs, servable=True
+            )
+        except RankError as e:
+            return failed(e)
+        sent = sum(v["bytes"] for v in values)
+        seconds = max(v["seconds"] for v in values)
+        body = {
+            "success": True,
+            "message": f"sent {sent} bytes in {seconds:.3f} s (weight version {version})",
+            "weight_version": version,
+            "mode": values[0]["mode"],
+            "bytes": sent,
+            "seconds": seconds,
+        }
+        return JSONResponse(body)
+
+
+def _check_ports(ports: str) -> None:
+    try:
+        parse_ports(ports)
+    except ValueError as e:
+        raise RequestError(f"ports: {e}") from e

@@ -1,0 +1,149 @@
+"""Seed side of a fork, in one rank process: open a transfer group per client rank it serves
+(`init_group`), then stream the weights to them (`send`). See `plan` for who sends what.
+
+The rank reads its weights only (nothing is written, so a failed send leaves the seed serving
+exactly as before). It runs as one `Call` under the front's FIFO lock: no update interleaves with
+a send, and generation waits for it (the cost of a fork to the seed: its requests are delayed by
+the send, about bytes / link bandwidth). In "full" mode every seed rank iterates the gathered
+checkpoint tensors to the end even after its own transfer failed, so the seed's TP group stays in
+step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from workers.errors import RemoteInstanceError, TransferError, WorkersError
+from workers.remote_instance.backend import TransferGroup, get_backend
+from workers.remote_instance.manifest import build_manifest
+from workers.remote_instance.plan import (
+    SHARD,
+    clients_of,
+    fork_mode,
+    pair_group_name,
+    parse_ports,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Clients:
+    ports: tuple[int, ...]
+    members: list[tuple[int, TransferGroup]] = field(default_factory=list)  # (client rank, group)
+
+    def close(self) -> None:
+        for _, group in self.members:
+            group.close()
+
+
+class WeightSender:
+    """The open send groups of one seed rank, by the client's group name."""
+
+    def __init__(
+        self, model, tp, device: torch.device, *, timeout: float, delay: float = 0.0
+    ) -> None:
+        self.model, self.tp, self.device = model, tp, device
+        self.timeout = timeout
+        self.delay = delay  # seconds between tensors: a test hook (CKPT_ENGINE_TEST_FORK_DELAY_S)
+        self.groups: dict[str, _Clients] = {}
+
+    def manifest(self) -> dict | None:
+        return build_manifest(self.model).to_json() if self.tp.rank == 0 else None
+
+    def init_group(self, *, master_address: str, ports: str, group_name: str, backend: str):
+        try:
+            port_list = parse_ports(ports)
+        except ValueError as e:
+            raise WorkersError(str(e)) from e
+        impl = get_backend(backend)
+        if impl.device_type != self.device.type:
+            raise WorkersError(
+                f"backend {backend!r} moves {impl.device_type} tensors; this seed is on "
+                f"{self.device.type}"
+            )
+        self.drop(group_name)  # a client that re-initialises replaces its groups
+        clients = _Clients(ports=port_list)
+        try:
+            for j in clients_of(self.tp.rank, self.tp.size, len(port_list)):
+                name = pair_group_name(group_name, port_list[j], j)
+                group = impl.connect(
+                    master_address=master_address,
+                    port=port_list[j],
+                    group_rank=0,
+                    group_name=name,
+                    timeout=self.timeout,
+                    device=self.device,
+                )
+                clients.members.append((j, group))
+        except BaseException:
+            clients.close()
+            raise
+        self.groups[group_name] = clients
+        logger.info("fork %s: %d group(s) open", group_name, len(clients.members))
+
+    def drop(self, group_name: str) -> None:
+        if (old := self.groups.pop(group_name, None)) is not None:
+            old.close()
+
+    def send(self, *, master_address: str, ports: str, group_name: str) -> dict:
+        clients = self.groups.pop(group_name, None)
+        if clients is None:
+            raise WorkersError(
+                f"no send group {group_name!r} on this seed: call "
+                "/init_weights_send_group_for_remote_instance first"
+            )
+        try:
+            if parse_ports(ports) != clients.ports:
+                raise WorkersError(f"ports {ports!r} differ from those of the init call")
+            mode = fork_mode(self.tp.size, len(clients.ports))
+            logger.info("fork %s: sending (%s mode)", group_name, mode)
+            start = time.perf_counter()
+            if mode == SHARD:
+                sent = self._send_parameters(clients)
+            else:
+                sent = self._send_checkpoint(clients)
+            for _, group in clients.members:
+                group.flush()
+        finally:
+            clients.close()
+        seconds = time.perf_counter() - start
+        logger.info("fork %s: sent %d bytes (%s mode) in %.3f s", group_name, sent, mode, seconds)
+        return {"mode": mode, "bytes": sent, "seconds": seconds}
+
+    def _send_parameters(self, clients: _Clients) -> int:
+        sent = 0
+        for name, param in self.model.named_parameters():
+            try:
+                for _, group in clients.members:
+                    group.send(param.data)
+                    sent += param.data.nbytes
+            except (TransferError, RuntimeError) as e:
+                raise RemoteInstanceError(f"sending {name}: {e}") from e
+            self._pause()
+        return sent
+
+    def _send_checkpoint(self, clients: _Clients) -> int:
+        sent, failure = 0, None
+        for name, tensor in self.model.checkpoint_tensors():  # collective: iterate to the end
+            if failure is not None:
+                continue
+            try:
+                for _, group in clients.members:
+                    group.send(tensor)
+                    sent += tensor.nbytes
+                    self._pause()
+            except (TransferError, RuntimeError) as e:
+                failure = RemoteInstanceError(f"sending {name}: {e}")
+                failure.__cause__ = e
+        if failure is not None:
+            raise failure
+        return sent
+
+    def _pause(self) -> None:
+        if self.delay > 0:
+            time.sleep(self.delay)

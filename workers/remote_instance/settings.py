@@ -1,0 +1,96 @@
+"""The client's fork settings, from `ServerArgs`, validated at start-up: missing or inconsistent
+settings are a `ConfigError` (the server exits 2 naming them), never a silent load from disk.
+
+Flags (SGLang's names): `--load-format remote_instance`,
+`--remote-instance-weight-loader-seed-instance-ip`, `...-seed-instance-service-port` (the seed's
+HTTP port), `...-send-weights-group-ports` (one per TP rank of this client, a JSON list or
+comma-separated; ports on the seed's host, where the seed ranks host the group rendezvous),
+`...-backend` (nccl | gloo; default: nccl on cuda, gloo on cpu). Ours: `...-seed-api-key` (the
+seed's API key; default: this server's own --api-key, as a fleet usually shares one),
+`...-timeout` (seconds any one step may take: each HTTP call, the rendezvous, each transfer
+without progress) and `...-verify-checksums` (compare every tensor's sha256 with the seed's
+/weights_info after loading; costs a gather and hashing on both sides).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from workers.errors import ConfigError
+from workers.remote_instance.backend import TRANSFER_BACKENDS, default_backend
+from workers.remote_instance.plan import parse_ports
+
+LOAD_FORMAT = "remote_instance"
+PREFIX = "remote_instance_weight_loader_"
+# Fields that only mean something with --load-format remote_instance (given otherwise: an error).
+CLIENT_FIELDS = (
+    "seed_instance_ip",
+    "seed_instance_service_port",
+    "send_weights_group_ports",
+    "backend",
+    "seed_api_key",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RemoteInstanceSettings:
+    seed_ip: str
+    seed_port: int
+    ports: tuple[int, ...]
+    backend: str
+    api_key: str | None
+    timeout: float
+    verify: bool
+
+    @classmethod
+    def from_server_args(cls, args) -> RemoteInstanceSettings:
+        def get(name: str):
+            return getattr(args, PREFIX + name)
+
+        def flag(name: str) -> str:
+            return "--" + (PREFIX + name).replace("_", "-")
+
+        if args.load_format != LOAD_FORMAT:
+            given = [flag(n) for n in CLIENT_FIELDS if get(n) is not None]
+            if given or get("verify_checksums"):
+                given += [flag("verify_checksums")] if get("verify_checksums") else []
+                raise ConfigError(f"{', '.join(given)} given without --load-format {LOAD_FORMAT}")
+            return None  # type: ignore[return-value]
+        missing = [flag(n) for n in CLIENT_FIELDS[:3] if get(n) in (None, "")]
+        if missing:
+            raise ConfigError(f"--load-format {LOAD_FORMAT} needs {', '.join(missing)}")
+        port = get("seed_instance_service_port")
+        if not 0 < port < 65536:
+            raise ConfigError(f"{flag('seed_instance_service_port')} {port}: not in 1..65535")
+        try:
+            ports = parse_ports(get("send_weights_group_ports"))
+        except ValueError as e:
+            raise ConfigError(f"{flag('send_weights_group_ports')}: {e}") from e
+        if len(ports) != args.tp:
+            raise ConfigError(
+                f"{flag('send_weights_group_ports')} gives {len(ports)} port(s); "
+                f"--tp {args.tp} needs one per TP rank"
+            )
+        backend = get("backend") or default_backend(args.device)
+        if backend not in TRANSFER_BACKENDS:
+            raise ConfigError(
+                f"{flag('backend')} {backend!r}: supported: {', '.join(TRANSFER_BACKENDS)}"
+            )
+        if TRANSFER_BACKENDS[backend].device_type != args.device:
+            raise ConfigError(
+                f"{flag('backend')} {backend} moves {TRANSFER_BACKENDS[backend].device_type} "
+                f"tensors; this server runs on --device {args.device} "
+                f"(use {default_backend(args.device)})"
+            )
+        if not get("timeout") > 0:
+            raise ConfigError(f"{flag('timeout')} must be positive")
+        key = get("seed_api_key")
+        return cls(
+            seed_ip=get("seed_instance_ip"),
+            seed_port=port,
+            ports=ports,
+            backend=backend,
+            api_key=key if key is not None else args.api_key,
+            timeout=get("timeout"),
+            verify=get("verify_checksums"),
+        )
