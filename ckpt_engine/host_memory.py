@@ -33,10 +33,16 @@ FILE_PREFIX = "ckpt-engine-"
 
 
 def _cuda_pin(tensor: torch.Tensor) -> None:
+    # cudaHostRegister needs a CUDA context on this thread's current device (a worker thread of
+    # the parallel reader may not have one yet), so initialize it first.
+    torch.cuda.init()
+    torch.cuda.set_device(torch.cuda.current_device())
     cudart = torch.cuda.cudart()
     code = cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel(), 0)
     if int(code) != 0:
-        raise OSError(f"cudaHostRegister of {tensor.numel()} bytes failed with CUDA error {code}")
+        raise OSError(
+            f"cudaHostRegister of {tensor.numel()} bytes failed with CUDA error {int(code)}"
+        )
 
 
 def _cuda_unpin(tensor: torch.Tensor) -> None:
