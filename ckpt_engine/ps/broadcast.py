@@ -91,11 +91,31 @@ class BroadcastUpdate:
         return bool(pend)
 
     # -- phases --------------------------------------------------------------------------------
+    # Hooks a variant driver overrides (ps/p2p.py: a subset of ranks reading from remote owners).
+    def _check_local(self) -> None:
+        check_local(self.ctx)
+
+    def _make_plan(self, min_free: int) -> BucketPlan:
+        return choose_plan(self.ctx.metas, self.ctx.config, min_free)
+
+    def _make_mover(self, plan: BucketPlan) -> SlotMover:
+        ctx = self.ctx
+        return SlotMover(
+            device_type=ctx.device_type,
+            device_index=ctx.device_index,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            group=ctx.data_group,
+            buffer=self.ipc.tensor,
+            slot_bytes=plan.slot_bytes,
+            checkpoint=ctx.checkpoint,
+        )
+
     def _prepare(self) -> list[dict]:
         ctx = self.ctx
         info: dict = {"device_key": ctx.device_key, "address": "", "free": 0, "error": None}
         try:
-            check_local(ctx)
+            self._check_local()
             name = f"r{ctx.rank}u{ctx.update_no}"
             self.link = WorkerLink(
                 self.zmq_ctx,
@@ -120,16 +140,7 @@ class BroadcastUpdate:
                 shm_dir=env.shm_dir(),
                 label=f"{ctx.run_id}-r{ctx.rank}",
             )
-            self.mover = SlotMover(
-                device_type=ctx.device_type,
-                device_index=ctx.device_index,
-                rank=ctx.rank,
-                world_size=ctx.world_size,
-                group=ctx.data_group,
-                buffer=self.ipc.tensor,
-                slot_bytes=plan.slot_bytes,
-                checkpoint=ctx.checkpoint,
-            )
+            self.mover = self._make_mover(plan)
             self.req = link.req = ReqFuncThread(self.zmq_ctx, self.req_func, socket_paths)
             self.req.start()
         except Exception as e:
@@ -269,7 +280,7 @@ class BroadcastUpdate:
         if failures:
             raise update_error(ctx.name, failures)
         try:
-            plan = choose_plan(ctx.metas, ctx.config, min(i["free"] for i in infos))
+            plan = self._make_plan(min(i["free"] for i in infos))
         except ValueError as e:  # same inputs on every rank: every rank raises this
             self._fail(e)
             raise update_error(ctx.name, [self.error]) from e
