@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ckpt_engine import dtypes
@@ -55,19 +55,26 @@ class RankMetas:
     host: str
     buffer_bytes: tuple[int, ...]
     tensors: tuple[TensorMeta, ...]
+    # How a reader reaches this rank's host memory (ckpt_engine.p2p): {transport: {fields}},
+    # plain JSON checked by ckpt_engine.p2p.endpoint when used. Carries a secret token: a metas
+    # file with it is a capability (written mode 0600), to be protected like a key.
+    p2p: dict[str, Any] | None = field(default=None, hash=False)
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        obj = {
             "rank": self.rank,
             "device_key": self.device_key,
             "host": self.host,
             "buffer_bytes": list(self.buffer_bytes),
             "tensors": [t.to_json() for t in self.tensors],
         }
+        if self.p2p is not None:
+            obj["p2p"] = self.p2p
+        return obj
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,7 +135,7 @@ class CheckpointMetas:
         return checkpoint_metas_from_json(obj)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (temp file + rename) as JSON."""
+        """Write atomically (temp file + rename) as JSON, mode 0600 (P2P tokens are secrets)."""
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".metas-", suffix=".tmp")
@@ -203,12 +210,16 @@ def rank_metas_from_json(obj: Any, where: str = "metas") -> RankMetas:
     if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in buffers):
         raise MetasError(f"{where}: buffer_bytes is not a list of non-negative integers")
     tensors = _field(obj, "tensors", list, where)
+    p2p = _field(obj, "p2p", dict, where) if "p2p" in obj else None
+    if p2p is not None and not all(isinstance(v, dict) for v in p2p.values()):
+        raise MetasError(f"{where}: field 'p2p' must map transport names to records")
     return RankMetas(
         rank=rank,
         device_key=_field(obj, "device_key", str, where),
         host=_field(obj, "host", str, where),
         buffer_bytes=buffers,
         tensors=tuple(tensor_meta_from_json(t, where, buffers) for t in tensors),
+        p2p=p2p,
     )
 
 
