@@ -40,6 +40,7 @@ def _cuda_pin(tensor: torch.Tensor) -> None:
     cudart = torch.cuda.cudart()
     code = cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel(), 0)
     if int(code) != 0:
+        cudart.cudaGetLastError()  # clear it, or torch reports it at its next CUDA call
         raise OSError(
             f"cudaHostRegister of {tensor.numel()} bytes failed with CUDA error {int(code)}"
         )

@@ -68,8 +68,11 @@ def test_in_place_mapping_keeps_the_file(tmp_path):
 
 
 @pytest.mark.gpu
-def test_pinned_buffer_registers_and_unregisters(tmp_path):
-    buf = host_memory.allocate(1 << 20, kind="shm", shm_dir=str(tmp_path), label="p", pin=True)
+@pytest.mark.parametrize("kind", ["shm", "anonymous"])
+def test_pinned_buffer_registers_and_unregisters(kind):
+    # /dev/shm (tmpfs), as in production: cudaHostRegister refuses shared mappings of files on
+    # some other file systems (CUDA error 1 seen for a file under /tmp on the GPU machine).
+    buf = host_memory.allocate(1 << 20, kind=kind, shm_dir="/dev/shm", label="p", pin=True)
     assert buf.pinned
     dev = torch.empty(1 << 20, dtype=torch.uint8, device="cuda")
     dev.copy_(buf.tensor, non_blocking=True)

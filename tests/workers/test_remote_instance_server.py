@@ -162,7 +162,9 @@ def test_fork_over_nccl_from_gpu_0_to_gpu_1(checkpoints, tmp_path, monkeypatch):
     monkeypatch.setenv("CKPT_ENGINE_TEST_FORK_DELAY_S", "0.2")
     seed = start_seed(path, tmp_path / "seed.log", device="cuda")
     monkeypatch.delenv("CKPT_ENGINE_TEST_FORK_DELAY_S")
-    on_gpu1 = ["--base-gpu-id", "1", "--remote-instance-weight-loader-timeout", "20"]
+    # The seed pauses 0.2 s per tensor (so the second client can be killed mid-transfer): the
+    # whole send takes ~25 s, so the client's timeout must cover it.
+    on_gpu1 = ["--base-gpu-id", "1", "--remote-instance-weight-loader-timeout", "90"]
     client = doomed = None
     try:
         wait_until_up(seed)
