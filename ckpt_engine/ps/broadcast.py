@@ -111,18 +111,22 @@ class BroadcastUpdate:
             checkpoint=ctx.checkpoint,
         )
 
+    def _make_link(self) -> WorkerLink:
+        """The bound socket to this rank's worker (compat/ps_driver.py: the upstream wire)."""
+        ctx = self.ctx
+        return WorkerLink(
+            self.zmq_ctx,
+            ctx.socket_dir.address(f"r{ctx.rank}u{ctx.update_no}"),
+            update_id=self.update_id,
+            max_bytes=ctx.config.max_message_bytes,
+        )
+
     def _prepare(self) -> list[dict]:
         ctx = self.ctx
         info: dict = {"device_key": ctx.device_key, "address": "", "free": 0, "error": None}
         try:
             self._check_local()
-            name = f"r{ctx.rank}u{ctx.update_no}"
-            self.link = WorkerLink(
-                self.zmq_ctx,
-                ctx.socket_dir.address(name),
-                update_id=self.update_id,
-                max_bytes=ctx.config.max_message_bytes,
-            )
+            self.link = self._make_link()
             info["address"] = self.link.address
             info["free"] = device.free_bytes(ctx.device_type, ctx.device_index)
         except Exception as e:
