@@ -121,7 +121,11 @@ class WorkerLink:
         sock = ctx.socket(zmq.REQ)
         sock.linger = 0
         sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
-        sock.bind(address)
+        try:
+            sock.bind(address)
+        except zmq.ZMQError:
+            sock.close()  # an open socket would block the context's term()
+            raise
         self.channel = Channel(sock, max_bytes=max_bytes)
         self.single_peer = single_peer
         self.awaiting: str | None = None  # what the worker owes us a reply for
