@@ -51,12 +51,13 @@ def test_wait_flag_fails_closed_until_real_weights_arrive(waiting):
     assert r.status_code == 503 and "no servable weights" in r.json()["message"]
     assert server.get("/weights_info").json()["status"] in unready
 
-    # An IPC update that this server cannot apply yet answers honestly and changes nothing.
+    # An IPC update naming none of this server's devices is refused and changes nothing.
     r = server.post(
         "/update_weights_from_ipc", {"zmq_handles": {"CPU-x-0": "ipc://x"}}, headers=KEY
     )
     assert r.status_code == 400 and r.json()["success"] is False
-    assert "cannot apply" in r.json()["message"]
+    assert "no socket for this rank's device" in r.json()["message"]
+    assert server.get("/health").json()["status"] in unready
 
     # The wait times out: still 503 (never report random weights as healthy).
     poll(

@@ -15,13 +15,14 @@ import logging
 import os
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from workers.config import ServerArgs
 from workers.distributed import TensorParallel, init_tensor_parallel
-from workers.errors import UpdateUnavailableError, WorkersError
+from workers.errors import WeightCheckError, WorkersError
 from workers.model_loader import get_load_format
 from workers.models import ModelConfig, build_model, resolve_dtype
 from workers.models.weights import combined_digest, tensor_digest
@@ -34,7 +35,7 @@ RPC_METHODS: dict[str, str] = {
     "get_weights_info": "() -> {tensors: {name: {dtype, shape, sha256}}, checksum} (rank 0)",
     "check_weights": "(metas: [[name, dtype, shape], ...]) -> problems: validate, write nothing",
     "update_weights_from_disk": "(model_path=None) -> loaded names count: reload safetensors",
-    "update_weights_from_ipc": "(zmq_handles: {device_key: zmq_address}) -> None",
+    "update_weights_from_ipc": "(zmq_handles: {device_key: zmq_address}) -> tensors written",
 }
 WEIGHT_CHANGING_METHODS = frozenset({"update_weights_from_disk", "update_weights_from_ipc"})
 FRONT_METHODS = frozenset(
@@ -190,24 +191,80 @@ class RankWorker:
         get_load_format("auto").load(self.model, path, write=self.load_weights)
         return self.tensors_written - before
 
-    def update_weights_from_ipc(self, zmq_handles: dict[str, str]) -> None:
+    def update_weights_from_ipc(self, zmq_handles: dict[str, str]) -> int:
         """Apply one update pushed by the parameter server (ckpt_engine) through ZMQ + IPC.
 
-        The next issue fills this one function, roughly:
-            key = ckpt_engine.device.device_key(self.device_index)   # GPU-<uuid> / CPU-<host>-<i>
-            ckpt_engine.worker.update_weights_from_ipc(
-                self.zmq_ctx, zmq_handles[key], self.device_index,
-                run=self.load_weights,            # counted: a failure reports weights_modified
-                validate=<raise if self.model.check_weights(manifest) finds problems>,
-                post_hook=None)                   # nothing to repack for dense bf16/fp32
-        The front already commits the weight version and flips /health when every rank returns,
-        and fails closed when one raises after writing. Until then this refuses, honestly,
-        without touching the weights."""
+        This rank picks the socket of its own device (`ckpt_engine.device_key`: GPU-<uuid>, or
+        CPU-<host>-<tp rank> on CPU) and runs ckpt_engine's worker primitive with:
+        - validate: before any byte is written, the whole manifest must fit the model
+          (`model.check_weights`: names, shapes, dtypes) and cover every checkpoint tensor; else
+          the update is refused on every rank and nothing changes (the server keeps serving);
+        - run: `model.load_weights` on each bucket, counted, so a failure after some bucket was
+          written reports `weights_modified` and the front stops serving (fail closed);
+        - post_hook: `model.process_weights_after_loading()` (every module's, then the
+          model's own), once, after every rank received every bucket.
+        Returns the number of tensors written; the front commits the weight version when every
+        rank returns."""
         if not isinstance(zmq_handles, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in zmq_handles.items()
         ):
             raise WorkersError("zmq_handles must map device keys (str) to ZMQ addresses (str)")
-        raise UpdateUnavailableError(
-            "this server cannot apply IPC weight updates yet (the ckpt_engine worker primitive "
-            "is not wired in); weights unchanged"
+        from ckpt_engine import device_key
+        from ckpt_engine import update_weights_from_ipc as receive
+
+        key = device_key(self.device_index, device_type=self.device.type)
+        if key not in zmq_handles:
+            raise WorkersError(
+                f"zmq_handles has no socket for this rank's device {key} "
+                f"(got {', '.join(sorted(zmq_handles)) or 'none'}); weights unchanged"
+            )
+        before = self.tensors_written
+        buckets = iter(range(1 << 62))
+
+        def run(weights: list[tuple[str, torch.Tensor]]) -> None:
+            self._maybe_inject_failure(next(buckets))
+            self.load_weights(weights)
+
+        receive(
+            self._zmq_ctx,
+            zmq_handles[key],
+            self.device_index,
+            run=run,
+            validate=self._validate_manifest,
+            post_hook=self.model.process_weights_after_loading,
         )
+        return self.tensors_written - before
+
+    @functools.cached_property
+    def _zmq_ctx(self):
+        import zmq
+
+        return zmq.Context()
+
+    def _validate_manifest(self, manifest: list) -> None:
+        """Refuse, before any write, an update that does not fit or does not cover the model."""
+        from ckpt_engine.dtypes import to_torch
+
+        metas = [(spec.name, to_torch(spec.dtype), spec.shape) for spec in manifest]
+        problems = self.model.check_weights(metas)
+        sent = {spec.name for spec in manifest}
+        problems += [
+            f"{n}: not in the update" for n in self.model.checkpoint_names() if n not in sent
+        ]
+        if problems:
+            raise WeightCheckError(problems)
+
+    def _maybe_inject_failure(self, bucket: int) -> None:
+        """Tests only (CKPT_ENGINE_TEST_FAIL_UPDATE_FILE): the last TP rank fails the bucket
+        whose index that file holds, while the file exists."""
+        from workers.env import ENV
+
+        path = ENV.test_fail_update_file
+        if path is None or self.tp.rank != self.tp.size - 1:
+            return
+        try:
+            target = int(Path(path).read_text().strip())
+        except (OSError, ValueError):
+            return
+        if bucket == target:
+            raise WorkersError(f"injected failure in bucket {bucket} ({path})")
