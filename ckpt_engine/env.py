@@ -16,6 +16,9 @@ Our own knobs (all optional):
 - CKPT_ENGINE_READ_THREADS: threads reading checkpoint files.
 - CKPT_ENGINE_MAX_MESSAGE_BYTES: size cap of one wire message (both sides).
 - CKPT_ENGINE_WORKER_TIMEOUT_S: how long a worker waits for the parameter server's first message.
+- CKPT_ENGINE_WIRE: default wire of ``update_weights_from_ipc`` (the inference side, which cannot
+  pass arguments through an engine): ``ckpt-engine`` (default) or ``upstream`` (opt-in, unsafe
+  against local attackers; see ckpt_engine.compat).
 """
 
 from __future__ import annotations
@@ -152,3 +155,7 @@ def max_message_bytes() -> int | None:
 
 def worker_timeout_s() -> float | None:
     return _float("CKPT_ENGINE_WORKER_TIMEOUT_S")
+
+
+def wire() -> str | None:
+    return _get("CKPT_ENGINE_WIRE")

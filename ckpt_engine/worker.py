@@ -30,6 +30,7 @@ import zmq
 
 from ckpt_engine import dtypes, env, wire
 from ckpt_engine.channel import Channel, ipc_path
+from ckpt_engine.compat import check_wire
 from ckpt_engine.errors import ProtocolError, UpdateAborted
 from ckpt_engine.ipc import open_ipc_buffer, release_ipc_buffer
 from ckpt_engine.wire import TensorSpec
@@ -153,6 +154,7 @@ def update_weights_from_ipc(
     post_hook: Callable[[], None] | None = None,
     validate: Callable[[list[TensorSpec]], None] | None = None,
     timeout_s: float | None = None,
+    wire: str | None = None,
 ) -> None:
     """Receive one update from the parameter server at ``zmq_handle``; see the module docstring.
 
@@ -160,7 +162,24 @@ def update_weights_from_ipc(
     will deliver, before the first bucket; if it raises, the update fails and nothing is written.
     ``timeout_s`` bounds the wait for the first message (default CKPT_ENGINE_WORKER_TIMEOUT_S or
     60 s); later waits use the limit the parameter server announces in its plan.
+
+    ``wire="upstream"`` (default: CKPT_ENGINE_WIRE, else ``"ckpt-engine"``) accepts an upstream
+    checkpoint-engine 0.4.x ParameterServer instead: opt-in, unsafe against local attackers,
+    and ``validate`` then runs only after the last bucket (see ckpt_engine.compat.worker).
     """
+    wire = check_wire(wire if wire is not None else (env.wire() or "ckpt-engine"))
+    if wire == "upstream":
+        from ckpt_engine.compat.worker import update_weights_from_upstream_ipc
+
+        return update_weights_from_upstream_ipc(
+            zmq_ctx,
+            zmq_handle,
+            device_id,
+            run=run,
+            post_hook=post_hook,
+            validate=validate,
+            timeout_s=timeout_s,
+        )
     env_timeout = env.worker_timeout_s()
     first_timeout = (
         timeout_s

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from ckpt_engine import device, env
 from ckpt_engine.channel import SocketDir
+from ckpt_engine.compat import check_wire, warn_upstream
 from ckpt_engine.errors import MetasError
 from ckpt_engine.metas import CheckpointMetas, RankMetas, rank_metas_from_json
 from ckpt_engine.ps.broadcast import BroadcastUpdate
@@ -185,6 +186,7 @@ class ParameterServer:
         *,
         ranks: Sequence[int] | None = None,
         timeout: float | timedelta | None = None,
+        wire: str = "ckpt-engine",
     ) -> None:
         """Collective: push checkpoint ``name`` into every rank's colocated worker.
 
@@ -194,7 +196,12 @@ class ParameterServer:
         from one rank per instance). Returns when every worker applied every bucket and ran its
         post_hook; otherwise raises UpdateError on every rank. ``timeout`` (seconds or timedelta;
         default ``config.timeout_s``) bounds each wait on a worker or on the other ranks.
+
+        ``wire="upstream"`` (opt-in, unsafe against local attackers: see ckpt_engine.compat)
+        speaks the upstream checkpoint-engine 0.4.x wire, so workers running upstream's
+        ``checkpoint_engine.worker.update_weights_from_ipc`` (SGLang, vLLM) apply the update.
         """
+        check_wire(wire)
         if ranks is not None and sorted(ranks) != list(range(self.world_size)):
             raise NotImplementedError(
                 "updating a subset of ranks (P2P) is not implemented yet; pass ranks=None"
@@ -223,7 +230,13 @@ class ParameterServer:
             metas=self._metas.get(name),
             checkpoint=self._registry.get(name) if name in self._registry else None,
         )
-        BroadcastUpdate(ctx, req_func).run()
+        driver = BroadcastUpdate
+        if wire == "upstream":
+            from ckpt_engine.compat.ps_driver import UpstreamBroadcastUpdate
+
+            warn_upstream("parameter server")
+            driver = UpstreamBroadcastUpdate
+        driver(ctx, req_func).run()
 
     # -- process groups and lifetime -------------------------------------------------------------
     def _groups(self) -> ControlGroup:
