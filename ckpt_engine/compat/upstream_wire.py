@@ -173,7 +173,7 @@ def rebuild_handle(payload: object, device_id: int) -> tuple[torch.Tensor, bool]
         raise ProtocolError("IPC handle is not (rebuild function, 15 args)")
     if args[0] is not torch.Tensor or args[5] != torch.uint8:
         raise ProtocolError("IPC handle is not of a plain uint8 tensor")
-    args = args[:DEVICE_ARG] + (device_id,) + args[DEVICE_ARG + 1 :]
+    args = (*args[:DEVICE_ARG], device_id, *args[DEVICE_ARG + 1 :])
     buffer = func(*args)
     if buffer.dtype != torch.uint8 or buffer.dim() != 1:
         raise ProtocolError(f"IPC buffer is {buffer.dtype} of {buffer.dim()} dims, not 1-D uint8")
@@ -213,4 +213,3 @@ def encode_failure(exc: BaseException) -> bytes:
     """A worker's failure reply: the traceback, UTF-8 (never empty, so never read as success)."""
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     return (text or repr(exc)).encode("utf-8")
-
