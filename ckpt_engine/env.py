@@ -19,6 +19,12 @@ Our own knobs (all optional):
 - CKPT_ENGINE_WIRE: default wire of ``update_weights_from_ipc`` (the inference side, which cannot
   pass arguments through an engine): ``ckpt-engine`` (default) or ``upstream`` (opt-in, unsafe
   against local attackers; see ckpt_engine.compat).
+- CKPT_ENGINE_P2P_SERVE: ``0`` stops ranks from serving their checkpoints to P2P readers.
+- CKPT_ENGINE_P2P_TRANSPORT: P2P transport (``auto``, ``tcp``, ``mooncake``).
+- CKPT_ENGINE_P2P_HOST: address P2P servers bind to and publish (default: this host's address
+  towards MASTER_ADDR).
+- CKPT_ENGINE_MOONCAKE_PROTOCOL / CKPT_ENGINE_MOONCAKE_DEVICE: Mooncake's protocol (``rdma`` or
+  ``tcp``; default ``rdma``) and RDMA device names (default: Mooncake's auto-discovery).
 """
 
 from __future__ import annotations
@@ -159,3 +165,28 @@ def worker_timeout_s() -> float | None:
 
 def wire() -> str | None:
     return _get("CKPT_ENGINE_WIRE")
+
+
+def p2p_serve() -> bool | None:
+    value = _get("CKPT_ENGINE_P2P_SERVE")
+    if value is None:
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"CKPT_ENGINE_P2P_SERVE must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def p2p_transport() -> str | None:
+    return _get("CKPT_ENGINE_P2P_TRANSPORT")
+
+
+def p2p_host() -> str | None:
+    return _get("CKPT_ENGINE_P2P_HOST")
+
+
+def mooncake_protocol() -> str | None:
+    return _get("CKPT_ENGINE_MOONCAKE_PROTOCOL")
+
+
+def mooncake_device() -> str | None:
+    return _get("CKPT_ENGINE_MOONCAKE_DEVICE")

@@ -89,3 +89,20 @@ class UpdateAborted(CkptEngineError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class TransferError(CkptEngineError):
+    """A P2P read from an owner's host memory failed; ``owner`` names it (rank and address)."""
+
+    def __init__(self, message: str, *, owner: str = "", timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.owner = owner
+        self.timed_out = timed_out
+
+
+class ReadRefused(TransferError):
+    """The owner refused a P2P read (bad token, unknown checkpoint, out-of-range bytes)."""
+
+    def __init__(self, message: str, *, owner: str = "", code: str = "") -> None:
+        super().__init__(message, owner=owner)
+        self.code = code

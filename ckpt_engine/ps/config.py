@@ -12,6 +12,7 @@ from ckpt_engine import env, wire
 
 GiB = 1 << 30
 HOST_MEMORY_KINDS = ("shm", "anonymous")
+P2P_TRANSPORTS = ("auto", "mooncake", "tcp")  # ckpt_engine.p2p.transport.TRANSPORTS + auto
 
 
 def _env_or(value, default):
@@ -37,6 +38,12 @@ class PSConfig:
       failure on one rank (e.g. req_func raising) ends the wait everywhere.
     - max_message_bytes: size cap of one wire message.
     - init_timeout_s: timeout of torch.distributed initialization and of the process groups.
+    - p2p_serve: serve registered checkpoints to P2P readers (ckpt_engine.p2p) from the first
+      ``gather_metas`` / ``local_metas`` of a checkpoint until it is unregistered.
+    - p2p_transport: ``auto`` (Mooncake where it imports and initializes, else ``tcp``) or a
+      transport name; an explicit one that cannot run here is an error.
+    - p2p_host: address P2P servers bind to and publish; default: this host's address towards
+      MASTER_ADDR (127.0.0.1 on a single host).
     """
 
     bucket_bytes: int = field(default_factory=lambda: _env_or(env.bucket_bytes(), GiB))
@@ -53,6 +60,9 @@ class PSConfig:
         default_factory=lambda: _env_or(env.max_message_bytes(), wire.DEFAULT_MAX_MESSAGE_BYTES)
     )
     init_timeout_s: float = 1800.0
+    p2p_serve: bool = field(default_factory=lambda: _env_or(env.p2p_serve(), True))
+    p2p_transport: str = field(default_factory=lambda: _env_or(env.p2p_transport(), "auto"))
+    p2p_host: str | None = field(default_factory=env.p2p_host)
 
     def __post_init__(self) -> None:
         if self.bucket_bytes < 4096:
@@ -72,5 +82,9 @@ class PSConfig:
             )
         if self.read_threads < 1:
             raise ValueError(f"read_threads must be >= 1, got {self.read_threads}")
+        if self.p2p_transport not in P2P_TRANSPORTS:
+            raise ValueError(
+                f"p2p_transport must be one of {', '.join(P2P_TRANSPORTS)}, got {self.p2p_transport!r}"
+            )
         if self.max_message_bytes < 4096:
             raise ValueError(f"max_message_bytes must be >= 4096, got {self.max_message_bytes}")

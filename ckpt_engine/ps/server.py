@@ -95,6 +95,8 @@ class ParameterServer:
         self._data_group: dist.ProcessGroup | None = None
         self._owns_process_group = False
         self._updates = 0
+        self._p2p = None  # ckpt_engine.p2p.service.OwnerService, started on first publication
+        self._p2p_groups: dict[tuple[int, ...], tuple[ControlGroup, object]] = {}
         logger.info(
             "parameter server rank %d/%d on %s, run id %s (files ckpt-engine-%s-*)",
             self.rank,
@@ -129,7 +131,9 @@ class ParameterServer:
         self._registry.register(name, files=files or (), named_tensors=named_tensors)
 
     def unregister_checkpoint(self, name: str) -> None:
-        """Free every buffer of ``name`` (and forget its metas)."""
+        """Stop serving ``name`` to P2P readers, free every buffer of it, forget its metas."""
+        if self._p2p is not None and name in self._registry:
+            self._p2p.withdraw(name)
         self._registry.unregister(name)
         self._metas.pop(name, None)
 
@@ -141,6 +145,8 @@ class ParameterServer:
 
     # -- metas -----------------------------------------------------------------------------------
     def local_metas(self, name: str) -> RankMetas:
+        """What this rank holds of ``name``; with ``config.p2p_serve`` this starts serving it to
+        P2P readers (until unregistered) and the record says how to reach it, token included."""
         ckpt = self._registry.get(name)
         return RankMetas(
             rank=self.rank,
@@ -148,7 +154,16 @@ class ParameterServer:
             host=env.hostname(),
             buffer_bytes=tuple(b.nbytes for b in ckpt.buffers),
             tensors=ckpt.tensors,
+            p2p=self._p2p_publish(name, ckpt) if self.config.p2p_serve else None,
         )
+
+    def _p2p_publish(self, name: str, ckpt: RegisteredCheckpoint) -> dict:
+        if self._p2p is None:
+            from ckpt_engine.p2p.service import OwnerService, local_address
+
+            host = self.config.p2p_host or local_address(self.env.master_addr)
+            self._p2p = OwnerService(host=host, rank=self.rank, choice=self.config.p2p_transport)
+        return self._p2p.publish(name, ckpt.buffers)
 
     def gather_metas(self, name: str) -> CheckpointMetas:
         """Collective: every rank learns what every rank holds of ``name``."""
@@ -171,11 +186,9 @@ class ParameterServer:
             raise MetasError(f"no metas for {name!r}: call gather_metas or load_metas") from None
 
     def load_metas(self, metas: CheckpointMetas) -> None:
-        """Adopt metas gathered elsewhere (e.g. ``CheckpointMetas.load(path)``)."""
-        if metas.world_size != self.world_size:
-            raise MetasError(
-                f"metas of {metas.name!r} are for {metas.world_size} ranks, not {self.world_size}"
-            )
+        """Adopt metas gathered elsewhere (e.g. ``CheckpointMetas.load(path)``): this job's own,
+        for a broadcast update (checked then), or another job's, whose ranks are the owners of
+        a P2P update (``update(..., ranks=...)``)."""
         self._metas[metas.name] = metas
 
     # -- update ----------------------------------------------------------------------------------
@@ -197,39 +210,59 @@ class ParameterServer:
         post_hook; otherwise raises UpdateError on every rank. ``timeout`` (seconds or timedelta;
         default ``config.timeout_s``) bounds each wait on a worker or on the other ranks.
 
+        ``ranks=[...]`` (P2P, new instances joining): collective over this job, but only the
+        listed ranks receive; they read each bucket straight from the host memory of its owner
+        as the loaded metas describe it (``load_metas`` of a running job's saved metas: ranks
+        that serve, reached through the address and token in the file; see ckpt_engine.p2p),
+        spread it over themselves and hand it to their workers as in broadcast. ``req_func``
+        gets the listed ranks' socket paths. The owners join no collective. The other ranks of
+        this job return at once. ``ranks=None``: broadcast over all ranks of this job.
+
         ``wire="upstream"`` (opt-in, unsafe against local attackers: see ckpt_engine.compat)
         speaks the upstream checkpoint-engine 0.4.x wire, so workers running upstream's
         ``checkpoint_engine.worker.update_weights_from_ipc`` (SGLang, vLLM) apply the update.
         """
         check_wire(wire)
-        if ranks is not None and sorted(ranks) != list(range(self.world_size)):
-            raise NotImplementedError(
-                "updating a subset of ranks (P2P) is not implemented yet; pass ranks=None"
-            )
+        if ranks is not None:
+            ranks = self._check_ranks(ranks)
+            if wire != "ckpt-engine":
+                raise ValueError("P2P updates (ranks=...) speak only the ckpt-engine wire")
         if isinstance(timeout, timedelta):
             timeout = timeout.total_seconds()
         timeout_s = float(timeout) if timeout is not None else self.config.timeout_s
         if timeout_s <= 0:
             raise ValueError(f"timeout must be positive, got {timeout_s}")
         control = self._groups()
+        data_group = self._data_group
+        rank, world_size = self.rank, self.world_size
+        if ranks is not None:  # P2P: every rank of the job makes the groups; only ranks go on
+            control, data_group = self._subgroups(ranks)
+            if self.rank not in ranks:
+                return
+            rank, world_size = ranks.index(self.rank), len(ranks)
         self._updates += 1
         ctx = UpdateContext(
             name=name,
             update_no=self._updates,
             run_id=self.run_id,
-            rank=self.rank,
-            world_size=self.world_size,
+            rank=rank,
+            world_size=world_size,
             device_type=self.device_type,
             device_index=self.device_index,
             device_key=self.device_key,
             control=control,
-            data_group=self._data_group,
+            data_group=data_group,
             socket_dir=self._socket_dir,
             config=self.config,
             timeout_s=timeout_s,
             metas=self._metas.get(name),
             checkpoint=self._registry.get(name) if name in self._registry else None,
         )
+        if ranks is not None:
+            from ckpt_engine.ps.p2p import P2PUpdate
+
+            P2PUpdate(ctx, req_func, global_ranks=ranks, transport=self.config.p2p_transport).run()
+            return
         driver = BroadcastUpdate
         if wire == "upstream":
             from ckpt_engine.compat.ps_driver import UpstreamBroadcastUpdate
@@ -237,6 +270,33 @@ class ParameterServer:
             warn_upstream("parameter server")
             driver = UpstreamBroadcastUpdate
         driver(ctx, req_func).run()
+
+    def _check_ranks(self, ranks: Sequence[int]) -> list[int]:
+        ranks = list(ranks)
+        if not ranks or not all(
+            isinstance(r, int) and not isinstance(r, bool) and 0 <= r < self.world_size
+            for r in ranks
+        ):
+            raise ValueError(f"ranks must be ranks of this job (0..{self.world_size - 1}): {ranks}")
+        if len(set(ranks)) != len(ranks):
+            raise ValueError(f"ranks lists a rank twice: {ranks}")
+        return sorted(ranks)
+
+    def _subgroups(self, ranks: list[int]) -> tuple[ControlGroup, object]:
+        """Control (gloo) and data groups of ``ranks``; collective over the whole job."""
+        key = tuple(ranks)
+        if key not in self._p2p_groups:
+            timeout = timedelta(seconds=self.config.init_timeout_s)
+            control = dist.new_group(ranks, backend="gloo", timeout=timeout)
+            data = dist.new_group(
+                ranks, backend="nccl" if self.device_type == "cuda" else "gloo", timeout=timeout
+            )
+            position = ranks.index(self.rank) if self.rank in ranks else 0
+            self._p2p_groups[key] = (
+                ControlGroup(control, rank=position, world_size=len(ranks)),
+                data,
+            )
+        return self._p2p_groups[key]
 
     # -- process groups and lifetime -------------------------------------------------------------
     def _groups(self) -> ControlGroup:
@@ -273,7 +333,11 @@ class ParameterServer:
         return self._control
 
     def close(self) -> None:
-        """Free every checkpoint and socket; tear down torch.distributed if we set it up."""
+        """Stop P2P serving, free every checkpoint and socket; tear down torch.distributed if
+        we set it up."""
+        if self._p2p is not None:
+            self._p2p.close()
+            self._p2p = None
         self._registry.close()
         self._metas.clear()
         self._socket_dir.close()

@@ -1,0 +1,176 @@
+"""The Mooncake P2P transport (optional): ``mooncake-transfer-engine`` one-sided reads.
+
+Not a dependency: ``mooncake.engine`` is imported lazily, and when it is missing or its engine
+does not initialize (no RDMA device, no libibverbs), ``unavailable()`` says why and ``auto``
+falls back to ``tcp``. One TransferEngine per process (P2P handshake mode, no metadata
+server), protocol ``rdma`` or ``tcp`` (CKPT_ENGINE_MOONCAKE_PROTOCOL), bound to the P2P host.
+
+Owner: registers each host buffer with the engine; the endpoint record carries the engine's
+session (``host:rpc_port``) and each buffer's address and size. Reader: registers its staging
+buffers, then ``batch_transfer_sync_read`` pulls each range; a nonzero status names the owner.
+
+Trust: Mooncake has no authentication; any process that reaches the session port can read the
+registered memory. The checkpoint token in the metas is not checked on this path, so serve over
+Mooncake only on a trusted fabric (or set ``p2p_transport="tcp"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from ckpt_engine import env
+from ckpt_engine.errors import TransferError
+from ckpt_engine.host_memory import HostBuffer
+from ckpt_engine.p2p.transport import OwnerServer, Reader, ReadRange, Transport
+
+logger = logging.getLogger(__name__)
+
+
+class MooncakeTransport(Transport):
+    name = "mooncake"
+    _shared: MooncakeTransport | None = None
+    _shared_lock = threading.Lock()
+
+    @classmethod
+    def shared(cls) -> MooncakeTransport:
+        with cls._shared_lock:
+            if cls._shared is None:
+                cls._shared = cls()
+            return cls._shared
+
+    def __init__(self) -> None:
+        self.protocol = env.mooncake_protocol() or "rdma"
+        self.device = env.mooncake_device() or ""
+        self._engine: Any = None
+        self._host: str | None = None
+        self._why: str | None = None
+        self._registered: set[int] = set()
+        self._lock = threading.Lock()
+        try:
+            import mooncake.engine  # noqa: F401
+        except Exception as e:  # ImportError, or a missing shared library
+            self._why = f"mooncake.engine does not import ({type(e).__name__}: {e})"
+
+    def unavailable(self) -> str | None:
+        return self._why
+
+    def engine(self, host: str) -> Any:
+        """The process's engine, initialized on first use (TransferError if it cannot be)."""
+        with self._lock:
+            if self._engine is not None:
+                return self._engine
+            if self._why is not None:
+                raise TransferError(f"mooncake transport unavailable: {self._why}")
+            from mooncake.engine import TransferEngine
+
+            engine = TransferEngine()
+            code = engine.initialize(host, "P2PHANDSHAKE", self.protocol, self.device)
+            if code != 0:
+                self._why = f"TransferEngine.initialize({host}, {self.protocol}) returned {code}"
+                raise TransferError(f"mooncake transport unavailable: {self._why}")
+            self._engine, self._host = engine, host
+            return engine
+
+    def session(self) -> str:
+        return f"{self._host}:{self._engine.get_rpc_port()}"
+
+    def register(self, buffers: Sequence[HostBuffer]) -> None:
+        for b in buffers:
+            ptr = b.tensor.data_ptr()
+            if b.nbytes and ptr not in self._registered:
+                code = self._engine.register_memory(ptr, b.nbytes)
+                if code != 0:
+                    raise TransferError(f"mooncake register_memory of {b.nbytes} bytes: {code}")
+                self._registered.add(ptr)
+
+    def unregister(self, ptrs: Sequence[int]) -> None:
+        for ptr in ptrs:
+            if ptr in self._registered:
+                self._engine.unregister_memory(ptr)
+                self._registered.discard(ptr)
+
+    def serve(self, host: str, rank: int) -> OwnerServer:
+        self.engine(host)
+        return MooncakeServer(self, rank)
+
+    def reader(
+        self, record: dict[str, Any], *, owner: str, checkpoint: str, timeout_s: float
+    ) -> Reader:
+        if self._engine is None:
+            from ckpt_engine.p2p.service import local_address
+
+            self.engine(env.p2p_host() or local_address(env.dist_env().master_addr))
+        return MooncakeReader(self, record, owner=owner)
+
+
+class MooncakeServer(OwnerServer):
+    name = "mooncake"
+
+    def __init__(self, transport: MooncakeTransport, rank: int) -> None:
+        self.transport, self.rank = transport, rank
+        self._ptrs: dict[str, list[int]] = {}
+
+    def export(self, checkpoint: str, token: str, buffers: Sequence[HostBuffer]) -> dict[str, Any]:
+        self.transport.register(buffers)
+        self._ptrs[checkpoint] = [b.tensor.data_ptr() for b in buffers if b.nbytes]
+        return {
+            "session": self.transport.session(),
+            "protocol": self.transport.protocol,
+            "buffers": [b.tensor.data_ptr() if b.nbytes else 0 for b in buffers],
+            "sizes": [b.nbytes for b in buffers],
+        }
+
+    def withdraw(self, checkpoint: str) -> None:
+        self.transport.unregister(self._ptrs.pop(checkpoint, []))
+
+    def close(self) -> None:
+        for name in list(self._ptrs):
+            self.withdraw(name)
+
+
+class MooncakeReader(Reader):
+    def __init__(self, transport: MooncakeTransport, record: dict[str, Any], *, owner: str):
+        session, ptrs, sizes = record.get("session"), record.get("buffers"), record.get("sizes")
+        if (
+            not isinstance(session, str)
+            or not isinstance(ptrs, list)
+            or not isinstance(sizes, list)
+        ):
+            raise TransferError(f"{owner}: bad mooncake endpoint record", owner=owner)
+        self.transport = transport
+        self.owner = f"{owner} at mooncake://{session}"
+        self.session, self.ptrs, self.sizes = session, ptrs, sizes
+        self._local: list[int] = []
+
+    def prepare(self, buffers: Sequence[HostBuffer]) -> None:
+        self.transport.register(buffers)
+        self._local = [b.tensor.data_ptr() for b in buffers if b.nbytes]
+
+    def read(self, ranges: Sequence[ReadRange]) -> None:
+        import ctypes
+
+        local, remote, lengths = [], [], []
+        for r in ranges:
+            if r.buffer >= len(self.ptrs) or r.offset + r.nbytes > self.sizes[r.buffer]:
+                raise TransferError(
+                    f"{self.owner}: range outside buffer {r.buffer}", owner=self.owner
+                )
+            c_buf = (ctypes.c_char * r.nbytes).from_buffer(r.dst)
+            local.append(ctypes.addressof(c_buf))
+            remote.append(self.ptrs[r.buffer] + r.offset)
+            lengths.append(r.nbytes)
+        if not lengths:
+            return
+        code = self.transport._engine.batch_transfer_sync_read(self.session, local, remote, lengths)
+        if code != 0:
+            raise TransferError(
+                f"mooncake read of {sum(lengths)} bytes from {self.owner} failed (status {code})",
+                owner=self.owner,
+            )
+
+    def close(self) -> None:
+        self.transport.unregister(self._local)
+        self._local = []

@@ -1,0 +1,151 @@
+"""The P2P transport interface and its registry.
+
+A transport moves byte ranges of an owner's registered host memory to a reader:
+
+- owner side, ``Transport.serve(host, rank)`` -> ``OwnerServer``: serves in the background;
+  ``export(checkpoint, token, buffers)`` returns the endpoint record that goes into the metas
+  (plain JSON: what a reader needs to reach this rank), ``withdraw(checkpoint)`` stops serving
+  it, ``close()`` stops the server.
+- reader side, ``Transport.reader(record, owner=..., checkpoint=..., timeout_s=...)`` ->
+  ``Reader``: ``read(ranges)`` fills local memory views; ``close()``.
+
+Registered transports, in ``auto`` preference order: ``mooncake`` (RDMA or its TCP protocol,
+where ``mooncake.engine`` imports and initializes) and ``tcp`` (portable, always available).
+``candidates`` lists those a reader may use, from what the owner offers and what runs here; an unknown
+name lists the supported ones, an explicit one that cannot run lists the available ones.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ckpt_engine.errors import TransferError
+from ckpt_engine.host_memory import HostBuffer
+
+
+@dataclass(frozen=True)
+class ReadRange:
+    """``nbytes`` bytes at ``offset`` of the owner's buffer ``buffer`` into ``dst`` (writable,
+    exactly ``nbytes`` long, local host memory from ``Reader.prepare``)."""
+
+    buffer: int
+    offset: int
+    nbytes: int
+    dst: memoryview
+
+
+class OwnerServer(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def export(self, checkpoint: str, token: str, buffers: Sequence[HostBuffer]) -> dict[str, Any]:
+        """Start serving ``buffers`` of ``checkpoint``; the endpoint record for the metas."""
+
+    @abc.abstractmethod
+    def withdraw(self, checkpoint: str) -> None:
+        """Stop serving ``checkpoint`` (reads of it are refused from now on)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class Reader(abc.ABC):
+    def prepare(self, buffers: Sequence[HostBuffer]) -> None:  # noqa: B027 (optional hook)
+        """Local buffers the reads will land in (a transport may need to register them)."""
+
+    @abc.abstractmethod
+    def read(self, ranges: Sequence[ReadRange]) -> None:
+        """Fill every range; TransferError (naming the owner) on failure or timeout."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class Transport(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def unavailable(self) -> str | None:
+        """None if this transport can run in this process, else why not."""
+
+    @abc.abstractmethod
+    def serve(self, host: str, rank: int) -> OwnerServer: ...
+
+    @abc.abstractmethod
+    def reader(
+        self, record: dict[str, Any], *, owner: str, checkpoint: str, timeout_s: float
+    ) -> Reader: ...
+
+
+def _tcp() -> Transport:
+    from ckpt_engine.p2p.tcp import TcpTransport
+
+    return TcpTransport()
+
+
+def _mooncake() -> Transport:
+    from ckpt_engine.p2p.mooncake import MooncakeTransport
+
+    return MooncakeTransport.shared()
+
+
+TRANSPORTS = {"mooncake": _mooncake, "tcp": _tcp}  # auto preference order
+AUTO = "auto"
+
+
+def get(name: str) -> Transport:
+    if name not in TRANSPORTS:
+        raise ValueError(
+            f"unknown P2P transport {name!r}; supported: {AUTO}, {', '.join(TRANSPORTS)}"
+        )
+    return TRANSPORTS[name]()
+
+
+def available() -> dict[str, str | None]:
+    """Every transport -> None if it runs here, else the reason it does not."""
+    return {name: get(name).unavailable() for name in TRANSPORTS}
+
+
+def to_serve(choice: str) -> list[Transport]:
+    """The transports an owner serves: ``auto`` = every one that runs here, else ``choice``."""
+    if choice == AUTO:
+        return [t for t in (get(n) for n in TRANSPORTS) if t.unavailable() is None]
+    transport = get(choice)
+    why = transport.unavailable()
+    if why is not None:
+        raise TransferError(f"P2P transport {choice!r} cannot run here: {why}; {_listing()}")
+    return [transport]
+
+
+def candidates(choice: str, offered: Sequence[str], *, owner: str) -> list[Transport]:
+    """The transports a reader may use to reach an owner offering ``offered``, best first
+    (``auto``: every one offered and importable here; else exactly ``choice``)."""
+    if choice != AUTO:
+        get(choice)  # an unknown name lists the supported ones
+    names = list(TRANSPORTS) if choice == AUTO else [choice]
+    found, reasons = [], []
+    for name in names:
+        if name not in offered:
+            reasons.append(f"{name}: not offered by the owner")
+            continue
+        transport = get(name)
+        why = transport.unavailable()
+        if why is None:
+            found.append(transport)
+        else:
+            reasons.append(f"{name}: {why}")
+    if not found:
+        raise TransferError(
+            f"no usable P2P transport ({choice}) to reach {owner} (it offers "
+            f"{', '.join(offered) or 'none'}): {'; '.join(reasons)}; {_listing()}",
+            owner=owner,
+        )
+    return found
+
+
+def _listing() -> str:
+    runs = [n for n, why in available().items() if why is None]
+    return f"available here: {', '.join(runs) or 'none'}"

@@ -1,0 +1,255 @@
+"""The P2P update driver: a subset of ranks pulls a checkpoint from its owners' host memory.
+
+``ParameterServer.update(name, req_func, ranks=[...])``: the listed ranks of this job (e.g. the
+parameter-server ranks of new inference instances) receive; the owners are the ranks described
+by the loaded metas (``load_metas``: typically another, running job's file), reached through
+the endpoints in those metas (ckpt_engine.p2p). Owners join no collective: they only serve.
+
+It is the broadcast driver (ps/broadcast.py: phases, votes, worker link, IPC slots, wire) over
+the receivers' own process groups, with three differences, made through its hooks:
+- local check: the metas must carry an endpoint for every owner holding tensors (receivers
+  hold nothing);
+- plan: the broadcast plan of the owners' metas, reordered and each bucket given a reading
+  receiver (p2p/assign.py: balanced bytes per owner and per receiver); ``Bucket.owner`` becomes
+  that receiver's global rank, the broadcast's source;
+- mover: the reading receiver's bytes come from a prefetch thread (p2p/prefetch.py: remote
+  owner -> staging buffer), then the same path as the owner's copy in broadcast (H2D on a side
+  stream or memcpy, then broadcast over the receivers into the slot).
+A failed read still takes part in that bucket's broadcast (so the collectives stay matched),
+is raised when the bucket is waited for, and the next vote ends the update on every receiver.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ckpt_engine import env, host_memory
+from ckpt_engine.errors import CollectiveError, MetasError
+from ckpt_engine.metas import CheckpointMetas
+from ckpt_engine.p2p.assign import assign
+from ckpt_engine.p2p.prefetch import Fetch, Prefetcher
+from ckpt_engine.p2p.service import open_reader
+from ckpt_engine.planner import Bucket, BucketPlan
+from ckpt_engine.ps.broadcast import BroadcastUpdate
+from ckpt_engine.ps.context import UpdateContext, choose_plan
+from ckpt_engine.ps.mover import Launched, _wait_event
+
+logger = logging.getLogger(__name__)
+
+STAGING_DEPTH = 2
+
+
+def p2p_plan(plan: BucketPlan, ranks: Sequence[int]) -> tuple[BucketPlan, dict[int, Fetch]]:
+    """Reorder ``plan`` and give each bucket a reader among ``ranks`` (global ranks); returns
+    the receivers' plan (``owner`` = the reader) and, per bucket id, what to fetch from whom."""
+    a = assign([b.owner for b in plan.buckets], [b.nbytes for b in plan.buckets], len(ranks))
+    buckets, fetches = [], {}
+    for new_id, (index, reader) in enumerate(zip(a.order, a.reader)):
+        b = plan.buckets[index]
+        fetches[new_id] = Fetch(new_id, b.owner, b.copies)
+        buckets.append(replace(b, id=new_id, owner=ranks[reader]))
+    return BucketPlan(slot_bytes=plan.slot_bytes, buckets=tuple(buckets)), fetches
+
+
+def check_sources(metas: CheckpointMetas | None, name: str) -> None:
+    if metas is None:
+        raise MetasError(f"no metas for {name!r}: load the owners' metas (load_metas) first")
+    missing = [r.rank for r in metas.ranks if r.tensors and not r.p2p]
+    if missing:
+        raise MetasError(
+            f"metas of {name!r} carry no P2P endpoint for owner ranks {missing} (saved with "
+            "p2p_serve off, or by a version without P2P)"
+        )
+
+
+@dataclass
+class P2PLaunched(Launched):
+    staging: int | None = None
+    error: BaseException | None = None
+
+
+class P2PMover:
+    """SlotMover's interface (launch / wait / drain) for a receiver; ``close`` at the end."""
+
+    def __init__(
+        self,
+        *,
+        ctx: UpdateContext,
+        global_rank: int,
+        buffer: torch.Tensor,
+        plan: BucketPlan,
+        fetches: dict[int, Fetch],
+        open_reader: Callable[[int], object],
+        take_timeout_s: float,
+    ) -> None:
+        self.rank = global_rank
+        self.world_size = ctx.world_size
+        self.group = ctx.data_group
+        self.buffer = buffer
+        self.slot_bytes = plan.slot_bytes
+        self.take_timeout_s = take_timeout_s
+        cuda = ctx.device_type == "cuda"
+        self.stream = (
+            torch.cuda.Stream(device=torch.device("cuda", ctx.device_index)) if cuda else None
+        )
+        mine = [fetches[b.id] for b in plan.buckets if b.owner == global_rank and b.nbytes]
+        self.staging: list[host_memory.HostBuffer] = []
+        try:
+            for _ in range(min(STAGING_DEPTH, len(mine))):
+                self.staging.append(
+                    host_memory.allocate(
+                        plan.slot_bytes,
+                        kind="anonymous",
+                        shm_dir=env.shm_dir(),
+                        label=f"{ctx.run_id}-r{ctx.rank}-p2p",
+                        pin=cuda,
+                    )
+                )
+        except BaseException:
+            self._free()
+            raise
+        self.prefetch = Prefetcher(mine, self.staging, open_reader, rank=global_rank)
+        self._drained = True
+
+    def launch(self, bucket: Bucket, slot: int) -> P2PLaunched:
+        start = slot * self.slot_bytes
+        view = self.buffer[start : start + bucket.nbytes]
+        launched = P2PLaunched(bucket, slot)
+        src = None
+        if bucket.owner == self.rank and bucket.nbytes:
+            try:
+                launched.staging = self.prefetch.take(bucket.id, self.take_timeout_s)
+                src = self.staging[launched.staging].tensor[: bucket.nbytes]
+            except Exception as e:  # broadcast anyway: the others are in this collective
+                launched.error = e
+        needs_broadcast = self.world_size > 1 and bucket.nbytes > 0
+        if self.stream is not None:
+            with torch.cuda.stream(self.stream):
+                if src is not None:
+                    view.copy_(src, non_blocking=True)
+                if needs_broadcast:
+                    dist.broadcast(view, src=bucket.owner, group=self.group, async_op=True).wait()
+                launched.event = torch.cuda.Event()
+                launched.event.record(self.stream)
+        else:
+            if src is not None:
+                view.copy_(src)
+                self._release(launched)
+            if needs_broadcast:
+                launched.work = dist.broadcast(
+                    view, src=bucket.owner, group=self.group, async_op=True
+                )
+        return launched
+
+    def _release(self, launched: P2PLaunched) -> None:
+        if launched.staging is not None:
+            self.prefetch.release(launched.staging)
+            launched.staging = None
+
+    def wait(self, launched: P2PLaunched, timeout_s: float) -> None:
+        if launched.event is not None and not _wait_event(
+            launched.event, time.monotonic() + timeout_s
+        ):
+            raise CollectiveError(
+                f"rank {self.rank}: bucket {launched.bucket.id} did not arrive within {timeout_s} s",
+                timed_out=True,
+            )
+        self._release(launched)
+        if launched.work is not None:
+            try:
+                launched.work.wait(timedelta(seconds=timeout_s))
+            except RuntimeError as e:
+                raise CollectiveError(
+                    f"rank {self.rank}: broadcast of bucket {launched.bucket.id} failed: {e}"
+                ) from e
+            launched.work = None
+        if launched.error is not None:
+            raise launched.error
+
+    def drain(self, launched: list[P2PLaunched], timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        for item in launched:
+            if item.event is not None and not _wait_event(item.event, deadline):
+                self._drained = False
+                return False
+            self._release(item)
+            if item.work is not None:
+                try:
+                    item.work.wait(timedelta(seconds=max(0.001, deadline - time.monotonic())))
+                except RuntimeError as e:
+                    logger.warning("rank %d: outstanding broadcast failed: %s", self.rank, e)
+        return True
+
+    def close(self, timeout_s: float) -> None:
+        """Stop the prefetch thread and free the staging buffers (kept if still in use)."""
+        stopped = self.prefetch.stop(timeout_s)
+        if stopped and self._drained:
+            self._free()
+        else:
+            logger.error(
+                "rank %d: a P2P read or copy never finished; keeping its buffers", self.rank
+            )
+
+    def _free(self) -> None:
+        for buf in self.staging:
+            buf.close()
+        self.staging = []
+
+
+class P2PUpdate(BroadcastUpdate):
+    def __init__(
+        self,
+        ctx: UpdateContext,
+        req_func: Callable[[list[tuple[str, str]]], object],
+        *,
+        global_ranks: Sequence[int],
+        transport: str,
+    ) -> None:
+        super().__init__(ctx, req_func)
+        self.global_ranks = list(global_ranks)
+        self.transport = transport
+        self.fetches: dict[int, Fetch] = {}
+
+    def _check_local(self) -> None:
+        check_sources(self.ctx.metas, self.ctx.name)
+
+    def _make_plan(self, min_free: int) -> BucketPlan:
+        plan, self.fetches = p2p_plan(
+            choose_plan(self.ctx.metas, self.ctx.config, min_free), self.global_ranks
+        )
+        return plan
+
+    def _open_reader(self, owner: int):
+        metas = self.ctx.metas
+        return open_reader(
+            metas.ranks[owner].p2p,
+            choice=self.transport,
+            owner=f"owner rank {owner} (host {metas.ranks[owner].host})",
+            checkpoint=metas.name,
+            timeout_s=self.ctx.timeout_s,
+        )
+
+    def _make_mover(self, plan: BucketPlan) -> P2PMover:
+        return P2PMover(
+            ctx=self.ctx,
+            global_rank=self.global_ranks[self.ctx.rank],
+            buffer=self.ipc.tensor,
+            plan=plan,
+            fetches=self.fetches,
+            open_reader=self._open_reader,
+            take_timeout_s=self.vote_timeout_s,
+        )
+
+    def _cleanup(self, reason: str) -> None:
+        try:
+            super()._cleanup(reason)
+        finally:
+            if isinstance(self.mover, P2PMover):
+                self.mover.close(self.vote_timeout_s)
