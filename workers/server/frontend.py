@@ -154,7 +154,10 @@ class Frontend:
                 values = await self._run(method, args, kwargs, timeout)
             except RankError as e:
                 if e.weights_modified or isinstance(e, RankTimeoutError | RankDeadError):
-                    self.state.mark_inconsistent(f"{method} failed mid-way: {e}")
+                    self.state.mark_inconsistent(
+                        f"{method} failed mid-way; nothing is served until an update "
+                        f"succeeds (last committed weight version: {self.state.version!r}): {e}"
+                    )
                 raise
             self.state.commit(version)
             return values
@@ -188,9 +191,12 @@ class Frontend:
         async with self._lock:
             values = await self._run("get_weights_info", [], {}, self.args.rank_timeout)
             info = values[0]
-            return {
+            body = {
                 "weight_version": self.state.version,
                 "status": self.state.status(time.monotonic()),
                 "checksum": info["checksum"],
                 "tensors": info["tensors"],
             }
+            if self.state.problem is not None:
+                body["detail"] = self.state.problem
+            return body

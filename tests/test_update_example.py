@@ -1,0 +1,201 @@
+"""examples/update.py without torchrun: the split, the flags, and the HTTP client (TCP and UDS)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socketserver
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location(
+        "ckpt_update_example", REPO / "examples/update.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclass type hints resolve through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+upd = _load_example()
+
+
+@pytest.mark.parametrize(
+    "items, world, want",
+    [
+        ([("a", 5), ("b", 5), ("c", 1)], 2, [(["a", "c"], 6), (["b"], 5)]),
+        ([("x", 3), ("y", 3), ("z", 3)], 3, [(["x"], 3), (["y"], 3), (["z"], 3)]),
+        ([("big", 100), ("s1", 1), ("s2", 1)], 2, [(["big"], 100), (["s1", "s2"], 2)]),
+        ([("a", 1)], 3, [(["a"], 1), ([], 0), ([], 0)]),
+    ],
+)
+def test_greedy_split_is_deterministic_and_balanced(items, world, want):
+    assert upd.greedy_split(items, world) == want
+    assert upd.greedy_split(list(reversed(items)), world) == want  # input order does not matter
+
+
+def _files(folder: Path, sizes: dict[str, dict[str, int]]) -> Path:
+    folder.mkdir()
+    for file, tensors in sizes.items():
+        save_file({n: torch.zeros(k, dtype=torch.uint8) for n, k in tensors.items()}, folder / file)
+    return folder
+
+
+def test_split_uses_whole_files_when_balanced(tmp_path):
+    path = _files(
+        tmp_path / "c",
+        {"a.safetensors": {"w1": 100, "w2": 100}, "b.safetensors": {"w3": 190}},
+    )
+    mode, shares = upd.split_checkpoint(path, 2)
+    assert mode == "files"
+    assert [s.nbytes for s in shares] == [200, 190]
+    assert shares[0].files == (str(path / "a.safetensors"),)
+
+
+def test_split_falls_back_to_tensors_when_files_are_unbalanced(tmp_path):
+    path = _files(
+        tmp_path / "c",
+        {"a.safetensors": {"w1": 100, "w2": 100, "w3": 100}, "b.safetensors": {"w4": 10}},
+    )
+    mode, shares = upd.split_checkpoint(path, 2)
+    assert mode == "tensors"
+    assert sorted(s.nbytes for s in shares) == [110, 200]
+    names = sorted(n for s in shares for _, n in s.tensors)
+    assert names == ["w1", "w2", "w3", "w4"]
+
+
+def test_split_refuses_a_tensor_in_two_files(tmp_path):
+    path = _files(tmp_path / "c", {"a.safetensors": {"w": 4}, "b.safetensors": {"w": 4}})
+    with pytest.raises(ValueError, match="tensor w is in both"):
+        upd.split_checkpoint(path, 2)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "give --checkpoint-path"),
+        (["--checkpoint-path", "x", "--weight-version", "v"], "needs --inference-api"),
+        (["--checkpoint-path", "x", "--endpoint", "localhost:1"], "must start with http"),
+        (["--checkpoint-path", "x", "--inference-parallel-size", "0"], ">= 1"),
+        (["--checkpoint-path", "x", "--update-method", "rdma"], "invalid choice"),
+        (["--checkpoint-path", "x", "--surprise"], "unrecognized arguments"),
+    ],
+)
+def test_bad_flags_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        upd.UpdateArgs.from_cli(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra", [["--update-method", "p2p"], ["--update-method", "all"], ["--load-metas-file", "m"]]
+)
+def test_p2p_answers_not_supported_yet(extra, capsys):
+    assert upd.main(["--checkpoint-path", "x", *extra]) == 2
+    assert "not supported yet" in capsys.readouterr().err
+
+
+def test_api_key_defaults_to_the_environment(monkeypatch):
+    monkeypatch.setenv("CKPT_ENGINE_API_KEY", "k")
+    assert upd.UpdateArgs.from_cli(["--checkpoint-path", "x"]).api_key == "k"
+    assert upd.UpdateArgs.from_cli(["--checkpoint-path", "x", "--api-key", "j"]).api_key == "j"
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """A stand-in inference server: records requests, answers with the configured reply."""
+
+    calls: list = []
+    reply = (200, {"success": True, "results": [None, None]})
+
+    def do_GET(self):
+        self._answer()
+
+    def do_POST(self):
+        self._answer()
+
+    def _answer(self):
+        length = int(self.headers.get("content-length", 0))
+        body = json.loads(self.rfile.read(length)) if length else None
+        self.calls.append((self.command, self.path, self.headers.get("authorization"), body))
+        status, payload = self.reply
+        data = b"" if payload is None else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def get_request(self):
+        sock, _ = super().get_request()
+        return sock, ("uds", 0)  # BaseHTTPRequestHandler wants a (host, port) client address
+
+
+@pytest.fixture
+def uds_server(tmp_path):
+    _Recorder.calls = []
+    _Recorder.reply = (200, {"success": True, "results": [None, None]})
+    path = str(tmp_path / "server.sock")
+    server = _UnixServer(path, _Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield path
+    server.shutdown()
+    server.server_close()
+
+
+def test_client_over_uds_sends_both_request_shapes_with_the_key(uds_server):
+    client = upd.InferenceClient("http://localhost", uds=uds_server, api_key="secret")
+    client.wait_ready(5)
+    handles = {"GPU-a": "ipc:///x/a.sock", "GPU-b": "ipc:///x/b.sock"}
+    client.update(handles, api="collective_rpc", version=None, timeout_s=7)
+    client.update(handles, api="update_weights_from_ipc", version="v2", timeout_s=7)
+    (ping, rpc, ipc) = _Recorder.calls
+    assert ping[:2] == ("GET", "/ping")
+    assert rpc == (
+        "POST",
+        "/collective_rpc",
+        "Bearer secret",
+        {"method": "update_weights_from_ipc", "args": [handles], "timeout": 7},
+    )
+    assert ipc[1] == "/update_weights_from_ipc"
+    assert ipc[3] == {"zmq_handles": handles, "flush_cache": True, "weight_version": "v2"}
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [(400, {"success": False, "message": "boom"}), (200, {"success": False, "message": "boom"})],
+)
+def test_client_raises_when_the_server_refuses(uds_server, reply):
+    _Recorder.reply = reply
+    client = upd.InferenceClient("http://localhost", uds=uds_server, api_key=None)
+    with pytest.raises(upd.InferenceError, match="boom"):
+        client.update({"k": "a"}, api="collective_rpc", version=None, timeout_s=5)
+
+
+def test_client_accepts_vllms_empty_200(uds_server):
+    _Recorder.reply = (200, None)
+    client = upd.InferenceClient("http://localhost", uds=uds_server, api_key=None)
+    client.update({"k": "a"}, api="collective_rpc", version=None, timeout_s=5)
+
+
+def test_wait_ready_gives_up_with_the_cause(tmp_path):
+    client = upd.InferenceClient("http://localhost", uds=str(tmp_path / "none.sock"), api_key=None)
+    with pytest.raises(upd.InferenceError, match="not up after"):
+        client.wait_ready(0.5)
