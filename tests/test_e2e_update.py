@@ -22,7 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
 
-from workers_testutil import (  # noqa: E402
+from workers_testutil import (
     NEW_TOKENS,
     PROMPT,
     REPO,
