@@ -76,6 +76,9 @@ def worker_main(conn, device_index: int, spec: dict) -> None:
                 os._exit(17)
             if cmd.get("kill_ps_at") == bucket:
                 os.kill(os.getppid(), signal.SIGKILL)
+            if cmd.get("kill_pids_at") == bucket:  # e.g. the owners of a P2P update
+                for pid in cmd["pids"]:
+                    os.kill(pid, signal.SIGKILL)
             for name, tensor in weights:
                 if name in seen:
                     raise AssertionError(f"{name} delivered twice")

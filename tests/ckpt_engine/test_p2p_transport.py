@@ -122,7 +122,7 @@ def test_bad_token_refused_and_logged(served, caplog):
     server, record, _ = served
     caplog.set_level(logging.WARNING, logger="ckpt_engine.p2p.tcp")
     dst = memoryview(bytearray(16))
-    with pytest.raises(ReadRefused, match="owner rank 3 at tcp://127.0.0.1") as e:
+    with pytest.raises(ReadRefused, match=r"owner rank 3 at tcp://127\.0\.0\.1") as e:
         _read({**record, "token": "b" * 32}, [ReadRange(0, 0, 16, dst)])
     assert e.value.code == protocol.BAD_TOKEN
     assert server.refused == 1 and server.served_bytes == 0
@@ -146,7 +146,7 @@ def test_withdrawn_checkpoint_is_not_served(served):
 
 
 def test_garbage_from_a_peer_does_not_stop_the_server(served):
-    server, record, bufs = served
+    _, record, bufs = served
     ctx = zmq.Context()
     try:
         sock = ctx.socket(zmq.DEALER)
@@ -199,10 +199,10 @@ def test_transport_choice():
     assert [t.name for t in transport.candidates("auto", ["tcp"], owner="o")] == ["tcp"]
     with pytest.raises(ValueError, match="supported: auto, mooncake, tcp"):
         transport.candidates("carrier-pigeon", ["tcp"], owner="o")
-    with pytest.raises(TransferError, match="available here: .*tcp"):
+    with pytest.raises(TransferError, match=r"available here: .*tcp"):
         transport.candidates("auto", ["rdma-only"], owner="owner rank 0")
     if transport.available()["mooncake"] is not None:
-        with pytest.raises(TransferError, match="mooncake: mooncake.engine does not import"):
+        with pytest.raises(TransferError, match=r"mooncake: mooncake\.engine does not import"):
             transport.candidates("mooncake", ["mooncake", "tcp"], owner="o")
         with pytest.raises(TransferError, match="cannot run here"):
             transport.to_serve("mooncake")
