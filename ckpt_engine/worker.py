@@ -167,8 +167,8 @@ def update_weights_from_ipc(
     checkpoint-engine 0.4.x ParameterServer instead: opt-in, unsafe against local attackers,
     and ``validate`` then runs only after the last bucket (see ckpt_engine.compat.worker).
     """
-    wire = check_wire(wire if wire is not None else (env.wire() or "ckpt-engine"))
-    if wire == "upstream":
+    chosen = check_wire(wire if wire is not None else (env.wire() or "ckpt-engine"))
+    if chosen == "upstream":
         from ckpt_engine.compat.worker import update_weights_from_upstream_ipc
 
         return update_weights_from_upstream_ipc(
@@ -180,6 +180,19 @@ def update_weights_from_ipc(
             validate=validate,
             timeout_s=timeout_s,
         )
+    _receive(zmq_ctx, zmq_handle, device_id, run, post_hook, validate, timeout_s)
+
+
+def _receive(
+    zmq_ctx: zmq.Context,
+    zmq_handle: str,
+    device_id: int,
+    run: Callable[[Weights], None],
+    post_hook: Callable[[], None] | None,
+    validate: Callable[[list[TensorSpec]], None] | None,
+    timeout_s: float | None,
+) -> None:
+    """Our own wire (ckpt_engine.wire); ``wire`` above shadows the module's name."""
     env_timeout = env.worker_timeout_s()
     first_timeout = (
         timeout_s

@@ -58,7 +58,7 @@ class UpstreamLink(WorkerLink):
         if isinstance(msg, (wire.Done, wire.Commit)):
             return upstream_wire.encode_none()
         if isinstance(msg, wire.Abort):
-            return upstream_wire.encode_abort()
+            return upstream_wire.encode_abort(msg.reason)
         raise TypeError(f"the upstream wire has no message for {type(msg).__name__}")
 
     def send(self, msg: object, *, what: str) -> None:
@@ -105,7 +105,7 @@ class UpstreamLink(WorkerLink):
                 if not self._wait(zmq.POLLIN, deadline, "aborting", None):
                     return
                 self._recv()
-            abort = upstream_wire.encode_abort()
+            abort = upstream_wire.encode_abort(reason)
             self.channel.sock.send(abort, zmq.NOBLOCK)
             if not self.handle_sent:
                 if not self._wait(zmq.POLLIN, deadline, "aborting", None):
@@ -117,7 +117,6 @@ class UpstreamLink(WorkerLink):
             self.finished = self.channel.wait(zmq.POLLIN, deadline) == self.channel.LOST
         except (WorkerError, zmq.ZMQError) as e:
             logger.info("worker gone while aborting: %s", e)
-        logger.debug("aborted upstream-wire worker (%s): %s", self.address, reason)
 
 
 class UpstreamBroadcastUpdate(BroadcastUpdate):

@@ -109,8 +109,9 @@ def encode_none(*, protocol: int | None = None) -> bytes:
     return _dumps(None, protocol)
 
 
-def encode_abort(*, protocol: int | None = None) -> bytes:
-    return _dumps(RuntimeError(ABORT_MESSAGE), protocol)
+def encode_abort(reason: str = "", *, protocol: int | None = None) -> bytes:
+    """Upstream's abort; our ``reason``, if any, follows its text (the worker raises it)."""
+    return _dumps(RuntimeError(f"{ABORT_MESSAGE}: {reason}" if reason else ABORT_MESSAGE), protocol)
 
 
 def decode_reply(data: bytes) -> str | None:
