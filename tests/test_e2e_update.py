@@ -10,10 +10,7 @@ update failing after bytes were written makes the server refuse to serve until a
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -25,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
 from workers_testutil import (
     NEW_TOKENS,
     PROMPT,
-    REPO,
     hf_greedy,
     make_hf_model,
+    run_updater,
     save_checkpoint,
     skip_without_gpus,
     start_server,
@@ -36,34 +33,10 @@ from workers_testutil import (
 
 pytestmark = pytest.mark.slow
 
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
-PUSH_TIMEOUT_S = 180
-
 
 def push(server, checkpoint: Path, *extra: str, device: str, env: dict | None = None):
-    """Run the updater (2 ranks) against `server`; (returncode, output). Killed past the limit."""
-    cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", "examples/update.py"]
-    cmd += ["--checkpoint-path", str(checkpoint), "--endpoint", server.url, "--device", device]
-    cmd += ["--inference-parallel-size", "2", "--api-key", "secret", "--timeout", "120", *extra]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, **(env or {})},
-    )
-    try:
-        out, _ = proc.communicate(timeout=PUSH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"examples/update.py did not finish in {PUSH_TIMEOUT_S} s:\n{out}")
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    return proc.returncode, out
+    """The updater (2 ranks, one instance) into `server`: (returncode, output)."""
+    return run_updater(server.url, checkpoint, *extra, nproc=2, device=device, env=env)
 
 
 def generate(server) -> dict:

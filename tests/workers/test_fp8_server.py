@@ -4,8 +4,9 @@ started with dummy weights and then updated three times (A, B, A) matches, after
 fresh disk-loaded server of the same checkpoint bit for bit in /weights_info and token for token
 (and logit for logit) in /generate.
 
-The update mechanism is a parameter: `UPDATES` maps a name to `apply(server, checkpoint_dir)`;
-the IPC path (parameter server pushing the checkpoint) plugs in as one more entry.
+The update mechanism is a parameter: `UPDATES` maps a name to `apply(server, checkpoint_dir)`:
+`disk` (update_weights_from_disk) and `ipc` (the parameter server pushing the checkpoint through
+`torchrun examples/update.py`).
 
 Tolerance against the bf16 original (transformers, float32, on the bf16 weights, teacher-forced
 on the server's own output): RMS error / RMS logit <= 0.2 and max error <= 0.3 * max |logit|;
@@ -23,7 +24,15 @@ import pytest
 import torch
 from fp8_testutil import bf16_model, save_fp8_checkpoint
 from safetensors import safe_open
-from workers_testutil import KEY, NEW_TOKENS, PROMPT, skip_without_gpus, start_server, wait_until_up
+from workers_testutil import (
+    KEY,
+    NEW_TOKENS,
+    PROMPT,
+    run_updater,
+    skip_without_gpus,
+    start_server,
+    wait_until_up,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +45,16 @@ def update_from_disk(server, checkpoint: Path) -> None:
     assert r.status_code == 200, r.text
 
 
-UPDATES = {"disk": update_from_disk}
+def update_from_ipc(server, checkpoint: Path) -> None:
+    """The parameter server pushes the checkpoint: torchrun examples/update.py, one rank per
+    server rank (TP size and device asked of the server)."""
+    ranks = server.post("/collective_rpc", {"method": "ping"}, headers=KEY).json()["results"]
+    device = ranks[0]["device"].split(":")[0]
+    rc, out = run_updater(server.url, checkpoint, nproc=len(ranks), device=device)
+    assert rc == 0, out
+
+
+UPDATES = {"disk": update_from_disk, "ipc": update_from_ipc}
 
 
 @pytest.fixture(scope="module")

@@ -190,3 +190,39 @@ def poll(predicate, deadline_s: float, what: str):
         if time.monotonic() > deadline:
             raise TimeoutError(f"not within {deadline_s}s: {what}")
         time.sleep(0.2)
+
+
+UPDATER_TIMEOUT_S = 180
+
+
+def run_updater(
+    url: str, checkpoint: Path, *extra: str, nproc: int, device: str, env: dict | None = None
+) -> tuple[int, str]:
+    """`torchrun --standalone --nproc-per-node <nproc> examples/update.py` pushing `checkpoint`
+    into the server at `url` (one instance of `nproc` ranks, API key "secret"): (returncode,
+    output). The whole process group is killed past UPDATER_TIMEOUT_S (the test fails)."""
+    import pytest
+
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    cmd = [torchrun, "--standalone", "--nproc-per-node", str(nproc), "examples/update.py"]
+    cmd += ["--checkpoint-path", str(checkpoint), "--endpoint", url, "--device", device]
+    cmd += ["--inference-parallel-size", str(nproc), "--api-key", "secret", "--timeout", "120"]
+    proc = subprocess.Popen(
+        [*cmd, *extra],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        out, _ = proc.communicate(timeout=UPDATER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"examples/update.py did not finish in {UPDATER_TIMEOUT_S} s:\n{out}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, out
