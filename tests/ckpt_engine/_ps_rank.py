@@ -97,7 +97,13 @@ def worker_main(conn, device_index: int, spec: dict) -> None:
         ctx = zmq.Context()  # per update, so that fd counts settle when it is terminated
         try:
             update_weights_from_ipc(
-                ctx, cmd["address"], device_index, run=run, post_hook=post_hook, validate=validate
+                ctx,
+                cmd["address"],
+                device_index,
+                run=run,
+                post_hook=post_hook,
+                validate=validate,
+                wire=spec.get("wire"),
             )
             if len(seen) != len(expected) or calls["post_hook"] != 1:
                 reply = {"ok": False, "error": f"saw {len(seen)}/{len(expected)}, {calls}"}
@@ -192,7 +198,7 @@ def main() -> None:
             for _ in range(step.get("repeat", 1)):
                 start = time.monotonic()
                 try:
-                    ps.update("ckpt", req_func)
+                    ps.update("ckpt", req_func, wire=spec.get("wire", "ckpt-engine"))
                     result: dict = {"ok": True}
                 except UpdateError as e:
                     result = {

@@ -528,3 +528,30 @@ def test_our_ps_drives_our_worker_over_the_upstream_wire(ps):
     with pytest.raises(UpdateError, match="injected failure at bucket 1") as info:
         ps.update("c", req_func, wire="upstream")
     assert info.value.bucket == 1 and isinstance(results["worker"].error, UpdateAborted)
+
+
+# -- two rank processes, each with its worker process, over the upstream wire -----------------
+@pytest.mark.slow
+def test_two_ranks_over_the_upstream_wire(tmp_path, port):
+    """The multi-process suite of test_ps_update (bit-exact checks, flat resources, a raising
+    run, a killed worker, a raising req_func), every update over the upstream wire."""
+    import test_ps_update as U
+
+    steps = [
+        *U.flat_then_failures(last_rank=1),
+        {
+            "op": "update",
+            "step": "req_func_raises",
+            "inject": {"kind": "req_func_raises", "rank": 1},
+        },
+        {"op": "update", "step": "final"},
+    ]
+    host = f"compat{os.getpid()}x{secrets.token_hex(3)}n"
+    records, codes = U.run_ranks(
+        tmp_path, 2, steps, port=port, per_node=2, wire="upstream", host_prefix=host
+    )
+    assert codes == [0, 0], U.logs(tmp_path)
+    U.check_flat_then_failures(records, (0, 1))
+    text = "injected req_func failure"
+    U.assert_failed_everywhere(records, (0, 1), "req_func_raises", rank=1, bucket=None, text=text)
+    assert all(U.updates(records[r], "final")[0]["ok"] for r in (0, 1))

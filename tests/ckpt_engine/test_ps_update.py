@@ -74,13 +74,15 @@ def run_ranks(
     per_node: int,
     device: str = "cpu",
     limit_s: float = 240,
+    wire: str = "ckpt-engine",
+    host_prefix: str = "node",
 ):
     """Start ``world`` rank processes (``per_node`` per emulated host); return records, codes."""
     shm_data = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="ckpt-engine-test-"))
     spec = {
         "seed": 1234, "world_size": world, "big_bytes": 100_000, "tiny": 40,
         "bucket_bytes": 64 * 1024, "timeout_s": TIMEOUT_S, "out_dir": str(tmp_path),
-        "data_dir": str(tmp_path), "shm_data_dir": str(shm_data), "steps": steps,
+        "data_dir": str(tmp_path), "shm_data_dir": str(shm_data), "steps": steps, "wire": wire,
     }  # fmt: skip
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     procs, logs = [], []
@@ -89,7 +91,7 @@ def run_ranks(
             env = dict(
                 os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank % per_node),
                 LOCAL_WORLD_SIZE=str(per_node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                CKPT_ENGINE_DEVICE=device, CKPT_ENGINE_HOSTNAME=f"node{rank // per_node}",
+                CKPT_ENGINE_DEVICE=device, CKPT_ENGINE_HOSTNAME=f"{host_prefix}{rank // per_node}",
             )  # fmt: skip
             log = open(tmp_path / f"rank{rank}.log", "wb")  # noqa: SIM115
             logs.append(log)
