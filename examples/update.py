@@ -21,8 +21,14 @@ every rank exit 1 naming the failed rank and its cause; bad flags exit 2):
    an error fails the update on every rank.
 Rank 0 prints the timings (register and gather: the slowest rank) and GB/s of the update.
 
-Only broadcast updates are implemented; ``p2p`` and ``all`` (and ``--load-metas-file``, which
-joins with metas gathered elsewhere for a P2P update) answer "not supported yet".
+P2P (new instances join running ones, issue 9): the running job saves its metas with
+``--save-metas-file F`` and stays up (``--sleep-time``) while its ranks serve their host memory;
+a new job runs ``--load-metas-file F --update-method p2p`` (no ``--checkpoint-path``): it
+registers nothing (step 2 loads the metas file instead; no gather), and every rank of the new
+job pulls its buckets straight from the owners' host memory (``ParameterServer.update(...,
+ranks=all ranks of this job)``), then hands them to its servers as in broadcast. F carries the
+owners' addresses and secret tokens: protect it like a key (it is written mode 0600).
+``all`` (broadcast, then P2P in one job) is not supported: run the two commands above.
 """
 
 from __future__ import annotations
@@ -105,7 +111,8 @@ class UpdateArgs:
         default=None, metadata=_opt("rank 0 writes the gathered metas here (JSON)")
     )
     load_metas_file: str | None = field(
-        default=None, metadata=_opt("join with metas gathered elsewhere (P2P; not supported yet)")
+        default=None,
+        metadata=_opt("join running instances: their --save-metas-file (with --update-method p2p)"),
     )
     weight_version: str | None = field(
         default=None, metadata=_opt("version the server reports after the update")
@@ -132,6 +139,8 @@ class UpdateArgs:
             raise ConfigError("--inference-parallel-size must be >= 1")
         if self.checkpoint_path is None and self.load_metas_file is None:
             raise ConfigError("give --checkpoint-path (or --load-metas-file)")
+        if (self.update_method == "p2p") != (self.load_metas_file is not None):
+            raise ConfigError("--update-method p2p and --load-metas-file go together")
         if self.weight_version is not None and self.inference_api != "update_weights_from_ipc":
             raise ConfigError(
                 "--weight-version needs --inference-api update_weights_from_ipc "
@@ -372,25 +381,25 @@ def broadcast_update(job: Job) -> None:
 
 
 def p2p_update(job: Job) -> None:
-    raise NotImplementedError("--update-method p2p is not supported yet (P2P updates: issue 9)")
+    ranks = list(range(job.ps.world_size))  # every rank of this (new) job receives
+    job.ps.update(job.args.checkpoint_name, job.req_func, ranks=ranks, timeout=job.args.timeout)
 
 
 # The one place the update method is dispatched (`preflight` refuses what is not built yet).
 UPDATE_DISPATCH: dict[str, Callable[[Job], None]] = {
     "broadcast": broadcast_update,
     "p2p": p2p_update,
-    "all": lambda job: (broadcast_update(job), p2p_update(job)),
+    "all": lambda job: (broadcast_update(job), p2p_update(job)),  # refused by preflight
 }
 
 
 def preflight(args: UpdateArgs) -> None:
     """Refuse, before any work, what this updater cannot do yet (exit 2)."""
-    if args.update_method in ("p2p", "all"):
+    if args.update_method == "all":
         raise ConfigError(
-            f"--update-method {args.update_method}: P2P updates are not supported yet"
+            "--update-method all is not supported: run broadcast (with --save-metas-file) on "
+            "the running instances and p2p (with --load-metas-file) on the new ones"
         )
-    if args.load_metas_file is not None:
-        raise ConfigError("--load-metas-file joins a P2P update, which is not supported yet")
 
 
 def init_distributed(ps: ParameterServer) -> ControlGroup:
@@ -429,14 +438,23 @@ def run(args: UpdateArgs) -> dict[str, Any]:
         endpoint = endpoints[min(ps.rank // ips, len(endpoints) - 1)]
         client = InferenceClient(endpoint, uds=args.uds, api_key=args.api_key)
         job = Job(args=args, ps=ps, control=control, client=client)
-        mode, shares = split_checkpoint(args.checkpoint_path, ps.world_size)
-        share = shares[ps.rank]
-        job.step("register", lambda: register_share(ps, args.checkpoint_name, share))
+        metas: list[CheckpointMetas] = []
+        if args.load_metas_file is not None:  # P2P join: the owners' metas instead of a share
+            mode = "p2p"
+            job.step("register", lambda: metas.append(CheckpointMetas.load(args.load_metas_file)))
+            ps.load_metas(metas[0])
+            job.args = dataclasses.replace(args, checkpoint_name=metas[0].name)
+        else:
+            mode, shares = split_checkpoint(args.checkpoint_path, ps.world_size)
+            share = shares[ps.rank]
+            job.step("register", lambda: register_share(ps, args.checkpoint_name, share))
         if job.is_instance_head:
             logger.info("rank %d: waiting for %s", ps.rank, endpoint)
         job.step("ready", lambda: job.is_instance_head and client.wait_ready(args.ready_timeout))
-        metas: list[CheckpointMetas] = []
-        job.step("gather", lambda: metas.append(ps.gather_metas(args.checkpoint_name)))
+        if metas:
+            job.timings["gather"] = 0.0
+        else:
+            job.step("gather", lambda: metas.append(ps.gather_metas(args.checkpoint_name)))
         if args.save_metas_file is not None and ps.rank == 0:
             metas[0].save(args.save_metas_file)
         time.sleep(args.sleep_time)

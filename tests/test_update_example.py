@@ -98,11 +98,20 @@ def test_bad_flags_exit_2(argv, message, capsys):
 
 
 @pytest.mark.parametrize(
-    "extra", [["--update-method", "p2p"], ["--update-method", "all"], ["--load-metas-file", "m"]]
+    "extra,message",
+    [
+        (["--update-method", "p2p"], "--update-method p2p and --load-metas-file go together"),
+        (["--load-metas-file", "m"], "--update-method p2p and --load-metas-file go together"),
+        (["--update-method", "all"], "--update-method all is not supported"),
+    ],
 )
-def test_p2p_answers_not_supported_yet(extra, capsys):
-    assert upd.main(["--checkpoint-path", "x", *extra]) == 2
-    assert "not supported yet" in capsys.readouterr().err
+def test_p2p_flags_refused(extra, message, capsys):
+    try:
+        code = upd.main(["--checkpoint-path", "x", *extra])
+    except SystemExit as e:  # refused while parsing the flags
+        code = e.code
+    assert code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_api_key_defaults_to_the_environment(monkeypatch):
