@@ -141,6 +141,10 @@ class UpdateArgs:
             raise ConfigError("give --checkpoint-path (or --load-metas-file)")
         if (self.update_method == "p2p") != (self.load_metas_file is not None):
             raise ConfigError("--update-method p2p and --load-metas-file go together")
+        if self.checkpoint_path is not None and self.load_metas_file is not None:
+            raise ConfigError(
+                "--load-metas-file joins with the owners' checkpoint: no --checkpoint-path"
+            )
         if self.weight_version is not None and self.inference_api != "update_weights_from_ipc":
             raise ConfigError(
                 "--weight-version needs --inference-api update_weights_from_ipc "

@@ -1,0 +1,87 @@
+"""End to end, P2P join (issue 9): job A (`torchrun` 2 ranks, examples/update.py) registers a
+checkpoint, saves its metas and stays up serving its host memory; job B (2 new ranks) joins with
+`--load-metas-file --update-method p2p` and fills a fresh reference server (`--tp 2 --load-format
+dummy --wait-for-initial-weights`), whose /weights_info then equals a disk-loaded server's.
+(Refused tokens and owners killed mid-pull: tests/ckpt_engine/test_p2p_update.py.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
+
+from workers_testutil import (
+    REPO,
+    make_hf_model,
+    poll,
+    save_checkpoint,
+    start_server,
+    wait_until_up,
+)
+
+pytestmark = pytest.mark.slow
+
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+COMMON = ["--inference-parallel-size", "2", "--api-key", "secret", "--device", "cpu"]
+
+
+def updater(*args: str, log: Path) -> subprocess.Popen:
+    cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", "examples/update.py", *COMMON]
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [*cmd, *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def stop(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(15)
+
+
+def test_new_instance_joins_over_p2p(tmp_path):
+    ckpt = save_checkpoint(make_hf_model("qwen3", seed=5), tmp_path / "ckpt", tokenizer=True)
+    common = ["--tp", "2", "--device", "cpu", "--api-key", "secret"]
+    disk = start_server(ckpt, *common, log=tmp_path / "disk.log")
+    new = start_server(
+        ckpt, *common, "--load-format", "dummy", "--wait-for-initial-weights",
+        log=tmp_path / "new.log",
+    )  # fmt: skip
+    metas = tmp_path / "metas.json"
+    procs = []
+    try:
+        wait_until_up(disk)
+        wait_until_up(new)
+        owners = updater(
+            "--checkpoint-path", str(ckpt), "--endpoint", disk.url,
+            "--save-metas-file", str(metas), "--sleep-time", "600", log=tmp_path / "A.log",
+        )  # fmt: skip
+        procs.append(owners)
+        poll(lambda: metas.exists() or owners.poll() is not None, 120, "job A's metas file")
+        assert owners.poll() is None, (tmp_path / "A.log").read_text()
+        assert metas.stat().st_mode & 0o777 == 0o600
+        joiner = updater(
+            "--load-metas-file", str(metas), "--update-method", "p2p", "--endpoint", new.url,
+            "--timeout", "60", log=tmp_path / "B.log",
+        )  # fmt: skip
+        procs.append(joiner)
+        assert joiner.wait(timeout=180) == 0, (tmp_path / "B.log").read_text()
+        assert "GB/s" in (tmp_path / "B.log").read_text()
+        assert owners.poll() is None  # A still serving
+        assert new.get("/health").status_code == 200
+        got, want = new.get("/weights_info").json(), disk.get("/weights_info").json()
+        assert got["status"] == "ready"
+        assert got["tensors"] == want["tensors"] and got["checksum"] == want["checksum"]
+    finally:
+        for proc in procs:
+            stop(proc)
+        disk.stop()
+        new.stop()
