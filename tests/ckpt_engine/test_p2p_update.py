@@ -35,14 +35,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_job(tmp: Path, role: str, world: int, **popen) -> list[subprocess.Popen]:
+def _start_job(tmp: Path, role: str, world: int, device: str, **popen) -> list[subprocess.Popen]:
     port = _free_port()
     procs = []
     for rank in range(world):
         env = dict(
             os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
             LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-            CKPT_ENGINE_DEVICE="cpu",
+            CKPT_ENGINE_DEVICE=device,
         )  # fmt: skip
         log = open(tmp / f"{role}{rank}.log", "wb")  # noqa: SIM115
         cmd = [sys.executable, str(HERE / "_p2p_rank.py"), str(tmp / "spec.json"), role]
@@ -83,7 +83,12 @@ def _remove_leftovers(run_id: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_jobs_p2p_update_bad_token_and_owner_killed(tmp_path):
+@pytest.mark.parametrize(
+    "device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
+)
+def test_two_jobs_p2p_update_bad_token_and_owner_killed(tmp_path, device):
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs (one per rank of each job)")
     shm_data = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="ckpt-engine-test-"))
     spec = {
         "seed": 99, "owner_world": 2, "big_bytes": 4_000_000, "tiny": 40, "bucket_bytes": 4096,
@@ -91,7 +96,7 @@ def test_two_jobs_p2p_update_bad_token_and_owner_killed(tmp_path):
         "shm_data_dir": str(shm_data), "ranks": [0, 1], "steps": [],
     }  # fmt: skip
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    owners = _start_job(tmp_path, "owner", 2, stdin=subprocess.PIPE)
+    owners = _start_job(tmp_path, "owner", 2, device, stdin=subprocess.PIPE)
     receivers: list[subprocess.Popen] = []
     try:
         deadline = time.monotonic() + 60
@@ -116,7 +121,7 @@ def test_two_jobs_p2p_update_bad_token_and_owner_killed(tmp_path):
             {"step": "owners_killed", "metas": good, "worker": {"kill_pids_at": 1, "pids": pids}},
         ]
         (tmp_path / "spec.json").write_text(json.dumps(spec))
-        receivers = _start_job(tmp_path, "receiver", 2)
+        receivers = _start_job(tmp_path, "receiver", 2, device)
         for p in receivers:
             p.wait(timeout=150)
         assert [p.returncode for p in receivers] == [0, 0], _logs(tmp_path)
