@@ -16,9 +16,16 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_demo_runs_end_to_end_on_cpu():
+@pytest.mark.parametrize(
+    "device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
+)
+def test_demo_runs_end_to_end(device):
+    import torch
+
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "workers.demo", "--device", "cpu", "--timeout", "120"],
+        [sys.executable, "-m", "workers.demo", "--device", device, "--timeout", "120"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
