@@ -52,8 +52,12 @@ class IpcBuffer:
             raise RuntimeError("IPC buffer is closed")
         return self._tensor
 
-    def close(self) -> None:
-        """Free the buffer (GPU: after the device is idle; CPU: unlink the file). Idempotent."""
+    def close(self, *, collect: bool = True) -> None:
+        """Free the buffer (GPU: after the device is idle; CPU: unlink the file). Idempotent.
+
+        The caller must hold no other reference to the tensor. ``collect=False`` skips the
+        full garbage collection (tens of ms once torch is imported), for the success path where
+        no reference cycle can hold the buffer."""
         if self._tensor is None:
             return
         if self.device_type == "cuda":
@@ -63,7 +67,8 @@ class IpcBuffer:
             self._host.close()
             self._host = None
         if self.device_type == "cuda":
-            gc.collect()
+            if collect:
+                gc.collect()
             torch.cuda.ipc_collect()  # frees the block once the worker's mapping is gone
             torch.cuda.empty_cache()  # and hands the memory back to the colocated engine
 
@@ -133,9 +138,13 @@ def open_ipc_buffer(handle: ShmBuffer | CudaBuffer, device_id: int) -> torch.Ten
     return _open_shm(handle)
 
 
-def release_ipc_buffer(device_type: str, device_id: int) -> None:
-    """Worker side, after dropping every view: let the CUDA mapping go now rather than later."""
-    gc.collect()
+def release_ipc_buffer(device_type: str, device_id: int, *, collect: bool = True) -> None:
+    """Worker side, after dropping every view: let the CUDA mapping go now rather than later.
+
+    ``collect=False`` skips the full garbage collection (tens of ms in a process that imported
+    torch, far more in a serving engine) when no reference cycle can hold a view."""
+    if collect:
+        gc.collect()
     if device_type == "cuda":
         torch.cuda.synchronize(device_id)
         torch.cuda.ipc_collect()

@@ -59,6 +59,9 @@ class BroadcastUpdate:
         self.ipc: IpcBuffer | None = None
         self.mover: SlotMover | None = None
         self.in_flight: list[Launched] = []
+        self.launched: dict[int, Launched] = {}  # launched, not yet handed to the worker
+        self.depth = 1  # buckets launched ahead of the worker (set in the handshake)
+        self.timings: dict[str, float | int] = {}  # seconds per phase, for benchmarks and logs
 
     # -- error bookkeeping ---------------------------------------------------------------------
     def _fail(self, exc: BaseException) -> None:
@@ -145,10 +148,18 @@ class BroadcastUpdate:
                 label=f"{ctx.run_id}-r{ctx.rank}",
             )
             self.mover = self._make_mover(plan)
-            self.req = link.req = ReqFuncThread(self.zmq_ctx, self.req_func, socket_paths)
-            self.req.start()
         except Exception as e:
             self._fail(e)
+        self._vote()  # every rank holds its buffer: the first buckets may start moving
+        try:
+            self.req = link.req = ReqFuncThread(self.zmq_ctx, self.req_func, socket_paths)
+            self.req.start()
+            self.depth = min(ctx.config.num_slots, getattr(self.mover, "max_in_flight", 1))
+            for j in range(min(self.depth, len(plan.buckets))):  # while the worker connects
+                self._launch(plan, j)
+        except Exception as e:
+            self._fail(e)
+        self.bucket = None
         deadline = time.monotonic() + ctx.timeout_s
         state = "connect"
         while True:
@@ -191,37 +202,78 @@ class BroadcastUpdate:
             ),
         )
 
+    def _launch(self, plan: BucketPlan, j: int) -> None:
+        self.bucket = j
+        launched = self.mover.launch(plan.buckets[j], j % self.ctx.config.num_slots)
+        self.in_flight.append(launched)
+        self.launched[j] = launched
+
     def _buckets(self, plan: BucketPlan) -> None:
-        ctx, link, mover = self.ctx, self.link, self.mover
-        n, slots = len(plan.buckets), ctx.config.num_slots
+        """Bucket k: take the worker's Ack of k-1 (its slot is free again), launch k-1+depth
+        into that slot, wait for k to land, send Bucket k. Up to ``depth`` buckets move ahead
+        of the worker, so neither its Acks nor this loop's waits reach the copy engine.
+
+        Votes are lagged instead of per-bucket barriers: after bucket k every rank starts an
+        all-reduce of its error flag; round k begins by waiting for the vote of round k-2 (long
+        done; k-1 when only one bucket is in flight). If any rank failed, every rank stops at
+        the same bucket, so the broadcasts stay matched, and before reading the worker's reply
+        to a bucket whose launch failed somewhere (the vote covers every launch up to k-1). A
+        rank that failed itself keeps launching (it is in those broadcasts) but no longer talks
+        to its worker, until the votes stop it."""
+        ctx, n = self.ctx, len(plan.buckets)
         self.stage = "bucket"
-        launched: Launched | None = None
-        for k in range(n + 1):
-            if k > 0:  # bucket 0 follows the handshake's vote directly
-                self._vote()
-            try:
-                launched = None
-                if k < n:
+        votes: list = []
+        sent = -1
+        lag = min(2, self.depth)
+        for k in range(n):
+            if k >= 1:
+                if k >= lag and votes[k - lag].result(self.vote_timeout_s)[0]:
+                    break  # some rank failed: every rank stops at this same bucket
+                if self.error is None:
+                    try:
+                        self._reply(k - 1)
+                    except Exception as e:
+                        self._fail(e)
+                j = k - 1 + self.depth
+                if self.depth <= j < n:
+                    try:
+                        self._launch(plan, j)
+                    except Exception as e:
+                        self._fail(e)
+            if self.error is None:
+                try:
                     self.bucket = k
-                    launched = mover.launch(plan.buckets[k], k % slots)
-                    self.in_flight.append(launched)
-                if k > 0:
-                    self.bucket = k - 1
-                    deadline = time.monotonic() + ctx.timeout_s
-                    if link.reply(deadline, of="bucket", bucket=k - 1) is None:
-                        raise WorkerError(
-                            f"no reply from the worker to bucket {k - 1} within {ctx.timeout_s} s",
-                            bucket=k - 1,
-                            timed_out=True,
-                        )
-                if launched is not None:
-                    self.bucket = k
-                    mover.wait(launched, self.vote_timeout_s)
+                    launched = self.launched.pop(k)
+                    self.mover.wait(launched, self.vote_timeout_s)
                     self.in_flight.remove(launched)
-                    link.send(self._bucket_message(launched), what=f"bucket {k}")
+                    self.link.send(self._bucket_message(launched), what=f"bucket {k}")
+                    sent = k
+                except Exception as e:
+                    self._fail(e)
+            votes.append(
+                ctx.control.start_all_reduce(
+                    [int(self.error is not None)], op="max", what=f"vote (bucket {k})"
+                )
+            )
+        if self.error is None and sent == n - 1 and n > 0:
+            try:
+                self._reply(n - 1)
             except Exception as e:
                 self._fail(e)
+        for vote in votes:
+            vote.result(self.vote_timeout_s)
         self.bucket = None
+        self._vote()
+
+    def _reply(self, k: int) -> None:
+        self.bucket = k
+        deadline = time.monotonic() + self.ctx.timeout_s
+        if self.link.reply(deadline, of="bucket", bucket=k) is None:
+            raise WorkerError(
+                f"no reply from the worker to bucket {k} within {self.ctx.timeout_s} s",
+                bucket=k,
+                timed_out=True,
+            )
 
     def _bucket_message(self, launched: Launched) -> wire.Bucket:
         return wire.Bucket(
@@ -241,7 +293,7 @@ class BroadcastUpdate:
             link.request(
                 wire.Done(update_id=self.update_id), time.monotonic() + ctx.timeout_s, of="done"
             )
-            self.ipc.close()  # the worker has let go; free device memory before its post_hook
+            self._free_buffer()  # the worker has let go; free device memory before its post_hook
         except Exception as e:
             self._fail(e)
         self._vote()
@@ -258,6 +310,19 @@ class BroadcastUpdate:
         except Exception as e:
             self._fail(e)
         self._vote()
+
+    def _free_buffer(self, collect: bool = False) -> None:
+        """Free the IPC buffer now: drop the mover's reference first, so that the memory goes
+        back to the device, not into torch's cache. ``collect`` (failure paths only: a full
+        garbage collection costs tens of ms in a process that imported torch) also breaks
+        reference cycles, e.g. through a traceback, that may still hold it."""
+        if self.mover is not None:
+            self.mover.buffer = None
+        self.in_flight.clear()
+        self.launched.clear()
+        if self.ipc is not None:
+            self.ipc.close(collect=collect)
+            self.ipc = None
 
     # -- driver --------------------------------------------------------------------------------
     def run(self) -> None:
@@ -279,6 +344,7 @@ class BroadcastUpdate:
 
     def _phases(self) -> None:
         ctx = self.ctx
+        self._t0 = self._t_last = time.perf_counter()
         infos = self._prepare()
         failures = [i["error"] for i in infos if i["error"]]
         if failures:
@@ -289,13 +355,28 @@ class BroadcastUpdate:
             self._fail(e)
             raise update_error(ctx.name, [self.error]) from e
         socket_paths = [(i["device_key"], i["address"]) for i in infos]
+        self.timings.update(buckets_n=len(plan.buckets), slot_bytes=plan.slot_bytes)
+        self._mark("prepare")
         self.stage = "handshake"
         self._handshake(plan, socket_paths)
+        self._mark("handshake")
         self._buckets(plan)
+        self._mark("buckets")
         self._finish()
+        self._mark("finish")
         logger.info(
-            "rank %d: update %s done: %d buckets", ctx.rank, self.update_id, len(plan.buckets)
+            "rank %d: update %s done: %d buckets in %.3f s (%s)",
+            ctx.rank,
+            self.update_id,
+            len(plan.buckets),
+            time.perf_counter() - self._t0,
+            ", ".join(f"{k} {v:.3f}" for k, v in self.timings.items() if isinstance(v, float)),
         )
+
+    def _mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.timings[phase] = now - self._t_last
+        self._t_last = now
 
     def _gathered_error(self) -> UpdateError:
         try:
@@ -317,7 +398,7 @@ class BroadcastUpdate:
                 self.link.abort(reason, min(ctx.timeout_s, 10.0))
             self.link.close()
         if self.ipc is not None:
-            self.ipc.close()
+            self._free_buffer(collect=True)
         if self.req is not None:
             if not self.req.join(time.monotonic() + min(ctx.timeout_s, 5.0)):
                 logger.warning("rank %d: req_func still running after the update ended", ctx.rank)

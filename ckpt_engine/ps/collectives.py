@@ -57,6 +57,17 @@ class ControlGroup:
         self._wait(work, timeout_s, what)
         return tensor.tolist()
 
+    def start_all_reduce(self, values: list[int], *, op: str, what: str) -> PendingReduce:
+        """Start an element-wise MAX or MIN of int64 values over all ranks without waiting for
+        it (a lagged vote); ``PendingReduce.result`` waits, with a deadline."""
+        self._check()
+        if self.world_size == 1:
+            return PendingReduce(self, None, list(values), what)
+        tensor = torch.tensor(values, dtype=torch.int64)
+        reduce_op = {"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
+        work = dist.all_reduce(tensor, op=reduce_op, group=self.group, async_op=True)
+        return PendingReduce(self, work, tensor, what)
+
     def all_gather_bytes(self, data: bytes, *, timeout_s: float, what: str) -> list[bytes]:
         self._check()
         if self.world_size == 1:
@@ -81,3 +92,18 @@ class ControlGroup:
             json.dumps(obj, separators=(",", ":")).encode(), timeout_s=timeout_s, what=what
         )
         return [json.loads(b) for b in blobs]
+
+
+class PendingReduce:
+    """An all-reduce in flight on a ControlGroup (see ``ControlGroup.start_all_reduce``)."""
+
+    def __init__(self, control: ControlGroup, work, value, what: str) -> None:
+        self._control, self._work, self._value, self.what = control, work, value, what
+
+    def result(self, timeout_s: float) -> list[int]:
+        """The reduced values; CollectiveError if the collective fails or times out."""
+        if self._work is not None:
+            self._control._wait(self._work, timeout_s, self.what)
+            self._work = None
+            self._value = self._value.tolist()
+        return self._value

@@ -25,8 +25,10 @@ class PSConfig:
 
     - bucket_bytes: target size of one bucket (one IPC slot); a single tensor larger than this
       gets a bucket of its own and the slots grow to hold it.
-    - num_slots: slots in the IPC buffer; bucket k uses slot k % num_slots, so the next bucket
-      is moved while the worker consumes the previous one.
+    - num_slots: slots in the IPC buffer; bucket k uses slot k % num_slots. Up to num_slots
+      buckets are in flight (host-to-device, broadcast) while the worker consumes an earlier
+      one, so the copy engine never waits for the worker's Ack. Device memory held during an
+      update: num_slots * bucket_bytes (default 3 x 512 MiB = 1.5 GiB), all freed after it.
     - timeout_s: default limit of any single wait of an update (a worker's reply, a collective).
     - device_memory_fraction: share of the free device memory (min over ranks) the IPC buffer
       may take; buckets shrink to fit.
@@ -46,8 +48,8 @@ class PSConfig:
       MASTER_ADDR (127.0.0.1 on a single host).
     """
 
-    bucket_bytes: int = field(default_factory=lambda: _env_or(env.bucket_bytes(), GiB))
-    num_slots: int = 2
+    bucket_bytes: int = field(default_factory=lambda: _env_or(env.bucket_bytes(), GiB // 2))
+    num_slots: int = 3
     timeout_s: float = field(default_factory=lambda: _env_or(env.timeout_s(), 300.0))
     device_memory_fraction: float = 0.5
     host_memory: str = "shm"

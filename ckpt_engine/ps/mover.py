@@ -1,10 +1,20 @@
 """Moving one bucket into its IPC slot on every rank: owner's host memory -> device slot ->
 broadcast into the same slot on all ranks. No intermediate buffer, no second copy.
 
-GPU: the owner's host-to-device copies (non-blocking, from pinned memory) and the NCCL
-broadcast are queued on a side stream; ``launch`` returns at once with a CUDA event, and the
-host waits on that event only right before telling the worker. CPU: the owner copies with
-memcpy, the gloo broadcast runs asynchronously and ``wait`` joins it.
+GPU: two side streams. The owner's host-to-device copies (non-blocking, from pinned memory) go
+on ``h2d``; the NCCL broadcast goes on ``comm`` after an event of those copies (world size 1:
+no broadcast, no ``comm``). ``launch`` returns at once with an event recorded after the last
+step; the host waits on it only right before telling the worker. With the copies and the
+broadcasts on separate streams, each rank's copy engine loads its own next bucket while the
+broadcast of another rank's bucket runs, so the ranks' host-to-device links work in parallel.
+Each slot remembers the event of the last bucket that landed in it: the next copy into that
+slot waits on it (GPU side), so a bucket launched ahead never overwrites one still being
+broadcast. That the worker is done with a slot is the driver's business (its Ack).
+
+CPU: the owner copies with memcpy, the gloo broadcast runs asynchronously and ``wait`` joins it.
+
+``max_in_flight``: how many buckets the driver may launch before waiting for the first (one
+per slot).
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ class Launched:
     slot: int
     work: dist.Work | None = None  # CPU: the async gloo broadcast
     event: torch.cuda.Event | None = None  # GPU: recorded after the broadcast
+    error: BaseException | None = None  # the owner's copy failed: raised by ``wait``
 
 
 class SlotMover:
@@ -54,52 +65,95 @@ class SlotMover:
         buffer: torch.Tensor,
         slot_bytes: int,
         checkpoint: RegisteredCheckpoint | None,
+        timeout_s: float = 300.0,
     ) -> None:
         self.device_type = device_type
+        self.timeout_s = timeout_s
         self.rank = rank
         self.world_size = world_size
         self.group = group
         self.buffer = buffer
         self.slot_bytes = slot_bytes
         self.checkpoint = checkpoint
-        self.stream = (
-            torch.cuda.Stream(device=torch.device("cuda", device_index))
-            if device_type == "cuda"
-            else None
-        )
+        self.max_in_flight = max(1, buffer.numel() // slot_bytes) if slot_bytes else 1
+        self._last: dict[int, Launched] = {}  # the last bucket launched into each slot
+        self.stream: torch.cuda.Stream | None = None  # h2d copies
+        self.comm_stream: torch.cuda.Stream | None = None  # broadcasts
+        if device_type == "cuda":
+            dev = torch.device("cuda", device_index)
+            self.stream = torch.cuda.Stream(device=dev)
+            if world_size > 1:
+                self.comm_stream = torch.cuda.Stream(device=dev)
 
     def slot_view(self, slot: int, nbytes: int) -> torch.Tensor:
         start = slot * self.slot_bytes
         return self.buffer[start : start + nbytes]
 
-    def _copy_in(self, bucket: Bucket, view: torch.Tensor, non_blocking: bool) -> None:
+    def _copy_in(self, bucket: Bucket, view: torch.Tensor, non_blocking: bool) -> bool:
+        """Owner only: copy the bucket's runs from host memory into ``view``; True if it did."""
         if bucket.owner != self.rank or not bucket.copies:
-            return
+            return False
         if self.checkpoint is None:
             raise RuntimeError(f"rank {self.rank} owns bucket {bucket.id} but holds no checkpoint")
         for c in bucket.copies:
             src = self.checkpoint.buffers[c.buffer].tensor[c.src : c.src + c.nbytes]
             view[c.dst : c.dst + c.nbytes].copy_(src, non_blocking=non_blocking)
+        return True
 
     def launch(self, bucket: Bucket, slot: int) -> Launched:
         """Start moving ``bucket`` into ``slot``; returns without waiting for it."""
         view = self.slot_view(slot, bucket.nbytes)
         launched = Launched(bucket, slot)
         needs_broadcast = self.world_size > 1 and bucket.nbytes > 0
+        previous = self._last.get(slot)
+        self._last[slot] = launched
         if self.stream is not None:
-            with torch.cuda.stream(self.stream):
-                self._copy_in(bucket, view, non_blocking=True)
-                if needs_broadcast:
-                    dist.broadcast(view, src=bucket.owner, group=self.group, async_op=True).wait()
-                launched.event = torch.cuda.Event()
-                launched.event.record(self.stream)
-        else:
+            self._launch_cuda(launched, view, previous, needs_broadcast)
+            return launched
+        if previous is not None and previous.work is not None:
+            # normally joined already; after a failure, never write under a running send
+            work, previous.work = previous.work, None
+            work.wait(timedelta(seconds=self.timeout_s))
+        try:
             self._copy_in(bucket, view, non_blocking=False)
-            if needs_broadcast:
-                launched.work = dist.broadcast(
-                    view, src=bucket.owner, group=self.group, async_op=True
-                )
+        except Exception as e:  # broadcast anyway: the other ranks are in it
+            launched.error = e
+        if needs_broadcast:
+            launched.work = dist.broadcast(view, src=bucket.owner, group=self.group, async_op=True)
         return launched
+
+    def _launch_cuda(
+        self,
+        launched: Launched,
+        view: torch.Tensor,
+        previous: Launched | None,
+        needs_broadcast: bool,
+    ) -> None:
+        h2d, comm = self.stream, self.comm_stream
+        bucket = launched.bucket
+        done: torch.cuda.Event | None = None
+        if bucket.owner == self.rank and bucket.copies:
+            with torch.cuda.stream(h2d):
+                if previous is not None and previous.event is not None:
+                    h2d.wait_event(previous.event)  # the slot's last bucket has left it
+                try:
+                    self._copy_in(bucket, view, non_blocking=True)
+                except Exception as e:  # broadcast anyway: the other ranks are in it
+                    launched.error = e
+                done = torch.cuda.Event()
+                done.record(h2d)
+        if needs_broadcast:  # the comm stream keeps the slots' broadcasts in order
+            with torch.cuda.stream(comm):
+                if done is not None:
+                    comm.wait_event(done)
+                work = dist.broadcast(view, src=bucket.owner, group=self.group, async_op=True)
+                work.wait()  # orders the comm stream after the broadcast; the host goes on
+                done = torch.cuda.Event()
+                done.record(comm)
+        if done is None:  # nothing to move (an empty bucket)
+            done = torch.cuda.Event()
+            done.record(h2d)
+        launched.event = done
 
     def wait(self, launched: Launched, timeout_s: float) -> None:
         """Block until the bucket is complete in the slot on this rank (at most ``timeout_s``)."""
@@ -118,6 +172,8 @@ class SlotMover:
                     f"rank {self.rank}: broadcast of bucket {launched.bucket.id} failed: {e}"
                 ) from e
             launched.work = None
+        if launched.error is not None:
+            raise launched.error
 
     def drain(self, launched: list[Launched], timeout_s: float) -> bool:
         """Best effort after a failure: wait for outstanding moves. False if a device copy or

@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -23,6 +25,7 @@ from ckpt_engine.safetensors_io import ReadJob, SafetensorsHeader, read_header, 
 logger = logging.getLogger(__name__)
 
 NAMED_TENSORS_SOURCE = "<named_tensors>"
+NAMED_CHUNK_BYTES = 1 << 30  # named tensors are packed into buffers of about this size
 
 
 @dataclass
@@ -175,29 +178,57 @@ class Registry:
                     seen[tname], f"the same tensor name twice: {tname!r} (also in named_tensors)"
                 )
 
+    def _parallel(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """``fn`` over ``items`` on the read threads (allocating, pinning: cudaHostRegister and
+        fallocate release the GIL), results in order. If any call fails, the buffers the others
+        made are closed and the first error is raised."""
+        if len(items) <= 1 or self._threads <= 1:
+            return [fn(item) for item in items]
+        call = fn
+        if self._pin:  # register with this rank's device, not device 0 (a new thread's default)
+            device_index = torch.cuda.current_device()
+
+            def call(item: Any) -> Any:
+                torch.cuda.set_device(device_index)
+                return fn(item)
+
+        with ThreadPoolExecutor(max_workers=min(self._threads, len(items))) as pool:
+            futures = [pool.submit(call, item) for item in items]
+            results, error = [], None
+            for future in futures:
+                try:
+                    results.append(future.result())
+                except BaseException as e:
+                    error = error or e
+        if error is not None:
+            for made in results:
+                (made[0] if isinstance(made, tuple) else made).close()
+            raise error
+        return results
+
     def _load_files(
         self, ckpt: RegisteredCheckpoint, headers: list[SafetensorsHeader], *, label: str
     ) -> list[TensorMeta]:
+        def make(header: SafetensorsHeader) -> tuple[host_memory.HostBuffer, int]:
+            if self._pin_in_place and host_memory.in_shm_dir(header.path, self._shm_dir):
+                return host_memory.map_in_place(header.path, pin=self._pin), header.data_start
+            buf = host_memory.allocate(
+                header.data_bytes,
+                kind=self._kind,
+                shm_dir=self._shm_dir,
+                label=f"{self._label}-{label}",
+                pin=self._pin,
+            )
+            return buf, 0
+
         jobs: list[ReadJob] = []
         metas: list[TensorMeta] = []
-        for header in headers:
+        for header, (buf, base) in zip(headers, self._parallel(make, headers)):
             index = len(ckpt.buffers)
-            if self._pin_in_place and host_memory.in_shm_dir(header.path, self._shm_dir):
-                buf = host_memory.map_in_place(header.path, pin=self._pin)
-                base = header.data_start
-            else:
-                buf = host_memory.allocate(
-                    header.data_bytes,
-                    kind=self._kind,
-                    shm_dir=self._shm_dir,
-                    label=f"{self._label}-{label}",
-                    pin=self._pin,
-                )
-                base = 0
-                if header.data_bytes:
-                    jobs.append(ReadJob(header.path, header.data_start, buf.memoryview()))
             ckpt.buffers.append(buf)
             ckpt.sources.append(header.path)
+            if base == 0 and header.data_bytes:
+                jobs.append(ReadJob(header.path, header.data_start, buf.memoryview()))
             metas.extend(
                 TensorMeta(
                     name=t.name,
@@ -215,36 +246,47 @@ class Registry:
     def _load_named(
         self, ckpt: RegisteredCheckpoint, named: Mapping[str, torch.Tensor], *, label: str
     ) -> list[TensorMeta]:
+        """Pack the tensors, in order, into buffers of about NAMED_CHUNK_BYTES (a larger tensor
+        gets one of its own), allocated and pinned in parallel; then copy them in."""
         if not named:
             return []
-        offsets, total = [], 0
-        for tensor in named.values():
-            total = align_up(total, ALIGN)
-            offsets.append(total)
-            total += tensor.numel() * tensor.element_size()
-        buf = host_memory.allocate(
-            total,
-            kind=self._kind,
-            shm_dir=self._shm_dir,
-            label=f"{self._label}-{label}",
-            pin=self._pin,
-        )
-        index = len(ckpt.buffers)
-        ckpt.buffers.append(buf)
-        ckpt.sources.append(NAMED_TENSORS_SOURCE)
+        chunks: list[int] = []  # bytes of each buffer
+        placed = []  # (name, tensor, chunk, offset)
+        for tname, tensor in named.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            offset = align_up(chunks[-1], ALIGN) if chunks else 0
+            if not chunks or (offset + nbytes > NAMED_CHUNK_BYTES and chunks[-1] > 0):
+                chunks.append(0)
+                offset = 0
+            chunks[-1] = offset + nbytes
+            placed.append((tname, tensor, len(chunks) - 1, offset))
+
+        def make(nbytes: int) -> host_memory.HostBuffer:
+            return host_memory.allocate(
+                nbytes,
+                kind=self._kind,
+                shm_dir=self._shm_dir,
+                label=f"{self._label}-{label}",
+                pin=self._pin,
+            )
+
+        first = len(ckpt.buffers)
+        for buf in self._parallel(make, chunks):
+            ckpt.buffers.append(buf)
+            ckpt.sources.append(NAMED_TENSORS_SOURCE)
         metas = []
-        for (tname, tensor), offset in zip(named.items(), offsets):
+        for tname, tensor, chunk, offset in placed:
             nbytes = tensor.numel() * tensor.element_size()
             if nbytes:
                 flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-                buf.tensor[offset : offset + nbytes].copy_(flat)
+                ckpt.buffers[first + chunk].tensor[offset : offset + nbytes].copy_(flat)
             metas.append(
                 TensorMeta(
                     name=tname,
                     dtype=dtypes.from_torch(tensor.dtype),
                     shape=tuple(tensor.shape),
                     nbytes=nbytes,
-                    buffer=index,
+                    buffer=first + chunk,
                     offset=offset,
                 )
             )

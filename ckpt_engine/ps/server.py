@@ -95,6 +95,7 @@ class ParameterServer:
         self._data_group: dist.ProcessGroup | None = None
         self._owns_process_group = False
         self._updates = 0
+        self.last_update_timings: dict[str, float | int] = {}  # phases of the last broadcast
         self._p2p = None  # ckpt_engine.p2p.service.OwnerService, started on first publication
         self._p2p_groups: dict[tuple[int, ...], tuple[ControlGroup, object]] = {}
         logger.info(
@@ -269,7 +270,11 @@ class ParameterServer:
 
             warn_upstream("parameter server")
             driver = UpstreamBroadcastUpdate
-        driver(ctx, req_func).run()
+        update = driver(ctx, req_func)
+        try:
+            update.run()
+        finally:
+            self.last_update_timings = dict(update.timings)
 
     def _check_ranks(self, ranks: Sequence[int]) -> list[int]:
         ranks = list(ranks)
