@@ -21,6 +21,10 @@ every rank exit 1 naming the failed rank and its cause; bad flags exit 2):
    an error fails the update on every rank.
 Rank 0 prints the timings (register and gather: the slowest rank) and GB/s of the update.
 
+``--wire upstream`` speaks the upstream checkpoint-engine 0.4.x protocol to the workers, for
+SGLang / vLLM servers that run upstream's ``checkpoint_engine.worker`` (pickled messages on a
+predictable abstract socket: use it only where every local process is trusted).
+
 P2P (new instances join running ones, issue 9): the running job saves its metas with
 ``--save-metas-file F`` and stays up (``--sleep-time``) while its ranks serve their host memory;
 a new job runs ``--load-metas-file F --update-method p2p`` (no ``--checkpoint-path``): it
@@ -58,6 +62,7 @@ from urllib3.connection import HTTPConnection
 
 from ckpt_engine import CheckpointMetas, ParameterServer
 from ckpt_engine import env as ce_env
+from ckpt_engine.compat import WIRES
 from ckpt_engine.device import resolve_device_type
 from ckpt_engine.ps.collectives import ControlGroup
 from ckpt_engine.safetensors_io import read_header
@@ -107,6 +112,14 @@ class UpdateArgs:
             choices=INFERENCE_APIS,
         ),
     )
+    wire: str = field(
+        default="ckpt-engine",
+        metadata=_opt(
+            "protocol to the workers: ckpt-engine (ours), or upstream: checkpoint-engine 0.4.x's, "
+            "for servers running its worker (opt-in; unsafe against local attackers)",
+            choices=WIRES,
+        ),
+    )
     save_metas_file: str | None = field(
         default=None, metadata=_opt("rank 0 writes the gathered metas here (JSON)")
     )
@@ -141,6 +154,8 @@ class UpdateArgs:
             raise ConfigError("give --checkpoint-path (or --load-metas-file)")
         if (self.update_method == "p2p") != (self.load_metas_file is not None):
             raise ConfigError("--update-method p2p and --load-metas-file go together")
+        if self.wire != "ckpt-engine" and self.update_method != "broadcast":
+            raise ConfigError("--wire upstream works with --update-method broadcast only")
         if self.checkpoint_path is not None and self.load_metas_file is not None:
             raise ConfigError(
                 "--load-metas-file joins with the owners' checkpoint: no --checkpoint-path"
@@ -381,7 +396,9 @@ class Job:
 
 
 def broadcast_update(job: Job) -> None:
-    job.ps.update(job.args.checkpoint_name, job.req_func, timeout=job.args.timeout)
+    job.ps.update(
+        job.args.checkpoint_name, job.req_func, timeout=job.args.timeout, wire=job.args.wire
+    )
 
 
 def p2p_update(job: Job) -> None:
