@@ -21,12 +21,15 @@ _PER_LAYER = (
 )
 
 
-def spec_for(gib: float) -> list[tuple[str, tuple[int, ...]]]:
-    """Names and shapes of the workload's tensors, in order, for a checkpoint of `gib` GiB."""
+def spec_for(gib: float, shrink: int = 1) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of the workload's tensors, in order, for a checkpoint of `gib` GiB.
+
+    `shrink` > 1 divides every dimension (small tensors for CPU smoke tests)."""
     out: list[tuple[str, tuple[int, ...]]] = []
     total, layer = 0, 0
     while total < gib * (1 << 30):
-        for name, shape in _PER_LAYER:
+        for name, full in _PER_LAYER:
+            shape = tuple(max(1, d // shrink) for d in full)
             out.append((f"layers.{layer}.{name}", shape))
             total += torch.Size(shape).numel() * 2
         layer += 1

@@ -1,0 +1,217 @@
+"""The broadcast-update benchmark: our ParameterServer vs upstream checkpoint-engine 0.4.2 on the
+anchor's workload (bench/workload.py), in one command, same machine, same run.
+
+GPU (the upstream wheels installed offline, see ../shared/bench/README.md; PYTHONPATH set):
+    python bench/run.py --gib 16 --repeat 3 --gpus 1     # about 2-3 minutes
+    python bench/run.py --gib 16 --repeat 3 --gpus 2
+CPU (no target; shows the code path: gloo, shared-memory IPC buffers, no upstream):
+    python bench/run.py --cpu --gib 0.25 --gpus 2
+
+Each side runs under its own torchrun (bench/ours.py, then bench/upstream.py), one rank per GPU,
+each rank with one colocated worker process that checks every byte bit-exactly. Printed last: a
+table of the H2D ceiling, each system's register and update seconds, GB/s, ratios, and peak
+extra device memory; the raw per-rank records go to a JSON file (``--out``; default under
+$OUT when set, else bench/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.report import summarize, table  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: str, nproc: int, args: list[str], env: dict, log: Path, limit_s: float) -> int:
+    """torchrun ``script`` with ``nproc`` ranks; output to ``log``; killed after ``limit_s``."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(port), str(REPO / script), *args]
+    print(f"$ {' '.join(cmd)}", flush=True)
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            return proc.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            print(f"!! {script} ran past {limit_s:.0f} s and was killed", flush=True)
+            return -9
+
+
+def tail(path: Path, n: int = 4000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else "(no log)"
+
+
+def collect(result_dir: Path, side: str, nproc: int) -> list[dict] | None:
+    paths = [result_dir / f"{side}-rank{r}.json" for r in range(nproc)]
+    if not all(p.exists() for p in paths):
+        return None
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def upstream_importable(env: dict) -> str | None:
+    """None if checkpoint_engine imports in the child environment, else why not."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import checkpoint_engine.ps, checkpoint_engine.worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if probe.returncode == 0:
+        return None
+    return (probe.stderr.strip().splitlines() or ["import failed"])[-1]
+
+
+def shm_or_tmp(env: dict, gib: float, shrink: int) -> tuple[str, str]:
+    """Host memory kind and where the workload files go: the shm directory (files pinned in
+    place, host buffers in shm) when it has room for the files plus one registered copy; else
+    the temp directory (files read at register) and anonymous host buffers, with a warning."""
+    from bench.workload import spec_for, total_bytes
+
+    need = total_bytes(spec_for(gib, shrink)) * 2.1
+    shm_dir = env.get("CKPT_ENGINE_SHM_DIR", "/dev/shm")
+    st = os.statvfs(shm_dir)
+    if st.f_bavail * st.f_frsize >= need:
+        return "shm", shm_dir
+    print(
+        f"!! {shm_dir} has {st.f_bavail * st.f_frsize / 1e9:.1f} GB free, the run needs "
+        f"{need / 1e9:.1f} GB: files go to {tempfile.gettempdir()} (read at register, no "
+        "in-place pinning), host buffers are anonymous memory",
+        flush=True,
+    )
+    return "anonymous", tempfile.gettempdir()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--gib", type=float, default=None, help="checkpoint size (default 16; CPU 0.25)"
+    )
+    ap.add_argument("--repeat", type=int, default=3, help="timed updates per system")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed updates first (reported)")
+    ap.add_argument(
+        "--soak",
+        type=int,
+        default=None,
+        help="extra updates of ours for the memory-flatness check (default 20; CPU 3)",
+    )
+    ap.add_argument("--gpus", type=int, default=1, help="ranks (one per GPU; CPU: processes)")
+    ap.add_argument("--cpu", action="store_true", help="CPU path: gloo, shm IPC, no upstream")
+    ap.add_argument(
+        "--bucket-mib", type=int, default=None, help="our bucket size (PSConfig's; CPU: 16)"
+    )
+    ap.add_argument("--shrink", type=int, default=1, help="divide every tensor dimension")
+    ap.add_argument("--slots", type=int, default=0, help="our IPC slots (default: PSConfig's)")
+    ap.add_argument("--register", default="files,copy,named", help="register variants to time")
+    ap.add_argument("--skip-upstream", action="store_true")
+    ap.add_argument("--limit-s", type=float, default=300, help="time limit of each side")
+    ap.add_argument("--out", default=None, help="JSON results path")
+    a = ap.parse_args()
+    gib = a.gib if a.gib is not None else (0.25 if a.cpu else 16)
+    soak = a.soak if a.soak is not None else (3 if a.cpu else 20)
+    mode = "cpu" if a.cpu else "gpu"
+    bucket_mib = a.bucket_mib if a.bucket_mib is not None else (16 if a.cpu else 0)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = (
+        Path(a.out)
+        if a.out
+        else Path(os.environ.get("OUT") or REPO / "bench" / "results")
+        / f"bench-{mode}-{a.gpus}x-{stamp}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env["CKPT_ENGINE_DEVICE"] = "cpu" if a.cpu else "cuda"
+    env.setdefault("OMP_NUM_THREADS", "4")
+    if not a.cpu:
+        import torch
+
+        if not torch.cuda.is_available() or torch.cuda.device_count() < a.gpus:
+            print(
+                f"error: --gpus {a.gpus} needs {a.gpus} visible GPUs; use --cpu for the CPU path",
+                file=sys.stderr,
+            )
+            return 2
+    host_memory, data_root = shm_or_tmp(env, gib, a.shrink)
+    work = Path(tempfile.mkdtemp(prefix="ckpt-bench-"))
+    data = Path(tempfile.mkdtemp(prefix="ckpt-bench-data-", dir=data_root))
+    started = time.time()
+    records: dict = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": stamp,
+        "mode": mode,
+        "gpus": a.gpus,
+        "gib": gib,
+        "shrink": a.shrink,
+        "host_memory": host_memory,
+    }
+    try:
+        common = ["--gib", str(gib), "--repeat", str(a.repeat), "--warmup", str(a.warmup)]
+        common += ["--result-dir", str(work), "--shrink", str(a.shrink)]
+        ours_args = [*common, "--soak", str(soak), "--data-dir", str(data)]
+        ours_args += ["--register", a.register, "--host-memory", host_memory]
+        ours_args += ["--bucket-mib", str(bucket_mib), "--slots", str(a.slots)]
+        rc = launch("bench/ours.py", a.gpus, ours_args, env, work / "ours.log", a.limit_s)
+        records["ours"] = collect(work, "ours", a.gpus)
+        if rc != 0 or records["ours"] is None:
+            print(f"!! ours failed (exit {rc}); log tail:\n{tail(work / 'ours.log')}", flush=True)
+        records["upstream"] = None
+        if a.cpu or a.skip_upstream:
+            records["upstream_skipped"] = (
+                "CPU mode (upstream needs CUDA)" if a.cpu else "--skip-upstream"
+            )
+        elif (why := upstream_importable(env)) is not None:
+            records["upstream_skipped"] = f"checkpoint_engine not importable: {why}"
+            print(
+                f"!! upstream skipped: {why} (install the wheels into a dir on PYTHONPATH; see ../shared/bench/README.md)",
+                flush=True,
+            )
+        else:
+            rc = launch("bench/upstream.py", a.gpus, common, env, work / "upstream.log", a.limit_s)
+            records["upstream"] = collect(work, "upstream", a.gpus)
+            if rc != 0 or records["upstream"] is None:
+                print(
+                    f"!! upstream failed (exit {rc}); log tail:\n{tail(work / 'upstream.log')}",
+                    flush=True,
+                )
+        records["wall_s"] = time.time() - started
+        records["summary"] = summarize(records)
+        out.write_text(json.dumps(records, indent=1))
+        for side in ("ours", "upstream"):
+            if (work / f"{side}.log").exists():
+                shutil.copy(work / f"{side}.log", out.with_suffix(f".{side}.log"))
+        print(f"results: {out}  ({records['wall_s']:.0f} s)")
+        print(table(records))
+        return 0 if records["summary"]["ours_exact"] else 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
