@@ -10,7 +10,7 @@ Message for message (compat/upstream_wire.py):
     Plan   -> the pickled IPC handle (``reduce_tensor`` of the buffer; our shm stand-in on CPU)
     Bucket -> the pickled name/dtype/shape/offset list, offsets from the start of the buffer
     Done   -> None (the worker releases the buffer)   Commit -> None (the worker runs post_hook)
-    Abort  -> pickled RuntimeError("Some workers failed to update weights"); no reply
+    Abort  -> pickled RuntimeError("Some workers failed to update weights: <reason>"); no reply
 and every reply ``b""`` is an Ack, anything else the worker's traceback (WorkerError).
 
 Stricter than upstream where the wire allows: the reply to the last bucket and to both ``None``
