@@ -136,12 +136,15 @@ def test_worker_validation_failure(ps):
     assert inference.received == {} and inference.post_hooks == 0
 
 
-def test_update_needs_metas_and_rejects_subsets(ps):
+def test_update_needs_metas_and_checks_ranks(ps):
     ps.register_checkpoint("c", named_tensors=named())
     with pytest.raises(UpdateError, match="call gather_metas or load_metas"):
         ps.update("c", lambda p: None)
-    with pytest.raises(NotImplementedError, match="P2P"):
-        ps.update("c", lambda p: None, ranks=[1])
+    for ranks in ([1], [], [0, 0], [True]):
+        with pytest.raises(ValueError, match="ranks"):
+            ps.update("c", lambda p: None, ranks=ranks)
+    with pytest.raises(UpdateError, match="load the owners' metas"):  # P2P needs them too
+        ps.update("c", lambda p: None, ranks=[0])
     with pytest.raises(MetasError, match="not registered on ranks \\[0\\]"):
         ps.gather_metas("other")
 
