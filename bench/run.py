@@ -128,7 +128,9 @@ def main() -> int:
     ap.add_argument("--slots", type=int, default=0, help="our IPC slots (default: PSConfig's)")
     ap.add_argument("--register", default="files,copy,named", help="register variants to time")
     ap.add_argument("--skip-upstream", action="store_true")
-    ap.add_argument("--limit-s", type=float, default=300, help="time limit of each side")
+    ap.add_argument(
+        "--limit-s", type=float, default=200, help="time limit of ours (upstream: 3/4 of it)"
+    )
     ap.add_argument("--out", default=None, help="JSON results path")
     a = ap.parse_args()
     gib = a.gib if a.gib is not None else (0.25 if a.cpu else 16)
@@ -147,7 +149,7 @@ def main() -> int:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env["CKPT_ENGINE_DEVICE"] = "cpu" if a.cpu else "cuda"
-    env.setdefault("OMP_NUM_THREADS", "4")
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // a.gpus)))
     if not a.cpu:
         import torch
 
@@ -192,7 +194,8 @@ def main() -> int:
                 flush=True,
             )
         else:
-            rc = launch("bench/upstream.py", a.gpus, common, env, work / "upstream.log", a.limit_s)
+            log = work / "upstream.log"
+            rc = launch("bench/upstream.py", a.gpus, common, env, log, 0.75 * a.limit_s)
             records["upstream"] = collect(work, "upstream", a.gpus)
             if rc != 0 or records["upstream"] is None:
                 print(

@@ -16,6 +16,7 @@ import gc
 import logging
 import os
 import stat
+import time
 
 import torch
 
@@ -24,6 +25,8 @@ from ckpt_engine.errors import ProtocolError
 from ckpt_engine.wire import CudaBuffer, ShmBuffer
 
 logger = logging.getLogger(__name__)
+
+LINGER_S = 0.5  # longest wait for another holder (NCCL's watchdog) to drop the buffer
 
 
 class IpcBuffer:
@@ -62,6 +65,7 @@ class IpcBuffer:
             return
         if self.device_type == "cuda":
             torch.cuda.synchronize(self.device_index)  # no copy may still touch it
+            _wait_sole_owner(self._tensor, LINGER_S)
         self._tensor = None
         if self._host is not None:
             self._host.close()
@@ -71,6 +75,19 @@ class IpcBuffer:
                 gc.collect()
             torch.cuda.ipc_collect()  # frees the block once the worker's mapping is gone
             torch.cuda.empty_cache()  # and hands the memory back to the colocated engine
+
+
+def _wait_sole_owner(tensor: torch.Tensor, timeout_s: float) -> None:
+    """Wait (bounded) until nothing but ``tensor`` holds its storage: NCCL keeps the tensors of
+    a collective until its watchdog thread sees the work complete, and memory freed after our
+    ``empty_cache`` would stay in torch's cache instead of going back to the device."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return
+    storage = tensor.untyped_storage()
+    deadline = time.monotonic() + timeout_s
+    while use_count(storage._cdata) > 2 and time.monotonic() < deadline:  # tensor + `storage`
+        time.sleep(0.001)
 
 
 def _export_cuda(tensor: torch.Tensor) -> CudaBuffer:
