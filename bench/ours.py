@@ -69,7 +69,7 @@ def one_update(ps, q, res, device_type: str) -> dict:
         "worker": worker,
         "peak_extra": mem.peak - base,
         "leftover": after - base,
-        "timings": dict(ps.last_update_timings),
+        "timings": dict(getattr(ps, "last_update_timings", {})),
     }
 
 

@@ -5,7 +5,7 @@ GPU (the upstream wheels installed offline, see ../shared/bench/README.md; PYTHO
     python bench/run.py --gib 16 --repeat 3 --gpus 1     # about 2-3 minutes
     python bench/run.py --gib 16 --repeat 3 --gpus 2
 CPU (no target; shows the code path: gloo, shared-memory IPC buffers, no upstream):
-    python bench/run.py --cpu --gib 0.25 --gpus 2
+    python bench/run.py --cpu --gpus 2     # 0.25 GiB of 1/8-size tensors, 16 MiB buckets
 
 Each side runs under its own torchrun (bench/ours.py, then bench/upstream.py), one rank per GPU,
 each rank with one colocated worker process that checks every byte bit-exactly. Printed last: a
@@ -124,19 +124,23 @@ def main() -> int:
     ap.add_argument(
         "--bucket-mib", type=int, default=None, help="our bucket size (PSConfig's; CPU: 16)"
     )
-    ap.add_argument("--shrink", type=int, default=1, help="divide every tensor dimension")
+    ap.add_argument(
+        "--shrink", type=int, default=None, help="divide every tensor dimension (CPU: 8)"
+    )
     ap.add_argument("--slots", type=int, default=0, help="our IPC slots (default: PSConfig's)")
     ap.add_argument("--register", default="files,copy,named", help="register variants to time")
     ap.add_argument("--skip-upstream", action="store_true")
     ap.add_argument(
         "--limit-s", type=float, default=200, help="time limit of ours (upstream: 3/4 of it)"
     )
-    ap.add_argument("--out", default=None, help="JSON results path")
+    ap.add_argument("--out", default=None, help="JSON results path (the table: same name .md)")
+    ap.add_argument("--results", default=None, help="also append the table to this markdown file")
     a = ap.parse_args()
     gib = a.gib if a.gib is not None else (0.25 if a.cpu else 16)
     soak = a.soak if a.soak is not None else (3 if a.cpu else 20)
     mode = "cpu" if a.cpu else "gpu"
     bucket_mib = a.bucket_mib if a.bucket_mib is not None else (16 if a.cpu else 0)
+    a.shrink = a.shrink if a.shrink is not None else (8 if a.cpu else 1)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = (
         Path(a.out)
@@ -209,7 +213,12 @@ def main() -> int:
             if (work / f"{side}.log").exists():
                 shutil.copy(work / f"{side}.log", out.with_suffix(f".{side}.log"))
         print(f"results: {out}  ({records['wall_s']:.0f} s)")
-        print(table(records))
+        text = table(records)
+        out.with_suffix(".md").write_text(text + "\n")
+        if a.results:
+            with open(a.results, "a") as f:
+                f.write(f"\n## Broadcast update, bench/run.py ({stamp})\n\n```\n{text}\n```\n")
+        print(text)
         return 0 if records["summary"]["ours_exact"] else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
