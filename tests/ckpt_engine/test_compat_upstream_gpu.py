@@ -234,7 +234,8 @@ def assert_exact(workers) -> None:
     for w in workers:
         assert w["ok"], w
         assert w["seen"] == w["expected"] == w["exact"], w
-        assert w["post_hooks"] == 1 and w["runs"] >= 3, w
+        # upstream's PS packs the test checkpoint into 2 buckets (seen on an H200), ours into 3+
+        assert w["post_hooks"] == 1 and w["runs"] >= 2, w
 
 
 # -- cases ----------------------------------------------------------------------------------------
@@ -271,10 +272,12 @@ def test_run_raising_fails_our_ps_and_upstreams_worker():
 
 def test_run_raising_fails_upstreams_ps_and_our_worker():
     pytest.importorskip("checkpoint_engine")
-    (ps,), (worker,) = run_update("upstream", "ours", fail_at=1)
+    # bucket 0, not the last one: upstream's PS never checks the last bucket's reply (see below),
+    # and it plans only 2 buckets for this checkpoint
+    (ps,), (worker,) = run_update("upstream", "ours", fail_at=0)
     assert not ps["ok"] and "Failed to update weights due to remote errors" in ps["error"], ps
     assert not worker["ok"] and "UpdateAborted" in worker["error"], worker
-    assert "injected failure at bucket 1" in worker["error"], worker
+    assert "injected failure at bucket 0" in worker["error"], worker
     assert worker["post_hooks"] == 0
 
 
