@@ -86,7 +86,11 @@ class _TorchGroup(TransferGroup):
             work.wait()
             return
         work.wait()  # NCCL: the current stream waits for the transfer; the host does not
-        self.pending.append(work)
+        # Completion is polled on an event recorded on that stream after the transfer (a plain
+        # CUDA event query), not on the Work object.
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(data.device))
+        self.pending.append(done)
         if len(self.pending) > MAX_IN_FLIGHT:
             self._drain(MAX_IN_FLIGHT // 2)
 
@@ -103,7 +107,7 @@ class _TorchGroup(TransferGroup):
         progress within the timeout aborts the group (NCCL cannot be interrupted otherwise)."""
         last = time.monotonic()
         while len(self.pending) > keep:
-            if self.pending[0].is_completed():
+            if self.pending[0].query():
                 self.pending.popleft()
                 last = time.monotonic()
             elif time.monotonic() - last > self.timeout:
