@@ -1,0 +1,1 @@
+"""Parts of examples/update.py: its flags (config), the checkpoint split (split), the HTTP client."""

@@ -1,0 +1,138 @@
+"""The updater's flags: one keyword-only frozen dataclass, validated in ``__post_init__``; the
+argparse CLI is derived from its fields (help, choices, defaults), unknown options are rejected."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckpt_engine.compat import WIRES
+
+DESCRIPTION = "Push a safetensors checkpoint into running inference servers: one parameter-server rank per GPU."
+UPDATE_METHODS = ("broadcast", "p2p", "all")
+INFERENCE_APIS = ("collective_rpc", "update_weights_from_ipc")
+
+
+class ConfigError(ValueError):
+    """Flags that cannot work together (exit 2)."""
+
+
+def _opt(help: str, **extra: Any) -> dict[str, Any]:
+    return {"help": help, **extra}
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpdateArgs:
+    checkpoint_path: str | None = field(
+        default=None, metadata=_opt("folder of *.safetensors (+ model.safetensors.index.json)")
+    )
+    endpoint: str = field(
+        default="http://localhost:19730",
+        metadata=_opt("inference server URL; a comma-separated list gives one per instance"),
+    )
+    uds: str | None = field(
+        default=None, metadata=_opt("reach the server over this unix socket (HTTP over UDS)")
+    )
+    inference_parallel_size: int = field(
+        default=8, metadata=_opt("GPUs (ranks) per inference instance, e.g. its TP size")
+    )
+    checkpoint_name: str = field(default="my-checkpoint-iter-0", metadata=_opt("checkpoint name"))
+    update_method: str = field(
+        default="broadcast", metadata=_opt("how weights move", choices=UPDATE_METHODS)
+    )
+    inference_api: str = field(
+        default="collective_rpc",
+        metadata=_opt(
+            "collective_rpc: vLLM's POST /collective_rpc; update_weights_from_ipc: SGLang's",
+            choices=INFERENCE_APIS,
+        ),
+    )
+    wire: str = field(
+        default="ckpt-engine",
+        metadata=_opt(
+            "protocol to the workers: ckpt-engine (ours), or upstream: checkpoint-engine 0.4.x's, "
+            "for servers running its worker (opt-in; unsafe against local attackers)",
+            choices=WIRES,
+        ),
+    )
+    save_metas_file: str | None = field(
+        default=None, metadata=_opt("rank 0 writes the gathered metas here (JSON)")
+    )
+    load_metas_file: str | None = field(
+        default=None,
+        metadata=_opt("join running instances: their --save-metas-file (with --update-method p2p)"),
+    )
+    weight_version: str | None = field(
+        default=None, metadata=_opt("version the server reports after the update")
+    )
+    api_key: str | None = field(
+        default=None,
+        metadata=_opt("sent as Authorization: Bearer (default: $CKPT_ENGINE_API_KEY)", env=True),
+    )
+    sleep_time: float = field(default=0.0, metadata=_opt("seconds to sleep before the update"))
+    device: str | None = field(
+        default=None,
+        metadata=_opt("cpu or cuda (default: cuda when present)", choices=("cpu", "cuda")),
+    )
+    timeout: float = field(default=300.0, metadata=_opt("seconds one update may take"))
+    ready_timeout: float = field(
+        default=300.0, metadata=_opt("seconds to wait for the inference server's /ping")
+    )
+    result_file: str | None = field(
+        default=None, metadata=_opt("rank 0 writes the timings here (JSON)")
+    )
+
+    def __post_init__(self) -> None:
+        if self.inference_parallel_size < 1:
+            raise ConfigError("--inference-parallel-size must be >= 1")
+        if self.checkpoint_path is None and self.load_metas_file is None:
+            raise ConfigError("give --checkpoint-path (or --load-metas-file)")
+        if (self.update_method == "p2p") != (self.load_metas_file is not None):
+            raise ConfigError("--update-method p2p and --load-metas-file go together")
+        if self.wire != "ckpt-engine" and self.update_method != "broadcast":
+            raise ConfigError("--wire upstream works with --update-method broadcast only")
+        if self.checkpoint_path is not None and self.load_metas_file is not None:
+            raise ConfigError(
+                "--load-metas-file joins with the owners' checkpoint: no --checkpoint-path"
+            )
+        if self.weight_version is not None and self.inference_api != "update_weights_from_ipc":
+            raise ConfigError(
+                "--weight-version needs --inference-api update_weights_from_ipc "
+                "(vLLM's /collective_rpc carries no version)"
+            )
+        for name in ("timeout", "ready_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if self.sleep_time < 0:
+            raise ConfigError("--sleep-time must be >= 0")
+        for url in self.endpoints:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"--endpoint {url!r} must start with http:// or https://")
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [e.strip().rstrip("/") for e in self.endpoint.split(",") if e.strip()]
+
+    @classmethod
+    def from_cli(cls, argv: list[str] | None = None) -> UpdateArgs:
+        parser = argparse.ArgumentParser(description=DESCRIPTION, allow_abbrev=False)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            meta = {k: v for k, v in f.metadata.items() if k != "env"}
+            hint = hints[f.name]
+            kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+            parser.add_argument(
+                f"--{f.name.replace('_', '-')}", type=kind, default=f.default, **meta
+            )
+        values = vars(parser.parse_args(argv))
+        if values["api_key"] is None:
+            values["api_key"] = os.environ.get("CKPT_ENGINE_API_KEY") or None
+        try:
+            return cls(**values)
+        except ConfigError as e:
+            parser.error(str(e))
+            raise
