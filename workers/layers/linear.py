@@ -67,8 +67,10 @@ class _ShardedLinear(nn.Module):
         return F.linear(x, self.forward_weight, self.bias)
 
 
-class ColumnParallelLinear(_ShardedLinear):
-    """Output features split over the ranks; the output stays sharded."""
+class _SinglePartLinear(_ShardedLinear):
+    """One projection split along `split_dim` (0: output features, 1: input features)."""
+
+    split_dim: int
 
     def __init__(
         self,
@@ -80,9 +82,20 @@ class ColumnParallelLinear(_ShardedLinear):
         quant: Fp8Config | None = None,
         prefix: str = "",
     ) -> None:
-        _check_divisible(output_size, tp.size, "output features")
+        if self.split_dim == 0:
+            _check_divisible(output_size, tp.size, "output features")
+        else:
+            _check_divisible(input_size, tp.size, "input features")
         parts = [(None, output_size, tp.size)]
-        super().__init__(input_size, parts, bias=bias, tp=tp, dim=0, quant=quant, prefix=prefix)
+        super().__init__(
+            input_size, parts, bias=bias, tp=tp, dim=self.split_dim, quant=quant, prefix=prefix
+        )
+
+
+class ColumnParallelLinear(_SinglePartLinear):
+    """Output features split over the ranks; the output stays sharded."""
+
+    split_dim = 0
 
 
 class MergedColumnParallelLinear(_ShardedLinear):
@@ -143,22 +156,10 @@ class QKVParallelLinear(_ShardedLinear):
         self.head_dim = head_dim
 
 
-class RowParallelLinear(_ShardedLinear):
+class RowParallelLinear(_SinglePartLinear):
     """Input features split over the ranks; partial outputs are summed over the group."""
 
-    def __init__(
-        self,
-        input_size: int,
-        output_size: int,
-        *,
-        bias: bool,
-        tp: TensorParallel,
-        quant: Fp8Config | None = None,
-        prefix: str = "",
-    ) -> None:
-        _check_divisible(input_size, tp.size, "input features")
-        parts = [(None, output_size, tp.size)]
-        super().__init__(input_size, parts, bias=bias, tp=tp, dim=1, quant=quant, prefix=prefix)
+    split_dim = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.tp.all_reduce(F.linear(x, self.forward_weight))
