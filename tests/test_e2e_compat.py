@@ -10,13 +10,8 @@ from __future__ import annotations
 
 import os
 import secrets
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
-
 from workers_testutil import (
     NEW_TOKENS,
     PROMPT,

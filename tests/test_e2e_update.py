@@ -11,14 +11,10 @@ update failing after bytes were written makes the server refuse to serve until a
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
-
 from workers_testutil import (
     NEW_TOKENS,
     PROMPT,

@@ -15,9 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
-
 from workers_testutil import (
     REPO,
     make_hf_model,
