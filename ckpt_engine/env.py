@@ -163,6 +163,15 @@ def worker_timeout_s() -> float | None:
     return _float("CKPT_ENGINE_WORKER_TIMEOUT_S")
 
 
+def resolve_worker_timeout_s(explicit: float | None, default: float) -> float:
+    """``explicit``, else CKPT_ENGINE_WORKER_TIMEOUT_S, else ``default`` (the variable is read,
+    and checked, either way)."""
+    from_env = worker_timeout_s()
+    if explicit is not None:
+        return explicit
+    return from_env if from_env is not None else default
+
+
 def wire() -> str | None:
     return _get("CKPT_ENGINE_WIRE")
 

@@ -193,12 +193,7 @@ def _receive(
     timeout_s: float | None,
 ) -> None:
     """Our own wire (ckpt_engine.wire); ``wire`` above shadows the module's name."""
-    env_timeout = env.worker_timeout_s()
-    first_timeout = (
-        timeout_s
-        if timeout_s is not None
-        else (env_timeout if env_timeout is not None else DEFAULT_FIRST_MESSAGE_TIMEOUT_S)
-    )
+    first_timeout = env.resolve_worker_timeout_s(timeout_s, DEFAULT_FIRST_MESSAGE_TIMEOUT_S)
     session = _Session(zmq_ctx, zmq_handle, device_id)
     buffer: torch.Tensor | None = None
     is_cuda = False

@@ -102,12 +102,7 @@ def update_weights_from_upstream_ipc(
     else 300 s).
     """
     warn_upstream("worker")
-    env_timeout = env.worker_timeout_s()
-    timeout = (
-        timeout_s
-        if timeout_s is not None
-        else (env_timeout if env_timeout is not None else DEFAULT_TIMEOUT_S)
-    )
+    timeout = env.resolve_worker_timeout_s(timeout_s, DEFAULT_TIMEOUT_S)
     conv = _Conversation(zmq_ctx, zmq_handle, timeout)
     buffer: torch.Tensor | None = None
     is_cuda = False
