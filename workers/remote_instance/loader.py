@@ -94,7 +94,12 @@ class RemoteInstanceFormat(LoadFormat):
         try:
 
             def receive():
-                return self._receive(model, group, seed, mode, device, write)
+                received = self._receive(model, group, seed, mode, device, write)
+                # Leave the group as soon as every byte is here: the seed answers the send
+                # call only after closing its end, and NCCL's shutdown waits for both ends, so
+                # holding ours open until that answer would deadlock until the timeout.
+                group.close()
+                return received
 
             def send():  # the seed answers once it has sent everything
                 return self.seed.send(ports=s.ports, group_name=base, read_timeout=24 * 3600)
