@@ -96,6 +96,38 @@ class MemorySampler:
         self.peak = max(self.peak, used_bytes(*self.args))
 
 
+def throughput(seconds: float, nbytes: int) -> dict:
+    return {"seconds": seconds, "bytes": nbytes, "gbps": nbytes / seconds / 1e9}
+
+
+def timed_update(ps, device_key: str, q, res, device_type: str, index: int) -> dict:
+    """One ``ps.update("bench", ...)`` into the colocated worker (sent its socket path for
+    ``device_key`` over ``q``): seconds, error, the worker's verdict, device memory used."""
+
+    def req_func(socket_paths):
+        q.put(dict(socket_paths)[device_key])
+
+    base = used_bytes(device_type, index)
+    with MemorySampler(device_type, index) as mem:
+        start = time.perf_counter()
+        error = None
+        try:
+            ps.update("bench", req_func)
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+        seconds = time.perf_counter() - start
+    after = used_bytes(device_type, index)
+    worker = res.get(timeout=600)
+    return {
+        "seconds": seconds,
+        "error": error,
+        "exact": error is None and worker.get("exact", False),
+        "worker": worker,
+        "peak_extra": mem.peak - base,
+        "leftover": after - base,
+    }
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

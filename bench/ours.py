@@ -44,33 +44,13 @@ def timed_register(config: PSConfig, **what) -> dict:
         nbytes = ps.checkpoint("probe").nbytes
     finally:
         ps.close()
-    return {"seconds": seconds, "bytes": nbytes, "gbps": nbytes / seconds / 1e9}
+    return harness.throughput(seconds, nbytes)
 
 
 def one_update(ps, q, res, device_type: str) -> dict:
-    def req_func(socket_paths):
-        q.put(dict(socket_paths)[ps.device_key])
-
-    base = harness.used_bytes(device_type, ps.device_index)
-    with harness.MemorySampler(device_type, ps.device_index) as mem:
-        start = time.perf_counter()
-        error = None
-        try:
-            ps.update("bench", req_func)
-        except Exception as e:
-            error = f"{type(e).__name__}: {e}"
-        seconds = time.perf_counter() - start
-    after = harness.used_bytes(device_type, ps.device_index)
-    worker = res.get(timeout=600)
-    return {
-        "seconds": seconds,
-        "error": error,
-        "exact": error is None and worker.get("exact", False),
-        "worker": worker,
-        "peak_extra": mem.peak - base,
-        "leftover": after - base,
-        "timings": dict(getattr(ps, "last_update_timings", {})),
-    }
+    out = harness.timed_update(ps, ps.device_key, q, res, device_type, ps.device_index)
+    out["timings"] = dict(getattr(ps, "last_update_timings", {}))
+    return out
 
 
 def main() -> None:
@@ -118,7 +98,7 @@ def main() -> None:
     ps.register_checkpoint("bench", files=files)
     seconds = time.perf_counter() - start
     nbytes = ps.checkpoint("bench").nbytes
-    reg["files_in_place"] = {"seconds": seconds, "bytes": nbytes, "gbps": nbytes / seconds / 1e9}
+    reg["files_in_place"] = harness.throughput(seconds, nbytes)
     if "copy" in kinds:
         no_in_place = PSConfig(timeout_s=120.0, pin_in_place=False, **kw)
         reg["files_read"] = timed_register(no_in_place, files=files)

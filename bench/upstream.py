@@ -25,31 +25,6 @@ from bench import harness  # noqa: E402
 from bench.workload import spec_for, total_bytes  # noqa: E402
 
 
-def one_update(ps, uuid: str, q, res, index: int) -> dict:
-    def req_func(socket_paths):
-        q.put(dict(socket_paths)[uuid])
-
-    base = harness.used_bytes("cuda", index)
-    with harness.MemorySampler("cuda", index) as mem:
-        start = time.perf_counter()
-        error = None
-        try:
-            ps.update("bench", req_func)
-        except Exception as e:
-            error = f"{type(e).__name__}: {e}"
-        seconds = time.perf_counter() - start
-    after = harness.used_bytes("cuda", index)
-    worker = res.get(timeout=600)
-    return {
-        "seconds": seconds,
-        "error": error,
-        "exact": error is None and worker.get("exact", False),
-        "worker": worker,
-        "peak_extra": mem.peak - base,
-        "leftover": after - base,
-    }
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, required=True)
@@ -83,18 +58,17 @@ def main() -> None:
     start = time.perf_counter()
     ps.register_checkpoint("bench", named_tensors=named)
     seconds = time.perf_counter() - start
-    nbytes = out["own_bytes"]
-    out["register"] = {
-        "named": {"seconds": seconds, "bytes": nbytes, "gbps": nbytes / seconds / 1e9}
-    }
+    out["register"] = {"named": harness.throughput(seconds, out["own_bytes"])}
     del named
     ps.gather_metas("bench")
     ready = res.get(timeout=600)
     if ready != "ready":
         raise RuntimeError(f"worker failed to start: {ready}")
     try:
-        out["warmup"] = [one_update(ps, ps._device_uuid, q, res, index) for _ in range(a.warmup)]
-        out["updates"] = [one_update(ps, ps._device_uuid, q, res, index) for _ in range(a.repeat)]
+        for key, n in (("warmup", a.warmup), ("updates", a.repeat)):
+            out[key] = [
+                harness.timed_update(ps, ps._device_uuid, q, res, "cuda", index) for _ in range(n)
+            ]
     finally:
         q.put(None)
         worker.join(60)
