@@ -15,6 +15,12 @@ from workers_testutil import make_hf_model
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 BLOCK = (128, 128)
+# the `quantization_config` of a block-FP8 checkpoint (DeepSeek-V3 / Qwen3-FP8)
+FP8_CONFIG = {
+    "quant_method": "fp8",
+    "activation_scheme": "dynamic",
+    "weight_block_size": [128, 128],
+}
 QUANTIZED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Sizes whose TP=2 shards fall on 128-row/column blocks: q 512 rows (256 per rank), k/v 256 rows

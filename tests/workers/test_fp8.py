@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from fp8_testutil import BLOCK, naive_dequant, quantize_block_fp8
+from fp8_testutil import BLOCK, FP8_CONFIG, naive_dequant, quantize_block_fp8
 
 from workers.distributed import TensorParallel
 from workers.errors import ConfigError
@@ -21,15 +21,6 @@ from workers.layers import (
 )
 from workers.layers import fp8 as fp8_mod
 from workers.layers.fp8 import Fp8Config, dequantize_block_fp8
-
-FP8_CONFIG = {
-    "quant_method": "fp8",
-    "activation_scheme": "dynamic",
-    "weight_block_size": [128, 128],
-}
-RMS_REL_TOL, MAX_REL_TOL, MIN_AGREEMENT = 0.2, 0.3, 0.6
-LLAMA = dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True, tie_word_embeddings=True)
-
 
 # ---- the format -----------------------------------------------------------------------------
 

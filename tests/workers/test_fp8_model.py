@@ -15,18 +15,13 @@ import random
 
 import pytest
 import torch
-from fp8_testutil import BLOCK, bf16_model, fp8_state_dict, naive_dequant
+from fp8_testutil import BLOCK, FP8_CONFIG, bf16_model, fp8_state_dict, naive_dequant
 
 from workers.distributed import TensorParallel
 from workers.errors import WeightCheckError
 from workers.model_loader import get_load_format
 from workers.models import ModelConfig, build_model
 
-FP8_CONFIG = {
-    "quant_method": "fp8",
-    "activation_scheme": "dynamic",
-    "weight_block_size": [128, 128],
-}
 RMS_REL_TOL, MAX_REL_TOL, MIN_AGREEMENT = 0.2, 0.3, 0.6
 LLAMA = dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True, tie_word_embeddings=True)
 
