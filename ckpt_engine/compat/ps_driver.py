@@ -22,7 +22,6 @@ bound (another server on this device, or a squatter) fails the update instead of
 from __future__ import annotations
 
 import logging
-import time
 
 import zmq
 
@@ -95,11 +94,9 @@ class UpstreamLink(WorkerLink):
         A reply still owed is taken first. A worker still waiting for the handle answers the
         exception with its traceback and waits for one more message: it gets the exception again.
         """
-        self.channel.refresh()
-        if self.finished or self.channel.ever_connected == 0 or self.channel.peer_lost:
+        deadline = self._abort_deadline(grace_s)
+        if deadline is None:
             return
-        self.req = None  # a req_func failure must not cut the grace period short
-        deadline = time.monotonic() + grace_s
         try:
             if self.awaiting is not None:
                 if not self._wait(zmq.POLLIN, deadline, "aborting", None):

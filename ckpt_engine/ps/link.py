@@ -193,17 +193,23 @@ class WorkerLink:
             )
         return ack
 
+    def _abort_deadline(self, grace_s: float) -> float | None:
+        """Where an abort may still reach a worker: its grace deadline; None if none listens."""
+        self.channel.refresh()
+        if self.finished or self.channel.ever_connected == 0 or self.channel.peer_lost:
+            return None
+        self.req = None  # a req_func failure must not cut the grace period short
+        return time.monotonic() + grace_s
+
     def abort(self, reason: str, grace_s: float) -> None:
         """Tell a still-listening worker to give up, and wait briefly for its Ack.
 
         A reply still owed for an earlier request is taken (and dropped) first; a worker that
         does not answer within ``grace_s`` is left to notice the closed socket instead.
         """
-        self.channel.refresh()
-        if self.finished or self.channel.ever_connected == 0 or self.channel.peer_lost:
+        deadline = self._abort_deadline(grace_s)
+        if deadline is None:
             return
-        self.req = None  # a req_func failure must not cut the grace period short
-        deadline = time.monotonic() + grace_s
         try:
             if self.awaiting is not None:
                 if not self._wait(zmq.POLLIN, deadline, "aborting", None):
