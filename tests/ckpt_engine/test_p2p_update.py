@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_ps_update import remove_leftovers
 
 from ckpt_engine import ParameterServer, PSConfig
 from ckpt_engine.errors import ReadRefused
@@ -70,16 +71,6 @@ def _kill(procs: list[subprocess.Popen]) -> None:
         if p.poll() is None:
             p.kill()
         p.wait(10)
-
-
-def _remove_leftovers(run_id: str) -> None:
-    prefix = f"ckpt-engine-{run_id}-"
-    for name in os.listdir("/dev/shm"):
-        if name.startswith(prefix):
-            os.unlink(os.path.join("/dev/shm", name))
-    for name in os.listdir(tempfile.gettempdir()):
-        if name.startswith(prefix):
-            shutil.rmtree(os.path.join(tempfile.gettempdir(), name), ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -136,7 +127,7 @@ def test_two_jobs_p2p_update_bad_token_and_owner_killed(tmp_path, device):
             for rec in (
                 _records(tmp_path / f"owner{r}.json") + _records(tmp_path / f"recv{r}.json")
             )[:1]:
-                _remove_leftovers(rec["run_id"])
+                remove_leftovers(rec["run_id"])
 
     logs = _logs(tmp_path)
     for r in range(2):
