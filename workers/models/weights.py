@@ -111,9 +111,10 @@ class CheckpointWeights:
             if name in seen:
                 problems.append(f"{name}: given twice")
             seen.add(name)
-            if _dtype(dtype) is None or not _dtype(dtype).is_floating_point:
+            dt = _dtype(dtype)
+            if dt is None or not dt.is_floating_point:
                 problems.append(f"{name}: dtype {dtype} is not a floating-point dtype")
-            elif not self._skipped(name) and (p := self._problem(name, _dtype(dtype), shape)):
+            elif not self._skipped(name) and (p := self._problem(name, dt, shape)):
                 problems.append(p)
         return problems
 

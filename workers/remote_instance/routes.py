@@ -71,12 +71,7 @@ def add_seed_routes(app: FastAPI, front, require_key) -> None:
             raise RequestError(
                 f"backend {req.backend!r}: supported: {', '.join(TRANSFER_BACKENDS)}"
             )
-        kwargs = {
-            "master_address": req.master_address,
-            "ports": req.ports,
-            "group_name": req.group_name,
-            "backend": req.backend,
-        }
+        kwargs = req.model_dump(exclude={"group_rank", "world_size"})
         try:
             await front.run_exclusive("init_weights_send_group", kwargs, servable=True)
         except RankError as e:
@@ -88,11 +83,9 @@ def add_seed_routes(app: FastAPI, front, require_key) -> None:
     @app.post(SEND_PATH, dependencies=[Depends(require_key)])
     async def send(req: SendWeightsRequest) -> JSONResponse:
         _check_ports(req.ports)
-        kwargs = {"master_address": req.master_address, "ports": req.ports}
-        kwargs["group_name"] = req.group_name
         try:
             values, version = await front.run_exclusive(
-                "send_weights_to_remote_instance", kwargs, servable=True
+                "send_weights_to_remote_instance", req.model_dump(), servable=True
             )
         except RankError as e:
             return failed(e)

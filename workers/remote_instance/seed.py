@@ -34,10 +34,10 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Clients:
     ports: tuple[int, ...]
-    members: list[tuple[int, TransferGroup]] = field(default_factory=list)  # (client rank, group)
+    members: list[TransferGroup] = field(default_factory=list)  # one group per client rank
 
     def close(self) -> None:
-        for _, group in self.members:
+        for group in self.members:
             group.close()
 
 
@@ -79,7 +79,7 @@ class WeightSender:
                     timeout=self.timeout,
                     device=self.device,
                 )
-                clients.members.append((j, group))
+                clients.members.append(group)
         except BaseException:
             clients.close()
             raise
@@ -107,7 +107,7 @@ class WeightSender:
                 sent = self._send_parameters(clients)
             else:
                 sent = self._send_checkpoint(clients)
-            for _, group in clients.members:
+            for group in clients.members:
                 group.flush()
         finally:
             clients.close()
@@ -119,7 +119,7 @@ class WeightSender:
         sent = 0
         for name, param in self.model.named_parameters():
             try:
-                for _, group in clients.members:
+                for group in clients.members:
                     group.send(param.data)
                     sent += param.data.nbytes
             except (TransferError, RuntimeError) as e:
@@ -133,7 +133,7 @@ class WeightSender:
             if failure is not None:
                 continue
             try:
-                for _, group in clients.members:
+                for group in clients.members:
                     group.send(tensor)
                     sent += tensor.nbytes
                     self._pause()

@@ -62,8 +62,11 @@ class SeedClient:
         self._call("POST", INIT_PATH, body)
 
     def send(self, *, ports: tuple[int, ...], group_name: str, read_timeout: float) -> dict:
-        body = {"master_address": self.ip, "ports": ",".join(map(str, ports))}
-        body["group_name"] = group_name
+        body = {
+            "master_address": self.ip,
+            "ports": ",".join(map(str, ports)),
+            "group_name": group_name,
+        }
         return self._call("POST", SEND_PATH, body, read_timeout=read_timeout)
 
     def weights_info(self) -> dict:

@@ -11,6 +11,7 @@ under its FIFO lock, commits a new weight version when every rank succeeds, and 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import time
@@ -59,6 +60,7 @@ class RankWorker:
         self.model = model
         self.device = device
         self.tensors_written = 0  # by weight updates; tells the front whether a failure wrote
+        self.forked_weight_version: str | None = None  # set by `create` after a fork
 
     @classmethod
     def create(cls, rank: int, args: ServerArgs, store_port: int) -> RankWorker:
@@ -157,7 +159,7 @@ class RankWorker:
 
     def remote_instance_weight_version(self) -> str | None:
         """The seed's weight version this rank forked (rank 0; None when not forked)."""
-        return getattr(self, "forked_weight_version", None)
+        return self.forked_weight_version
 
     # ---- RPC methods (RPC_METHODS) ----------------------------------------------------------
 
@@ -219,7 +221,7 @@ class RankWorker:
                 f"(got {', '.join(sorted(zmq_handles)) or 'none'}); weights unchanged"
             )
         before = self.tensors_written
-        buckets = iter(range(1 << 62))
+        buckets = itertools.count()
 
         def run(weights: list[tuple[str, torch.Tensor]]) -> None:
             self._maybe_inject_failure(next(buckets))
