@@ -133,6 +133,16 @@ def create_anonymous(nbytes: int) -> HostBuffer:
     )
 
 
+def _pinned(buf: HostBuffer) -> HostBuffer:
+    """``buf`` pinned; closed if pinning fails."""
+    try:
+        buf.pin()
+    except BaseException:
+        buf.close()
+        raise
+    return buf
+
+
 def allocate(nbytes: int, *, kind: str, shm_dir: str, label: str, pin: bool) -> HostBuffer:
     """A new buffer of the given kind (``shm`` or ``anonymous``), pinned when asked."""
     if kind == "shm":
@@ -141,13 +151,7 @@ def allocate(nbytes: int, *, kind: str, shm_dir: str, label: str, pin: bool) -> 
         buf = create_anonymous(nbytes)
     else:
         raise ValueError(f"unknown host memory kind {kind!r}; supported: shm, anonymous")
-    if pin:
-        try:
-            buf.pin()
-        except BaseException:
-            buf.close()
-            raise
-    return buf
+    return _pinned(buf) if pin else buf
 
 
 def in_shm_dir(path: str, shm_dir: str) -> bool:
@@ -165,10 +169,4 @@ def map_in_place(path: str, *, pin: bool) -> HostBuffer:
     size = os.stat(path).st_size
     tensor = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
     buf = HostBuffer(tensor, kind="in_place", path=path, owns_file=False)
-    if pin:
-        try:
-            buf.pin()
-        except BaseException:
-            buf.close()
-            raise
-    return buf
+    return _pinned(buf) if pin else buf
