@@ -52,8 +52,9 @@ class RemoteInstanceSettings:
 
         if args.load_format != LOAD_FORMAT:
             given = [flag(n) for n in CLIENT_FIELDS if get(n) is not None]
-            if given or get("verify_checksums"):
-                given += [flag("verify_checksums")] if get("verify_checksums") else []
+            if get("verify_checksums"):
+                given.append(flag("verify_checksums"))
+            if given:
                 raise ConfigError(f"{', '.join(given)} given without --load-format {LOAD_FORMAT}")
             return None  # type: ignore[return-value]
         missing = [flag(n) for n in CLIENT_FIELDS[:3] if get(n) in (None, "")]

@@ -9,6 +9,7 @@ Frames are capped at `MAX_FRAME_BYTES`; decoding checks the version, the type an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import typing
 from dataclasses import dataclass
@@ -68,6 +69,12 @@ MESSAGE_TYPES: dict[str, type] = {
 _JSON_TYPES = {int: int, str: str, bool: bool, list: list, dict: dict}
 
 
+@functools.cache
+def _schema(cls: type) -> tuple[dict[str, Any], frozenset[str]]:
+    """A record's field types and names (resolved once per type, not per frame)."""
+    return typing.get_type_hints(cls), frozenset(f.name for f in dataclasses.fields(cls))
+
+
 def encode(msg: Message) -> bytes:
     name = type(msg).__name__
     if name not in MESSAGE_TYPES:
@@ -92,8 +99,7 @@ def decode(data: bytes) -> Message:
     cls = MESSAGE_TYPES.get(raw.pop("type", None))
     if cls is None:
         raise ProtocolError(f"unknown message type; known: {', '.join(MESSAGE_TYPES)}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    hints, names = _schema(cls)
     if set(raw) != names:
         raise ProtocolError(f"{cls.__name__}: fields {sorted(raw)} != {sorted(names)}")
     for name, value in raw.items():
