@@ -8,7 +8,6 @@ second bucket fails the updater and leaves the server failing closed; the next g
 
 from __future__ import annotations
 
-import os
 import secrets
 
 import pytest
@@ -36,19 +35,10 @@ def test_updater_and_server_over_the_upstream_wire(tmp_path):
         "CKPT_ENGINE_HOSTNAME": f"e2ecompat{secrets.token_hex(4)}",
         "CKPT_ENGINE_TEST_FAIL_UPDATE_FILE": str(fail_file),
     }
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        server = start_server(
-            ckpt, "--tp", "2", "--device", "cpu", "--api-key", "secret",
-            "--load-format", "dummy", "--wait-for-initial-weights", log=tmp_path / "server.log",
-        )  # fmt: skip
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k)
-            else:
-                os.environ[k] = v
+    server = start_server(
+        ckpt, "--tp", "2", "--device", "cpu", "--api-key", "secret",
+        "--load-format", "dummy", "--wait-for-initial-weights", log=tmp_path / "server.log", env=env,
+    )  # fmt: skip
     updater_env = {"CKPT_ENGINE_HOSTNAME": env["CKPT_ENGINE_HOSTNAME"]}
 
     def push(**extra_env):

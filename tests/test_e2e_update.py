@@ -10,7 +10,6 @@ update failing after bytes were written makes the server refuse to serve until a
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
@@ -65,24 +64,12 @@ def fleet(request, ckpts, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"e2e-{device}")
     fail_file = tmp / "fail-at-bucket"
     common = ["--tp", "2", "--device", device, "--api-key", "secret"]
-    servers = {}
-    env_before = os.environ.get("CKPT_ENGINE_TEST_FAIL_UPDATE_FILE")
-    os.environ["CKPT_ENGINE_TEST_FAIL_UPDATE_FILE"] = str(fail_file)
-    try:
-        servers["target"] = start_server(
-            ckpts["A"][0],
-            *common,
-            "--load-format",
-            "dummy",
-            "--wait-for-initial-weights",
-            log=tmp / "target.log",
-        )
-        servers["disk"] = start_server(ckpts["A"][0], *common, log=tmp / "disk.log")
-    finally:
-        if env_before is None:
-            os.environ.pop("CKPT_ENGINE_TEST_FAIL_UPDATE_FILE")
-        else:
-            os.environ["CKPT_ENGINE_TEST_FAIL_UPDATE_FILE"] = env_before
+    env = {"CKPT_ENGINE_TEST_FAIL_UPDATE_FILE": str(fail_file)}
+    dummy = ["--load-format", "dummy", "--wait-for-initial-weights"]
+    servers = {
+        "target": start_server(ckpts["A"][0], *common, *dummy, log=tmp / "target.log", env=env),
+        "disk": start_server(ckpts["A"][0], *common, log=tmp / "disk.log", env=env),
+    }
     try:
         for server in servers.values():
             wait_until_up(server)

@@ -153,14 +153,20 @@ class Server:
         self.proc.wait(15)
 
 
-def start_server(model_path: Path, *args: str, log: Path) -> Server:
-    """`python -m workers.server` in its own process group, on a free port (not yet up)."""
+def start_server(model_path: Path, *args: str, log: Path, env: dict | None = None) -> Server:
+    """`python -m workers.server` in its own process group, on a free port (not yet up), with
+    `env` added to the environment."""
     port = free_port()
     cmd = [sys.executable, "-m", "workers.server", "--model-path", str(model_path)]
     cmd += ["--port", str(port), *args]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
     return Server(proc=proc, url=f"http://127.0.0.1:{port}", log=log)
 
