@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -157,36 +158,58 @@ class SlotMover:
 
     def wait(self, launched: Launched, timeout_s: float) -> None:
         """Block until the bucket is complete in the slot on this rank (at most ``timeout_s``)."""
-        if launched.event is not None and not _wait_event(
-            launched.event, time.monotonic() + timeout_s
-        ):
-            raise CollectiveError(
-                f"rank {self.rank}: bucket {launched.bucket.id} did not arrive within {timeout_s} s",
-                timed_out=True,
-            )
-        if launched.work is not None:
-            try:
-                launched.work.wait(timedelta(seconds=timeout_s))
-            except RuntimeError as e:
-                raise CollectiveError(
-                    f"rank {self.rank}: broadcast of bucket {launched.bucket.id} failed: {e}"
-                ) from e
-            launched.work = None
-        if launched.error is not None:
-            raise launched.error
+        await_landing(launched, self.rank, timeout_s)
+        finish_move(launched, self.rank, timeout_s)
 
     def drain(self, launched: list[Launched], timeout_s: float) -> bool:
         """Best effort after a failure: wait for outstanding moves. False if a device copy or
         broadcast may still be writing into the buffer (then it must not be freed). A CPU
         broadcast that failed or timed out holds its own reference to the shared-memory
         mapping, so unlinking the file stays safe."""
-        deadline = time.monotonic() + timeout_s
-        for item in launched:
-            if item.event is not None and not _wait_event(item.event, deadline):
-                return False
-            if item.work is not None:
-                try:
-                    item.work.wait(timedelta(seconds=max(0.001, deadline - time.monotonic())))
-                except RuntimeError as e:
-                    logger.warning("rank %d: outstanding broadcast failed: %s", self.rank, e)
-        return True
+        return drain_moves(launched, self.rank, timeout_s)
+
+
+def await_landing(launched: Launched, rank: int, timeout_s: float) -> None:
+    """Wait (host side, polled) for the event recorded after the bucket's device work."""
+    if launched.event is not None and not _wait_event(launched.event, time.monotonic() + timeout_s):
+        raise CollectiveError(
+            f"rank {rank}: bucket {launched.bucket.id} did not arrive within {timeout_s} s",
+            timed_out=True,
+        )
+
+
+def finish_move(launched: Launched, rank: int, timeout_s: float) -> None:
+    """Wait for the bucket's CPU broadcast (if any), then raise the launch's own error."""
+    if launched.work is not None:
+        try:
+            launched.work.wait(timedelta(seconds=timeout_s))
+        except RuntimeError as e:
+            raise CollectiveError(
+                f"rank {rank}: broadcast of bucket {launched.bucket.id} failed: {e}"
+            ) from e
+        launched.work = None
+    if launched.error is not None:
+        raise launched.error
+
+
+def drain_moves(
+    launched: list[Launched],
+    rank: int,
+    timeout_s: float,
+    on_landed: Callable[[Launched], None] | None = None,
+) -> bool:
+    """Best effort after a failure: wait for every outstanding move until one deadline. False
+    if a device copy or broadcast may still be writing (its buffer must then not be freed).
+    ``on_landed`` runs for each move whose device work is done."""
+    deadline = time.monotonic() + timeout_s
+    for item in launched:
+        if item.event is not None and not _wait_event(item.event, deadline):
+            return False
+        if on_landed is not None:
+            on_landed(item)
+        if item.work is not None:
+            try:
+                item.work.wait(timedelta(seconds=max(0.001, deadline - time.monotonic())))
+            except RuntimeError as e:
+                logger.warning("rank %d: outstanding broadcast failed: %s", rank, e)
+    return True

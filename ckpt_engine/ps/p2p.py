@@ -22,16 +22,14 @@ is raised when the bucket is waited for, and the next vote ends the update on ev
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from ckpt_engine import env, host_memory
-from ckpt_engine.errors import CollectiveError, MetasError
+from ckpt_engine.errors import MetasError
 from ckpt_engine.metas import CheckpointMetas
 from ckpt_engine.p2p.assign import assign
 from ckpt_engine.p2p.prefetch import Fetch, Prefetcher
@@ -39,7 +37,7 @@ from ckpt_engine.p2p.service import open_reader
 from ckpt_engine.planner import Bucket, BucketPlan
 from ckpt_engine.ps.broadcast import BroadcastUpdate
 from ckpt_engine.ps.context import UpdateContext, choose_plan
-from ckpt_engine.ps.mover import Launched, _wait_event
+from ckpt_engine.ps.mover import Launched, await_landing, drain_moves, finish_move
 
 logger = logging.getLogger(__name__)
 
@@ -154,38 +152,15 @@ class P2PMover:
             launched.staging = None
 
     def wait(self, launched: P2PLaunched, timeout_s: float) -> None:
-        if launched.event is not None and not _wait_event(
-            launched.event, time.monotonic() + timeout_s
-        ):
-            raise CollectiveError(
-                f"rank {self.rank}: bucket {launched.bucket.id} did not arrive within {timeout_s} s",
-                timed_out=True,
-            )
+        await_landing(launched, self.rank, timeout_s)
         self._release(launched)
-        if launched.work is not None:
-            try:
-                launched.work.wait(timedelta(seconds=timeout_s))
-            except RuntimeError as e:
-                raise CollectiveError(
-                    f"rank {self.rank}: broadcast of bucket {launched.bucket.id} failed: {e}"
-                ) from e
-            launched.work = None
-        if launched.error is not None:
-            raise launched.error
+        finish_move(launched, self.rank, timeout_s)
 
     def drain(self, launched: list[P2PLaunched], timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        for item in launched:
-            if item.event is not None and not _wait_event(item.event, deadline):
-                self._drained = False
-                return False
-            self._release(item)
-            if item.work is not None:
-                try:
-                    item.work.wait(timedelta(seconds=max(0.001, deadline - time.monotonic())))
-                except RuntimeError as e:
-                    logger.warning("rank %d: outstanding broadcast failed: %s", self.rank, e)
-        return True
+        if drain_moves(launched, self.rank, timeout_s, on_landed=self._release):
+            return True
+        self._drained = False
+        return False
 
     def close(self, timeout_s: float) -> None:
         """Stop the prefetch thread and free the staging buffers (kept if still in use)."""
