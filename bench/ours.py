@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=0)
     ap.add_argument("--register", default="files,copy,named")
     ap.add_argument("--shrink", type=int, default=1)
-    ap.add_argument("--host-memory", default="shm", choices=("shm", "anonymous"))
+    ap.add_argument("--host-memory", default="anonymous", choices=("anonymous", "shm"))
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--result-dir", required=True)
     a = ap.parse_args()

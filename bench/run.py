@@ -84,17 +84,18 @@ def upstream_importable(env: dict) -> str | None:
     return (probe.stderr.strip().splitlines() or ["import failed"])[-1]
 
 
-def shm_or_tmp(env: dict, gib: float, shrink: int) -> tuple[str, str]:
+def shm_or_tmp(env: dict, gib: float, shrink: int, host_memory: str) -> tuple[str, str]:
     """Host memory kind and where the workload files go: the shm directory (files pinned in
-    place, host buffers in shm) when it has room for the files plus one registered copy; else
-    the temp directory (files read at register) and anonymous host buffers, with a warning."""
+    place) when it has room for the files (plus one registered copy with ``shm`` host buffers);
+    else the temp directory (files read at register) and anonymous host buffers, with a
+    warning."""
     from bench.workload import spec_for, total_bytes
 
-    need = total_bytes(spec_for(gib, shrink)) * 2.1
+    need = total_bytes(spec_for(gib, shrink)) * (2.1 if host_memory == "shm" else 1.05)
     shm_dir = env.get("CKPT_ENGINE_SHM_DIR", "/dev/shm")
     st = os.statvfs(shm_dir)
     if st.f_bavail * st.f_frsize >= need:
-        return "shm", shm_dir
+        return host_memory, shm_dir
     print(
         f"!! {shm_dir} has {st.f_bavail * st.f_frsize / 1e9:.1f} GB free, the run needs "
         f"{need / 1e9:.1f} GB: files go to {tempfile.gettempdir()} (read at register, no "
@@ -129,6 +130,13 @@ def main() -> int:
     )
     ap.add_argument("--slots", type=int, default=0, help="our IPC slots (default: PSConfig's)")
     ap.add_argument("--register", default="files,copy,named", help="register variants to time")
+    ap.add_argument(
+        "--host-memory",
+        default="anonymous",
+        choices=("anonymous", "shm"),
+        help="our host buffers (PSConfig.host_memory; files already in /dev/shm are pinned in place "
+        "either way)",
+    )
     ap.add_argument("--skip-upstream", action="store_true")
     ap.add_argument(
         "--limit-s", type=float, default=200, help="time limit of ours (upstream: 3/4 of it)"
@@ -163,7 +171,7 @@ def main() -> int:
                 file=sys.stderr,
             )
             return 2
-    host_memory, data_root = shm_or_tmp(env, gib, a.shrink)
+    host_memory, data_root = shm_or_tmp(env, gib, a.shrink, a.host_memory)
     work = Path(tempfile.mkdtemp(prefix="ckpt-bench-"))
     data = Path(tempfile.mkdtemp(prefix="ckpt-bench-data-", dir=data_root))
     started = time.time()

@@ -179,21 +179,13 @@ class Registry:
                 )
 
     def _parallel(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-        """``fn`` over ``items`` on the read threads (allocating, pinning: cudaHostRegister and
-        fallocate release the GIL), results in order. If any call fails, the buffers the others
-        made are closed and the first error is raised."""
+        """``fn`` over ``items`` on the read threads (allocating: fallocate releases the GIL),
+        results in order. If any call fails, the buffers the others made are closed and the
+        first error is raised."""
         if len(items) <= 1 or self._threads <= 1:
             return [fn(item) for item in items]
-        call = fn
-        if self._pin:  # register with this rank's device, not device 0 (a new thread's default)
-            device_index = torch.cuda.current_device()
-
-            def call(item: Any) -> Any:
-                torch.cuda.set_device(device_index)
-                return fn(item)
-
         with ThreadPoolExecutor(max_workers=min(self._threads, len(items))) as pool:
-            futures = [pool.submit(call, item) for item in items]
+            futures = [pool.submit(fn, item) for item in items]
             results, error = [], None
             for future in futures:
                 try:
@@ -211,22 +203,26 @@ class Registry:
     ) -> list[TensorMeta]:
         def make(header: SafetensorsHeader) -> tuple[host_memory.HostBuffer, int]:
             if self._pin_in_place and host_memory.in_shm_dir(header.path, self._shm_dir):
-                return host_memory.map_in_place(header.path, pin=self._pin), header.data_start
+                return host_memory.map_in_place(header.path, pin=False), header.data_start
             buf = host_memory.allocate(
                 header.data_bytes,
                 kind=self._kind,
                 shm_dir=self._shm_dir,
                 label=f"{self._label}-{label}",
-                pin=self._pin,
+                pin=False,
             )
             return buf, 0
 
         jobs: list[ReadJob] = []
         metas: list[TensorMeta] = []
-        for header, (buf, base) in zip(headers, self._parallel(make, headers)):
-            index = len(ckpt.buffers)
-            ckpt.buffers.append(buf)
+        made = self._parallel(make, headers)
+        first = len(ckpt.buffers)
+        for header, (buf, _) in zip(headers, made):
+            ckpt.buffers.append(buf)  # owned by ckpt from here: closed with it on failure
             ckpt.sources.append(header.path)
+        if self._pin:
+            host_memory.pin_all(ckpt.buffers[first:], threads=self._threads)
+        for index, (header, (buf, base)) in enumerate(zip(headers, made), start=first):
             if base == 0 and header.data_bytes:
                 jobs.append(ReadJob(header.path, header.data_start, buf.memoryview()))
             metas.extend(
@@ -267,13 +263,15 @@ class Registry:
                 kind=self._kind,
                 shm_dir=self._shm_dir,
                 label=f"{self._label}-{label}",
-                pin=self._pin,
+                pin=False,
             )
 
         first = len(ckpt.buffers)
         for buf in self._parallel(make, chunks):
             ckpt.buffers.append(buf)
             ckpt.sources.append(NAMED_TENSORS_SOURCE)
+        if self._pin:
+            host_memory.pin_all(ckpt.buffers[first:], threads=self._threads)
         metas = []
         for tname, tensor, chunk, offset in placed:
             nbytes = tensor.numel() * tensor.element_size()

@@ -1,3 +1,6 @@
+import ctypes
+import errno
+import mmap
 import os
 import stat
 
@@ -41,6 +44,61 @@ def test_zero_bytes_and_anonymous(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * mmap.PAGESIZE
+
+
+def test_anonymous_buffer_is_writable_and_populates_before_any_write():
+    nbytes = 64 << 20
+    buf = host_memory.create_anonymous(nbytes)
+    assert buf.tensor.data_ptr() % mmap.PAGESIZE == 0
+    before = _resident_bytes()
+    for addr, n in buf.populate_chunks():
+        host_memory._populate_range(addr, n)
+    # every page is now backed (allow for the pages other threads free meanwhile)
+    assert _resident_bytes() - before >= nbytes * 0.9
+    buf.memoryview()[nbytes - 1] = 7
+    buf.tensor[:3] = torch.tensor([1, 2, 3], dtype=torch.uint8)
+    assert buf.tensor[:3].tolist() == [1, 2, 3] and int(buf.tensor[-1]) == 7
+    buf.close()
+
+
+def test_populate_chunks_cover_the_buffer_exactly(monkeypatch):
+    monkeypatch.setattr(host_memory, "POPULATE_CHUNK_BYTES", 4096)
+    buf = host_memory.create_anonymous(3 * 4096 + 5)
+    chunks = buf.populate_chunks()
+    base = buf.tensor.data_ptr()
+    assert chunks == [(base, 4096), (base + 4096, 4096), (base + 8192, 4096), (base + 12288, 5)]
+    buf.close()
+
+
+class _FakeLibc:
+    def __init__(self, code: int) -> None:
+        self.code, self.calls = code, 0
+
+    def madvise(self, addr, nbytes, advice):
+        self.calls += 1
+        ctypes.set_errno(self.code)
+        return -1
+
+
+def test_populate_without_kernel_support_leaves_faults_to_pinning(monkeypatch):
+    fake = _FakeLibc(errno.EINVAL)
+    monkeypatch.setattr(host_memory, "_libc", fake)
+    monkeypatch.setattr(host_memory, "_populate_supported", True)
+    host_memory._populate_range(4096, 4096)
+    host_memory._populate_range(4096, 4096)  # not asked again
+    assert fake.calls == 1 and host_memory._populate_supported is False
+
+
+def test_populate_failure_is_an_error(monkeypatch):
+    monkeypatch.setattr(host_memory, "_libc", _FakeLibc(errno.ENOMEM))
+    monkeypatch.setattr(host_memory, "_populate_supported", True)
+    with pytest.raises(OSError, match="populating 4096 bytes"):
+        host_memory._populate_range(4096, 4096)
+
+
 def test_unknown_kind():
     with pytest.raises(ValueError, match="shm, anonymous"):
         host_memory.allocate(8, kind="hugepages", shm_dir="/dev/shm", label="x", pin=False)
@@ -78,3 +136,31 @@ def test_pinned_buffer_registers_and_unregisters(kind):
     dev.copy_(buf.tensor, non_blocking=True)
     torch.cuda.synchronize()
     buf.close()
+
+
+@pytest.mark.gpu
+def test_pin_all_pins_every_kind_and_copies_exactly(tmp_path):
+    path = "/dev/shm/" + host_memory.shm_file_name("test-pin-all")
+    data = torch.randint(0, 256, (3 << 20,), dtype=torch.uint8)
+    with open(path, "wb") as f:
+        f.write(data.numpy().tobytes())
+    try:
+        bufs = [
+            host_memory.map_in_place(path, pin=False),
+            host_memory.allocate(5 << 20, kind="shm", shm_dir="/dev/shm", label="pa", pin=False),
+            host_memory.allocate(
+                7 << 20, kind="anonymous", shm_dir="/dev/shm", label="pa", pin=False
+            ),
+        ]
+        bufs[1].tensor[: data.numel()].copy_(data)
+        bufs[2].tensor[: data.numel()].copy_(data)
+        host_memory.pin_all(bufs, threads=4)
+        for buf in bufs:
+            assert buf.pinned
+            dev = torch.empty(data.numel(), dtype=torch.uint8, device="cuda")
+            dev.copy_(buf.tensor[: data.numel()], non_blocking=True)
+            torch.cuda.synchronize()
+            assert torch.equal(dev.cpu(), data)
+            buf.close()
+    finally:
+        os.unlink(path)

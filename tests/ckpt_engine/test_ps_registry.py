@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ckpt_engine import CheckpointError, CheckpointFileError, ParameterServer
+from ckpt_engine import CheckpointError, CheckpointFileError, ParameterServer, PSConfig
 from ckpt_engine.dtypes import SUPPORTED, to_torch
 from ckpt_engine.host_memory import FILE_PREFIX
 
@@ -20,9 +20,11 @@ def shm(tmp_path, monkeypatch):
     return d
 
 
-@pytest.fixture
-def ps(shm):
-    server = ParameterServer(rank=0, world_size=1, device_type="cpu")
+@pytest.fixture(params=["anonymous", "shm"])
+def ps(shm, request):
+    server = ParameterServer(
+        rank=0, world_size=1, device_type="cpu", config=PSConfig(host_memory=request.param)
+    )
     yield server
     server.close()
 
@@ -68,7 +70,9 @@ def test_files_in_place_files_and_named_tensors(ps, shm, tmp_path):
         named_tensors=named,
     )
     ckpt = ps.checkpoint("c")
-    assert [b.kind for b in ckpt.buffers] == ["shm", "in_place", "shm"]
+    kind = ps.config.host_memory
+    assert [b.kind for b in ckpt.buffers] == [kind, "in_place", kind]
+    assert len(ours(shm)) == (2 if kind == "shm" else 0)
     for name, tensor in {**disk, **mem, **named}.items():
         assert same(ckpt.get_tensor(name), tensor), name
     metas = ps.local_metas("c")

@@ -124,8 +124,12 @@ class _TorchGroup(TransferGroup):
         pg, self.pg = self.pg, None
         if pg is None:
             return
+        # NCCL: always abort. It is local, where shutdown (finalize) can wait on the peer's
+        # proxy: a seed that shuts down before answering the client, while the client keeps its
+        # end open until that answer, would wait out the timeout. Every transfer has completed
+        # by now (`flush`) unless this is a failure, where abort is needed anyway.
         try:
-            if not self.sync and hasattr(pg, "abort") and self.pending:
+            if not self.sync and hasattr(pg, "abort"):
                 pg.abort()
             elif hasattr(pg, "shutdown"):
                 pg.shutdown()
