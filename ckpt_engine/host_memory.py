@@ -34,6 +34,7 @@ import logging
 import mmap
 import os
 import secrets
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -188,16 +189,18 @@ def create_anonymous(nbytes: int) -> HostBuffer:
     return HostBuffer(tensor, kind="anonymous", path=None, owns_file=False)
 
 
-def pin_all(buffers: Sequence[HostBuffer], *, threads: int) -> None:
+def pin_all(buffers: Sequence[HostBuffer], *, threads: int) -> tuple[float, float]:
     """Pin `buffers` on `threads` threads: first every page table filled (all buffers' chunks on
     one pool, so a few large files populate as fast as many small ones), then one
     cudaHostRegister per buffer, against the caller's current CUDA device. If one fails, those
     pinned here are unpinned and the error raised; the buffers stay open (the caller owns them).
+    Returns the seconds spent populating and registering.
     """
     todo = [b for b in buffers if not b.pinned and b.nbytes > 0]
     if not todo:
-        return
+        return 0.0, 0.0
     device_index = torch.cuda.current_device()
+    start = time.perf_counter()
 
     def pin(buf: HostBuffer) -> None:
         torch.cuda.set_device(device_index)  # a new thread's default is device 0
@@ -207,6 +210,7 @@ def pin_all(buffers: Sequence[HostBuffer], *, threads: int) -> None:
         chunks = [c for b in todo for c in b.populate_chunks()]
         for future in [pool.submit(_populate_range, *c) for c in chunks]:
             future.result()
+        populated = time.perf_counter()
         futures = [pool.submit(pin, b) for b in todo]
         error = None
         for future in futures:
@@ -220,6 +224,7 @@ def pin_all(buffers: Sequence[HostBuffer], *, threads: int) -> None:
                 _cuda_unpin(buf.tensor)
                 buf.pinned = False
         raise error
+    return populated - start, time.perf_counter() - populated
 
 
 def _pinned(buf: HostBuffer) -> HostBuffer:

@@ -198,6 +198,16 @@ class Registry:
             raise error
         return results
 
+    def _pin_all(self, buffers: list[host_memory.HostBuffer]) -> None:
+        populate_s, register_s = host_memory.pin_all(buffers, threads=self._threads)
+        logger.info(
+            "pinned %d bytes in %d buffers: page tables %.2f s, cudaHostRegister %.2f s",
+            sum(b.nbytes for b in buffers),
+            len(buffers),
+            populate_s,
+            register_s,
+        )
+
     def _load_files(
         self, ckpt: RegisteredCheckpoint, headers: list[SafetensorsHeader], *, label: str
     ) -> list[TensorMeta]:
@@ -221,7 +231,7 @@ class Registry:
             ckpt.buffers.append(buf)  # owned by ckpt from here: closed with it on failure
             ckpt.sources.append(header.path)
         if self._pin:
-            host_memory.pin_all(ckpt.buffers[first:], threads=self._threads)
+            self._pin_all(ckpt.buffers[first:])
         for index, (header, (buf, base)) in enumerate(zip(headers, made), start=first):
             if base == 0 and header.data_bytes:
                 jobs.append(ReadJob(header.path, header.data_start, buf.memoryview()))
@@ -271,7 +281,7 @@ class Registry:
             ckpt.buffers.append(buf)
             ckpt.sources.append(NAMED_TENSORS_SOURCE)
         if self._pin:
-            host_memory.pin_all(ckpt.buffers[first:], threads=self._threads)
+            self._pin_all(ckpt.buffers[first:])
         metas = []
         for tname, tensor, chunk, offset in placed:
             nbytes = tensor.numel() * tensor.element_size()

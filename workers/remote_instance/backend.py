@@ -15,8 +15,11 @@ server's own TP group, so a rank can hold several at once (one per forking clien
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import logging
+import os
+import threading
 import time
 from abc import ABC, abstractmethod
 from typing import ClassVar
@@ -182,6 +185,28 @@ class GlooBackend(_TorchBackend):
         return dist.ProcessGroupGloo(store, rank, 2, timeout)
 
 
+_NCCL_ENV_LOCK = threading.Lock()
+_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+
+
+@contextlib.contextmanager
+def _no_teardown_on_error():
+    """Build a group whose NCCL errors are ours to handle: torch's default (tear the process
+    down on a communicator error or watchdog timeout) would kill a seed that keeps serving when a
+    client dies mid-transfer. torch reads the mode from the environment in the group's
+    constructor only, so it is set for that call (under a lock) and restored."""
+    with _NCCL_ENV_LOCK:
+        old = os.environ.get(_ERROR_HANDLING)
+        os.environ[_ERROR_HANDLING] = "0"
+        try:
+            yield
+        finally:
+            if old is None:
+                del os.environ[_ERROR_HANDLING]
+            else:
+                os.environ[_ERROR_HANDLING] = old
+
+
 class NcclBackend(_TorchBackend):
     name = "nccl"
     device_type = "cuda"
@@ -190,9 +215,10 @@ class NcclBackend(_TorchBackend):
     def _group(self, store, rank, timeout, device):
         opts = dist.ProcessGroupNCCL.Options()
         # The watchdog's limit is set past ours, so our own poll (`_drain`) fails first and
-        # aborts the communicator; the watchdog would otherwise tear the whole process down.
+        # aborts the communicator.
         opts._timeout = timeout * 2 + datetime.timedelta(seconds=60)
-        return dist.ProcessGroupNCCL(store, rank, 2, opts)
+        with _no_teardown_on_error():
+            return dist.ProcessGroupNCCL(store, rank, 2, opts)
 
 
 TRANSFER_BACKENDS: dict[str, type[TransferBackend]] = {
