@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         client = Server("client", ckpt, fork, tmp)
         fork_total = client.wait_healthy(args.timeout)
         transfer = client.seconds(r"forked [\d.]+ GB from \S+ in ([\d.]+) s")
+        confirmed = client.seconds(r"the seed's answer in after ([\d.]+) s")
+        sent = seed.seconds(r"fork \S+: sent \d+ bytes \(\w+ mode\) in ([\d.]+) s")
         fork_load = client.seconds(r"remote_instance weights loaded on \S+ in ([\d.]+) s")
         verified = "skipped"
         if not args.no_verify:
@@ -250,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         (f"disk -> {'CPU' if args.cpu else 'GPU 0'}: rank's load", disk_load),
         ("disk: spawn to healthy", disk_total),
-        (f"fork ({where}): transfer", transfer),
+        (f"fork ({where}): transfer (client: send call to last byte)", transfer),
+        ("fork: seed's send (first tensor to all flushed)", sent),
+        ("fork: transfer + both groups closed + seed's answer", confirmed),
         ("fork: rank's load (manifest, rendezvous, transfer)", fork_load),
         ("fork: spawn to healthy", fork_total),
     ]

@@ -91,13 +91,16 @@ class RemoteInstanceFormat(LoadFormat):
 
         group = _together(device, connect, init if tp.rank == 0 else None, s.timeout)[0]
         start = time.perf_counter()
+        landed = start
         try:
 
             def receive():
+                nonlocal landed
                 received = self._receive(model, group, seed, mode, device, write)
+                landed = time.perf_counter()  # every byte is here (flushed)
                 # Leave the group as soon as every byte is here: the seed answers the send
-                # call only after closing its end, and NCCL's shutdown waits for both ends, so
-                # holding ours open until that answer would deadlock until the timeout.
+                # call only after closing its end, so holding ours open until that answer
+                # could make both ends wait on each other.
                 group.close()
                 return received
 
@@ -107,21 +110,23 @@ class RemoteInstanceFormat(LoadFormat):
             received, reply = _together(device, receive, send if tp.rank == 0 else None, s.timeout)
         finally:
             group.close()
-        seconds = time.perf_counter() - start
+        seconds, confirmed = landed - start, time.perf_counter() - start
         hook = getattr(model, "process_weights_after_loading", None)
         if hook is not None:
             hook()
         if reply is not None:
             self.weight_version = reply.get("weight_version", seed.weight_version)
-        self.stats = {"mode": mode, "bytes": received, "seconds": seconds}
+        self.stats = {"mode": mode, "bytes": received, "seconds": seconds, "confirmed": confirmed}
         logger.info(
-            "rank %d: forked %.3f GB from %s in %.3f s (%.1f GB/s, %s mode)",
+            "rank %d: forked %.3f GB from %s in %.3f s (%.1f GB/s, %s mode; from the send call "
+            "to the last byte); groups closed and the seed's answer in after %.3f s",
             tp.rank,
             received / 1e9,
             self.seed.url,
             seconds,
             received / 1e9 / max(seconds, 1e-9),
             mode,
+            confirmed,
         )
         if s.verify:
             self._verify(model)

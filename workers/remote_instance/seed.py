@@ -109,9 +109,9 @@ class WeightSender:
                 sent = self._send_checkpoint(clients)
             for group in clients.members:
                 group.flush()
+            seconds = time.perf_counter() - start  # every byte has landed
         finally:
             clients.close()
-        seconds = time.perf_counter() - start
         logger.info("fork %s: sent %d bytes (%s mode) in %.3f s", group_name, sent, mode, seconds)
         return {"mode": mode, "bytes": sent, "seconds": seconds}
 
