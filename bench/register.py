@@ -11,7 +11,8 @@ pinned memory, each phase apart, so the choice in `ckpt_engine.host_memory` rest
 - ``anon_4k`` / ``anon_thp``: private anonymous memory (4 KiB pages, or transparent huge pages
   with MADV_HUGEPAGE), populated in parallel, pinned, then the files read into it with parallel
   preads (the path of files that are not in /dev/shm, from the page cache).
-- ``ours_in_place`` / ``ours_anonymous`` / ``ours_shm``: what `ckpt_engine.host_memory` does
+- ``ours_in_place`` / ``ours_anonymous`` (``_4k``: without huge pages) / ``ours_shm``: what
+  `ckpt_engine.host_memory` does
   (`map_in_place` or `allocate`, then `pin_all`, then `read_parallel`), to check that the
   library gets what the probe found.
 
@@ -207,6 +208,9 @@ def run_ours(paths, threads, kind: str) -> dict:
     from ckpt_engine import host_memory
     from ckpt_engine.safetensors_io import ReadJob, read_parallel
 
+    host_memory.HUGE_PAGES = not kind.endswith("_4k")
+    kind = kind.removesuffix("_4k")
+
     t0 = time.perf_counter()
     if kind == "in_place":
         bufs = [host_memory.map_in_place(str(p), pin=False) for p in paths]
@@ -276,6 +280,7 @@ def main() -> None:
         "anon_thp_whole,ours_in_place,ours_anonymous,ours_shm",
     )
     ap.add_argument("--pin", default="torch,ctypes")
+    ap.add_argument("--rounds", type=int, default=1, help="run every variant this many times")
     a = ap.parse_args()
     if a.pin != "none":
         if not torch.cuda.is_available():
@@ -301,7 +306,7 @@ def main() -> None:
             f"{time.perf_counter() - t:.1f} s"
         )
         rows = []
-        for how in a.pin.split(","):
+        for how in [h for _ in range(a.rounds) for h in a.pin.split(",")]:
             pinner = Pinner(how)
             for v in a.variants.split(","):
                 for threads in sorted({1, a.threads}):

@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 FILE_PREFIX = "ckpt-engine-"
 POPULATE_CHUNK_BYTES = 256 << 20
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14; not in Python's mmap module before 3.13
+HUGE_PAGES = True  # advise anonymous buffers to use transparent huge pages (bench/register.py)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -183,8 +184,9 @@ def create_anonymous(nbytes: int) -> HostBuffer:
         tensor = torch.empty(0, dtype=torch.uint8)
     else:
         region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
-        with contextlib.suppress(OSError, AttributeError):  # THP disabled or absent: 4 KiB pages
-            region.madvise(mmap.MADV_HUGEPAGE)
+        if HUGE_PAGES:
+            with contextlib.suppress(OSError, AttributeError):  # THP off or absent: 4 KiB pages
+                region.madvise(mmap.MADV_HUGEPAGE)
         tensor = torch.frombuffer(region, dtype=torch.uint8)
     return HostBuffer(tensor, kind="anonymous", path=None, owns_file=False)
 
