@@ -6,7 +6,8 @@ A HostBuffer is one host memory region seen as a 1-D uint8 tensor. Kinds:
   0600 and an unguessable name, space reserved up front (a full /dev/shm is an error here, not
   a SIGBUS later), mapped shared; unlinked on close. Another process (a later P2P server) can map
   it by path.
-- ``anonymous``: private process memory, for machines whose /dev/shm is too small.
+- ``anonymous`` (the default, `PSConfig.host_memory`): private process memory with transparent
+  huge pages; needs no room in /dev/shm (often 64 MiB in a container).
 - ``in_place``: an existing file (a checkpoint already in /dev/shm) mapped shared; never unlinked.
 
 Files are named ``ckpt-engine-<run id>-r<rank>-<label>-<random token>``: a process killed with
@@ -17,12 +18,15 @@ On GPU machines a buffer is pinned with cudaHostRegister so that host-to-device 
 asynchronous DMA, and unpinned before it is unmapped. Exact sizes: no power-of-two rounding as in
 torch's pinned-memory cache.
 
-Pinning speed (issue 6; `bench/register.py` on an H200 host, 17.4 GB in 45 files, 16 threads):
-cudaHostRegister of a mapping whose page tables are empty faults every 4 KiB page in itself and
-barely scales with threads (1.7 s, 10 GB/s). So `pin_all` first fills the page tables with
-MADV_POPULATE_WRITE, in 256 MiB chunks on a thread pool, and only then registers (0.8 s, 22 GB/s
-in place). Anonymous buffers are private mappings advised to use transparent huge pages, which
-pin about twice as fast again (a 2 MiB page is one entry instead of 512).
+Pinning speed (issue 6; `bench/register.py` and `bench/run.py` on H200 hosts, 17.4 GB in 45 files,
+16 threads; see bench/RESULTS.md): cudaHostRegister of a mapping whose page tables are empty
+faults every 4 KiB page in itself and barely scales with threads (1.7-1.8 s in place). So
+`pin_all` first fills the page tables with MADV_POPULATE_WRITE, in 64 MiB chunks of all buffers
+on one thread pool, and only then registers each buffer (0.8-1.1 s in place, once the pages have
+been mapped before; 1.6 s in `bench/run.py` right after the files were written). Anonymous
+buffers are private mappings that start on a 2 MiB boundary and are advised to use transparent
+huge pages: fresh memory then populates and pins faster than 4 KiB pages or /dev/shm files
+(files read into fresh memory: 1.6-2.4 s anonymous vs 2.7-3.9 s shm, same runs).
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 FILE_PREFIX = "ckpt-engine-"
-POPULATE_CHUNK_BYTES = 256 << 20
+POPULATE_CHUNK_BYTES = 64 << 20
+HUGE_PAGE_BYTES = 2 << 20
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14; not in Python's mmap module before 3.13
 HUGE_PAGES = True  # advise anonymous buffers to use transparent huge pages (bench/register.py)
 
@@ -183,11 +188,15 @@ def create_anonymous(nbytes: int) -> HostBuffer:
     if nbytes == 0:
         tensor = torch.empty(0, dtype=torch.uint8)
     else:
-        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
+        # One huge page more, so that the buffer can start on a huge-page boundary (every
+        # 2 MiB of it is then eligible).
+        region = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE)
         if HUGE_PAGES:
             with contextlib.suppress(OSError, AttributeError):  # THP off or absent: 4 KiB pages
                 region.madvise(mmap.MADV_HUGEPAGE)
-        tensor = torch.frombuffer(region, dtype=torch.uint8)
+        whole = torch.frombuffer(region, dtype=torch.uint8)
+        skip = -whole.data_ptr() % HUGE_PAGE_BYTES
+        tensor = whole[skip : skip + nbytes]
     return HostBuffer(tensor, kind="anonymous", path=None, owns_file=False)
 
 
