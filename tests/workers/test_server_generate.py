@@ -161,6 +161,16 @@ def test_collective_rpc_runs_on_every_rank(served):
     assert all("model.norm.weight" in problems[0] for problems in r.json()["results"])
 
 
+def test_collective_rpc_method_that_raises_is_a_400_naming_the_rank(served):
+    server, *_ = served
+    r = server.post("/collective_rpc", {"method": "check_weights", "args": ["not metas"]})
+    assert r.status_code == 400, r.text
+    body = r.json()
+    assert body["success"] is False
+    assert "metas must be a list" in body["message"] and "rank" in body["message"]
+    assert server.post("/collective_rpc", {"method": "ping"}).status_code == 200
+
+
 @pytest.mark.parametrize(
     "body",
     [

@@ -103,8 +103,8 @@ def create_app(front: Frontend, *, api_key: str | None) -> FastAPI:
         try:
             results = await front.collective_rpc(req.method, req.args, req.kwargs, req.timeout)
         except RankError as e:
-            if status_of(e) >= 500:
-                raise
+            if isinstance(e, RankDeadError | RankTimeoutError):
+                raise  # 503 / 504: the server's state, not the call's
             return _fail(400, str(e))  # the method ran and failed: the caller's to handle
         return JSONResponse({"success": True, "results": results})
 
