@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         ("disk: spawn to healthy", disk_total),
         (f"fork ({where}): transfer (client: send call to last byte)", transfer),
         ("fork: seed's send (first tensor to all flushed)", sent),
-        ("fork: transfer + both groups closed + seed's answer", confirmed),
+        ("fork: transfer + the seed's answer (groups close in the background)", confirmed),
         ("fork: rank's load (manifest, rendezvous, transfer)", fork_load),
         ("fork: spawn to healthy", fork_total),
     ]
