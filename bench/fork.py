@@ -31,7 +31,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.harness import free_port  # noqa: E402
 from bench.workload import gen, spec_for  # noqa: E402
 
 KEY = "fork-bench"
@@ -123,12 +123,6 @@ def write_checkpoint(path: Path, shape: dict, device: str) -> int:
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
     marker.write_text(json.dumps({"shape": shape, "bytes": total}))
     return total
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import threading
 import time
@@ -25,6 +26,13 @@ import torch
 from bench.workload import gen, owned, shard
 
 GiB = 1 << 30
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def device_of(device_type: str, index: int) -> torch.device:

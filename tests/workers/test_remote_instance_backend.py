@@ -3,23 +3,17 @@ groups down off the caller's thread, safely alongside a `close()` from the calle
 
 from __future__ import annotations
 
-import socket
 import threading
 
 import pytest
 import torch
+from workers_testutil import free_port
 
 from workers.remote_instance.backend import close_later, get_backend
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pair():
-    port, groups, errors = _free_port(), {}, []
+    port, groups, errors = free_port(), {}, []
 
     def join(rank: int) -> None:
         try:
