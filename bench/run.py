@@ -17,10 +17,12 @@ $OUT when set, else bench/results/).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -47,7 +49,13 @@ def launch(script: str, nproc: int, args: list[str], env: dict, log: Path, limit
         try:
             return proc.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+            # SIGTERM first: torchrun's workers run in sessions of their own, so only a live
+            # torchrun can end them; SIGKILL to the group if it has not gone in 30 s.
+            with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(30)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             print(f"!! {script} ran past {limit_s:.0f} s and was killed", flush=True)
             return -9

@@ -7,9 +7,6 @@ dummy --wait-for-initial-weights`), whose /weights_info then equals a disk-loade
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +18,7 @@ from workers_testutil import (
     poll,
     save_checkpoint,
     start_server,
+    stop_group,
     wait_until_up,
 )
 
@@ -36,12 +34,6 @@ def updater(*args: str, log: Path) -> subprocess.Popen:
         return subprocess.Popen(
             [*cmd, *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-
-
-def stop(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(15)
 
 
 def test_new_instance_joins_over_p2p(tmp_path):
@@ -79,6 +71,6 @@ def test_new_instance_joins_over_p2p(tmp_path):
         assert got["tensors"] == want["tensors"] and got["checksum"] == want["checksum"]
     finally:
         for proc in procs:
-            stop(proc)
+            stop_group(proc)
         disk.stop()
         new.stop()

@@ -144,13 +144,20 @@ class Server:
 
     def stop(self) -> None:
         """Kill the whole process group (front and ranks)."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(15)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(15)
+        stop_group(self.proc)
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 15) -> None:
+    """End a process started with start_new_session=True, and what it started: SIGTERM to its
+    group first, SIGKILL after `grace_s`. The SIGTERM matters for torchrun, whose workers run in
+    sessions of their own: a SIGKILLed torchrun cannot end them, a SIGTERMed one does."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(grace_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(15)
 
 
 def start_server(model_path: Path, *args: str, log: Path, env: dict | None = None) -> Server:
@@ -225,10 +232,9 @@ def run_updater(
     try:
         out, _ = proc.communicate(timeout=UPDATER_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc)
         out, _ = proc.communicate()
         pytest.fail(f"examples/update.py did not finish in {UPDATER_TIMEOUT_S} s:\n{out}")
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc)
     return proc.returncode, out
