@@ -109,7 +109,7 @@ class RemoteInstanceFormat(LoadFormat):
 
             received, reply = _together(device, receive, send if tp.rank == 0 else None, s.timeout)
         except BaseException:
-            group.close()  # abort now (a no-op if `receive` already handed it to close_later)
+            group.close()  # abort now (if `receive` handed it to close_later, one of them does)
             raise
         seconds, confirmed = landed - start, time.perf_counter() - start
         hook = getattr(model, "process_weights_after_loading", None)
