@@ -134,8 +134,9 @@ class TcpServer(OwnerServer):
             return
         data = entry[1][req.buffer][req.offset : req.offset + req.length]
         head = protocol.encode(protocol.DataReply(id=req.id, length=req.length))
-        sock.send_multipart([ident, head, data], copy=False)
+        # Counted before the send: a reader that has its bytes always sees them counted.
         self.served_bytes += req.length
+        sock.send_multipart([ident, head, data], copy=False)
 
 
 def _peer(frame: zmq.Frame) -> str:
