@@ -23,8 +23,13 @@ Our own knobs (all optional):
 - CKPT_ENGINE_P2P_TRANSPORT: P2P transport (``auto``, ``tcp``, ``mooncake``).
 - CKPT_ENGINE_P2P_HOST: address P2P servers bind to and publish (default: this host's address
   towards MASTER_ADDR).
-- CKPT_ENGINE_MOONCAKE_PROTOCOL / CKPT_ENGINE_MOONCAKE_DEVICE: Mooncake's protocol (``rdma`` or
-  ``tcp``; default ``rdma``) and RDMA device names (default: Mooncake's auto-discovery).
+- CKPT_ENGINE_MOONCAKE: ``1`` lets ``auto`` choose Mooncake (where an RDMA device is present): the
+  operator states the fabric is trusted (Mooncake has no authentication). Default ``0``: ``auto``
+  never picks Mooncake; naming it (``mooncake``, ``transfer_engine``) still works.
+- CKPT_ENGINE_MOONCAKE_PROTOCOL / CKPT_ENGINE_MOONCAKE_DEVICE: Mooncake's protocol (``rdma``,
+  ``tcp``, ``nvlink``; default ``rdma`` where an RDMA device is present, else ``tcp``) and RDMA
+  device names (default: Mooncake's auto-discovery).
+- CKPT_ENGINE_RDMA_DEVICES_DIR: where RDMA devices are listed (default ``/sys/class/infiniband``).
 """
 
 from __future__ import annotations
@@ -191,6 +196,17 @@ def p2p_transport() -> str | None:
 
 def p2p_host() -> str | None:
     return _get("CKPT_ENGINE_P2P_HOST")
+
+
+def mooncake_enabled() -> bool:
+    value = _get("CKPT_ENGINE_MOONCAKE")
+    if value not in (None, "0", "1"):
+        raise ValueError(f"CKPT_ENGINE_MOONCAKE must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def rdma_devices_dir() -> str:
+    return _get("CKPT_ENGINE_RDMA_DEVICES_DIR") or "/sys/class/infiniband"
 
 
 def mooncake_protocol() -> str | None:

@@ -9,6 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+bash scripts/setup_system.sh  # redis-server, libibverbs1 (Debian packages, when missing)
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

@@ -1,22 +1,30 @@
 """The Mooncake P2P transport (optional): ``mooncake-transfer-engine`` one-sided reads.
 
 Not a dependency: ``mooncake.engine`` is imported lazily, and when it is missing or its engine
-does not initialize (no RDMA device, no libibverbs), ``unavailable()`` says why and ``auto``
-falls back to ``tcp``. One TransferEngine per process (P2P handshake mode, no metadata
-server), protocol ``rdma`` or ``tcp`` (CKPT_ENGINE_MOONCAKE_PROTOCOL), bound to the P2P host.
+does not initialize (no libibverbs), ``unavailable()`` says why. One TransferEngine per process
+(P2P handshake mode, no metadata server; ``engine()``, shared with the fork's ``transfer_engine``
+backend), bound to the P2P host, protocol CKPT_ENGINE_MOONCAKE_PROTOCOL, else ``rdma`` where an
+RDMA device is present, else ``tcp``.
+
+``auto`` picks Mooncake only where it pays and the operator allowed it (``auto_unavailable``):
+CKPT_ENGINE_MOONCAKE=1 and an RDMA device present. Over TCP it is no faster than the ``tcp``
+transport and checks no token, so ``auto`` stays on ``tcp`` there; naming ``mooncake`` still
+runs it over TCP.
 
 Owner: registers each host buffer with the engine; the endpoint record carries the engine's
 session (``host:rpc_port``) and each buffer's address and size. Reader: registers its staging
 buffers, then ``batch_transfer_sync_read`` pulls each range; a nonzero status names the owner.
 
 Trust: Mooncake has no authentication; any process that reaches the session port can read the
-registered memory. The checkpoint token in the metas is not checked on this path, so serve over
-Mooncake only on a trusted fabric (or set ``p2p_transport="tcp"``).
+registered memory, and write into it (Mooncake checks only that a remote address lies inside a
+registered buffer). The checkpoint token in the metas is not checked on this path, so serve over
+Mooncake only on a trusted fabric; it is off unless named or allowed (CKPT_ENGINE_MOONCAKE=1).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +35,22 @@ from ckpt_engine.host_memory import HostBuffer
 from ckpt_engine.p2p.transport import OwnerServer, Reader, ReadRange, Transport
 
 logger = logging.getLogger(__name__)
+
+
+def rdma_devices() -> list[str]:
+    """The RDMA devices this host lists (``/sys/class/infiniband``; empty where none)."""
+    try:
+        return sorted(os.listdir(env.rdma_devices_dir()))
+    except OSError:
+        return []
+
+
+def default_protocol() -> str:
+    """CKPT_ENGINE_MOONCAKE_PROTOCOL, else ``rdma`` where an RDMA device is present, else ``tcp``."""
+    explicit = env.mooncake_protocol()
+    if explicit is not None:
+        return explicit
+    return "rdma" if rdma_devices() else "tcp"
 
 
 class MooncakeTransport(Transport):
@@ -42,7 +66,7 @@ class MooncakeTransport(Transport):
             return cls._shared
 
     def __init__(self) -> None:
-        self.protocol = env.mooncake_protocol() or "rdma"
+        self._protocol: str | None = None  # fixed when the engine starts
         self.device = env.mooncake_device() or ""
         self._engine: Any = None
         self._host: str | None = None
@@ -54,8 +78,24 @@ class MooncakeTransport(Transport):
         except Exception as e:  # ImportError, or a missing shared library
             self._why = f"mooncake.engine does not import ({type(e).__name__}: {e})"
 
+    @property
+    def protocol(self) -> str:
+        return self._protocol if self._protocol is not None else default_protocol()
+
     def unavailable(self) -> str | None:
         return self._why
+
+    def auto_unavailable(self) -> str | None:
+        if self._why is not None:
+            return self._why
+        if not env.mooncake_enabled():
+            return "off unless the operator allows it (CKPT_ENGINE_MOONCAKE=1: no authentication)"
+        if self.protocol != "rdma" or not rdma_devices():
+            return (
+                f"no RDMA device here ({env.rdma_devices_dir()}; protocol {self.protocol}): "
+                "over TCP the tcp transport is as fast and checks tokens"
+            )
+        return None
 
     def engine(self, host: str) -> Any:
         """The process's engine, initialized on first use (TransferError if it cannot be)."""
@@ -67,11 +107,13 @@ class MooncakeTransport(Transport):
             from mooncake.engine import TransferEngine
 
             engine = TransferEngine()
-            code = engine.initialize(host, "P2PHANDSHAKE", self.protocol, self.device)
+            protocol = self.protocol
+            code = engine.initialize(host, "P2PHANDSHAKE", protocol, self.device)
             if code != 0:
-                self._why = f"TransferEngine.initialize({host}, {self.protocol}) returned {code}"
+                self._why = f"TransferEngine.initialize({host}, {protocol}) returned {code}"
                 raise TransferError(f"mooncake transport unavailable: {self._why}")
-            self._engine, self._host = engine, host
+            self._engine, self._host, self._protocol = engine, host, protocol
+            logger.info("mooncake transfer engine on %s (%s)", self.session(), protocol)
             return engine
 
     def session(self) -> str:

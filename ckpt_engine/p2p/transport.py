@@ -9,10 +9,12 @@ A transport moves byte ranges of an owner's registered host memory to a reader:
 - reader side, ``Transport.reader(record, owner=..., checkpoint=..., timeout_s=...)`` ->
   ``Reader``: ``read(ranges)`` fills local memory views; ``close()``.
 
-Registered transports, in ``auto`` preference order: ``mooncake`` (RDMA or its TCP protocol,
-where ``mooncake.engine`` imports and initializes) and ``tcp`` (portable, always available).
-``candidates`` lists those a reader may use, from what the owner offers and what runs here; an unknown
-name lists the supported ones, an explicit one that cannot run lists the available ones.
+Registered transports, in ``auto`` preference order: ``mooncake`` (RDMA, or its TCP protocol
+when named) and ``tcp`` (portable, always available). ``auto`` takes a transport only where
+``auto_unavailable()`` is None (Mooncake: allowed by the operator and an RDMA device present);
+a named one needs only ``unavailable()`` to be None. ``candidates`` lists those a reader may
+use, from what the owner offers and what runs here; an unknown name lists the supported ones, an
+explicit one that cannot run lists the available ones.
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ class Transport(abc.ABC):
     def unavailable(self) -> str | None:
         """None if this transport can run in this process, else why not."""
 
+    def auto_unavailable(self) -> str | None:
+        """None if ``auto`` may choose this transport here, else why not (default: it runs)."""
+        return self.unavailable()
+
     @abc.abstractmethod
     def serve(self, host: str, rank: int) -> OwnerServer: ...
 
@@ -109,10 +115,15 @@ def available() -> dict[str, str | None]:
     return {name: get(name).unavailable() for name in TRANSPORTS}
 
 
+def auto_choices() -> dict[str, str | None]:
+    """Every transport -> None if ``auto`` takes it here, else the reason it does not."""
+    return {name: get(name).auto_unavailable() for name in TRANSPORTS}
+
+
 def to_serve(choice: str) -> list[Transport]:
-    """The transports an owner serves: ``auto`` = every one that runs here, else ``choice``."""
+    """The transports an owner serves: ``auto`` = every one ``auto`` takes here, else ``choice``."""
     if choice == AUTO:
-        return [t for t in (get(n) for n in TRANSPORTS) if t.unavailable() is None]
+        return [t for t in (get(n) for n in TRANSPORTS) if t.auto_unavailable() is None]
     transport = get(choice)
     why = transport.unavailable()
     if why is not None:
@@ -132,7 +143,7 @@ def candidates(choice: str, offered: Sequence[str], *, owner: str) -> list[Trans
             reasons.append(f"{name}: not offered by the owner")
             continue
         transport = get(name)
-        why = transport.unavailable()
+        why = transport.auto_unavailable() if choice == AUTO else transport.unavailable()
         if why is None:
             found.append(transport)
         else:

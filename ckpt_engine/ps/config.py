@@ -45,8 +45,9 @@ class PSConfig:
     - init_timeout_s: timeout of torch.distributed initialization and of the process groups.
     - p2p_serve: serve registered checkpoints to P2P readers (ckpt_engine.p2p) from the first
       ``gather_metas`` / ``local_metas`` of a checkpoint until it is unregistered.
-    - p2p_transport: ``auto`` (Mooncake where it imports and initializes, else ``tcp``) or a
-      transport name; an explicit one that cannot run here is an error.
+    - p2p_transport: ``auto`` (Mooncake where the operator allows it, CKPT_ENGINE_MOONCAKE=1,
+      and an RDMA device is present; else ``tcp``) or a transport name (``mooncake`` runs over
+      RDMA or TCP); an explicit one that cannot run here is an error.
     - p2p_host: address P2P servers bind to and publish; default: this host's address towards
       MASTER_ADDR (127.0.0.1 on a single host).
     """

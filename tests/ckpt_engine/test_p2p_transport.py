@@ -201,11 +201,8 @@ def test_transport_choice():
         transport.candidates("carrier-pigeon", ["tcp"], owner="o")
     with pytest.raises(TransferError, match=r"available here: .*tcp"):
         transport.candidates("auto", ["rdma-only"], owner="owner rank 0")
-    if transport.available()["mooncake"] is not None:
-        with pytest.raises(TransferError, match=r"mooncake: mooncake\.engine does not import"):
-            transport.candidates("mooncake", ["mooncake", "tcp"], owner="o")
-        with pytest.raises(TransferError, match="cannot run here"):
-            transport.to_serve("mooncake")
+    # Mooncake (tests/ckpt_engine/test_p2p_mooncake.py) is never auto's choice without consent
+    assert "mooncake" not in [t.name for t in transport.to_serve("auto")]
 
 
 def test_owner_service_publish_withdraw():
