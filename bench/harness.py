@@ -6,7 +6,8 @@ The worker is the anchor's (../shared/bench/anchor_ckpt_engine.py): it prealloca
 tensor-parallel row shard of every tensor and its ``run`` copies each received tensor's shard
 into it (what ``load_weights`` does). After each update it compares every parameter with the
 expected shard it regenerated itself, bit for bit (bf16 viewed as int16, ``torch.equal``), then
-zeroes the parameters so that a tensor missing from the next update is caught too.
+zeroes the parameters so that a tensor missing from the next update is caught too. (A tensor
+delivered twice is the update's own error: our worker refuses it, see ckpt_engine.worker.)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench.workload import gen, owned, shard
+from bench.workload import gen, owned, shard, shard_shape
 
 GiB = 1 << 30
 
@@ -175,10 +176,11 @@ def rank_tensors(spec, rank: int, world: int, device: torch.device) -> dict[str,
 def write_rank_files(
     tensors: dict[str, torch.Tensor], directory: Path, rank: int, threads: int = 8
 ) -> list[str]:
-    """One file per layer (this rank's tensors of it), written in parallel; the paths."""
+    """One file per layer ("layers.<n>": this rank's tensors of it), written in parallel; the
+    paths."""
     layers: dict[str, list[tuple[str, torch.Tensor]]] = {}
     for name, t in tensors.items():
-        layers.setdefault(name.rsplit(".", 1)[0], []).append((name, t))
+        layers.setdefault(".".join(name.split(".")[:2]), []).append((name, t))
     directory.mkdir(parents=True, exist_ok=True)
     jobs = [(directory / f"r{rank}-{layer}.safetensors", ts) for layer, ts in layers.items()]
     with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -186,21 +188,37 @@ def write_rank_files(
     return [str(p) for p, _ in jobs]
 
 
-def worker_main(kind: str, device_type: str, index: int, rank: int, world: int, spec, q, res):
+def worker_main(
+    kind: str, device_type: str, index: int, rank: int, world: int, spec, q, res, copy="tensor"
+):
     """The colocated inference worker (spawned). ``kind``: ``ours`` or ``upstream`` (whose
     ``update_weights_from_ipc`` it calls). Takes its socket address from ``q`` per update;
-    None ends it. Answers on
-    ``res``: "ready", then one dict per update (exact, mismatches, error, seconds, rss)."""
+    None ends it. Answers on ``res``: "ready", then one dict per update (exact, mismatches,
+    error, seconds, seconds inside ``run``, rss).
+
+    The parameters are views into one flat buffer, and the expected shards another, so the
+    check after each update is one comparison. ``copy``: ``tensor`` copies each received tensor's
+    shard into its parameter (one copy per tensor, as ``load_weights`` does); ``foreach`` copies
+    a bucket's shards with one ``torch._foreach_copy_`` (batched kernels), which takes the
+    worker's per-tensor launches out of the measurement of the transfer itself."""
     import zmq
 
     try:
         dev = device_of(device_type, index)
         if device_type == "cuda":
             torch.cuda.set_device(index)
-        expected, params = {}, {}
-        for i, (name, shape) in enumerate(spec):
-            expected[name] = shard(gen(i, shape, dev), rank, world).clone()
-            params[name] = torch.empty_like(expected[name])
+        shards = [shard_shape(shape, world) for _, shape in spec]
+        total = sum(torch.Size(s).numel() for s in shards)
+        expected_flat = torch.empty(total, dtype=torch.bfloat16, device=dev)
+        params_flat = torch.empty_like(expected_flat)
+        expected, params, start = {}, {}, 0
+        for i, ((name, shape), sshape) in enumerate(zip(spec, shards)):
+            n = torch.Size(sshape).numel()
+            expected[name] = expected_flat[start : start + n].view(sshape)
+            expected[name].copy_(shard(gen(i, shape, dev), rank, world))
+            params[name] = params_flat[start : start + n].view(sshape)
+            start += n
+        del shards
         if device_type == "cuda":
             torch.cuda.synchronize(index)
             torch.cuda.empty_cache()
@@ -213,10 +231,18 @@ def worker_main(kind: str, device_type: str, index: int, rank: int, world: int, 
         res.put({"error": traceback.format_exc()})
         return
     res.put("ready")
+    in_run = [0.0]
 
     def run(weights):
-        for name, w in weights:
-            params[name].copy_(shard(w, rank, world))
+        t0 = time.perf_counter()
+        if copy == "foreach":
+            pairs = [(params[name], shard(w, rank, world)) for name, w in weights]
+            if pairs:
+                torch._foreach_copy_([p for p, _ in pairs], [w for _, w in pairs])
+        else:
+            for name, w in weights:
+                params[name].copy_(shard(w, rank, world))
+        in_run[0] += time.perf_counter() - t0
 
     def post_hook():
         if device_type == "cuda":
@@ -227,17 +253,20 @@ def worker_main(kind: str, device_type: str, index: int, rank: int, world: int, 
         if msg is None:
             break
         reply: dict = {"exact": False, "error": None}
+        in_run[0] = 0.0
         start = time.perf_counter()
         try:
             update_weights_from_ipc(ctx, msg, index, run=run, post_hook=post_hook)
             reply["seconds"] = time.perf_counter() - start
+            reply["run_s"] = in_run[0]
             sync(device_type, index)
-            bad = [n for n, p in params.items() if not same_bits(p, expected[n])]
+            bad = []
+            if not same_bits(params_flat, expected_flat):
+                bad = [n for n, p in params.items() if not same_bits(p, expected[n])]
             reply.update(exact=not bad, mismatches=len(bad), first_bad=bad[:3])
         except BaseException as e:
             reply["error"] = f"{type(e).__name__}: {e}"
-        for p in params.values():
-            p.zero_()
+        params_flat.zero_()
         sync(device_type, index)
         reply["rss"] = rss_bytes()
         res.put(reply)

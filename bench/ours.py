@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import harness  # noqa: E402
-from bench.workload import spec_for, total_bytes  # noqa: E402
+from bench.workload import WORKLOADS, total_bytes, workload_spec  # noqa: E402
 from ckpt_engine import ParameterServer, PSConfig  # noqa: E402
 
 
@@ -63,6 +63,9 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=0)
     ap.add_argument("--register", default="files,copy,named")
     ap.add_argument("--shrink", type=int, default=1)
+    ap.add_argument("--workload", default="dense", choices=WORKLOADS)
+    ap.add_argument("--tensors", type=int, default=50_000, help="moe: tensor count")
+    ap.add_argument("--worker-copy", default="tensor", choices=("tensor", "foreach"))
     ap.add_argument("--host-memory", default="anonymous", choices=("anonymous", "shm"))
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--result-dir", required=True)
@@ -83,7 +86,8 @@ def main() -> None:
     out["h2d_gbps"] = harness.h2d_ceiling(
         dtype, index, min(2 * harness.GiB, int(a.gib * harness.GiB))
     )
-    spec = spec_for(a.gib, a.shrink)
+    spec = workload_spec(a.workload, a.gib, a.shrink, a.tensors)
+    out["tensors"] = len(spec)
     out["checkpoint_bytes"] = total_bytes(spec)
 
     named = harness.rank_tensors(spec, rank, world, harness.device_of(dtype, index))
@@ -106,12 +110,15 @@ def main() -> None:
         reg["named"] = timed_register(config, named_tensors=named)
     del named
     out["register"] = reg
+    start = time.perf_counter()
     ps.gather_metas("bench")
+    out["gather_s"] = time.perf_counter() - start
 
     ctx = mp.get_context("spawn")
     q, res = ctx.Queue(), ctx.Queue()
     worker = ctx.Process(
-        target=harness.worker_main, args=("ours", dtype, index, rank, world, spec, q, res)
+        target=harness.worker_main,
+        args=("ours", dtype, index, rank, world, spec, q, res, a.worker_copy),
     )
     worker.start()
     ready = res.get(timeout=600)

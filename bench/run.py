@@ -6,6 +6,10 @@ GPU (the upstream wheels installed offline, see ../shared/bench/README.md; PYTHO
     python bench/run.py --gib 16 --repeat 3 --gpus 2
 CPU (no target; shows the code path: gloo, shared-memory IPC buffers, no upstream):
     python bench/run.py --cpu --gpus 2     # 0.25 GiB of 1/8-size tensors, 16 MiB buckets
+Many tensors (issue 17; bench/workload.py's ``moe``: experts as separate tensors):
+    python bench/run.py --workload moe --tensors 50000 --gib 16 --gpus 1
+    python bench/run.py --workload moe --tensors 150000 --gib 16 --gpus 1 --worker-copy foreach
+    python bench/run.py --cpu --workload moe --tensors 5000 --gib 0.02 --shrink 8
 
 Each side runs under its own torchrun (bench/ours.py, then bench/upstream.py), one rank per GPU,
 each rank with one colocated worker process that checks every byte bit-exactly. Printed last: a
@@ -34,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.harness import free_port  # noqa: E402
 from bench.report import summarize, table  # noqa: E402
+from bench.workload import WORKLOADS, workload_spec  # noqa: E402
 
 
 def launch(script: str, nproc: int, args: list[str], env: dict, log: Path, limit_s: float) -> int:
@@ -86,14 +91,14 @@ def upstream_importable(env: dict) -> str | None:
     return (probe.stderr.strip().splitlines() or ["import failed"])[-1]
 
 
-def shm_or_tmp(env: dict, gib: float, shrink: int, host_memory: str) -> tuple[str, str]:
+def shm_or_tmp(env: dict, spec: list, host_memory: str) -> tuple[str, str]:
     """Host memory kind and where the workload files go: the shm directory (files pinned in
     place) when it has room for the files (plus one registered copy with ``shm`` host buffers);
     else the temp directory (files read at register) and anonymous host buffers, with a
     warning."""
-    from bench.workload import spec_for, total_bytes
+    from bench.workload import total_bytes
 
-    need = total_bytes(spec_for(gib, shrink)) * (2.1 if host_memory == "shm" else 1.05)
+    need = total_bytes(spec) * (2.1 if host_memory == "shm" else 1.05)
     shm_dir = env.get("CKPT_ENGINE_SHM_DIR", "/dev/shm")
     st = os.statvfs(shm_dir)
     if st.f_bavail * st.f_frsize >= need:
@@ -131,6 +136,15 @@ def main() -> int:
         "--shrink", type=int, default=None, help="divide every tensor dimension (CPU: 8)"
     )
     ap.add_argument("--slots", type=int, default=0, help="our IPC slots (default: PSConfig's)")
+    ap.add_argument("--workload", default="dense", choices=WORKLOADS, help="bench/workload.py")
+    ap.add_argument("--tensors", type=int, default=50_000, help="moe: at least this many tensors")
+    ap.add_argument(
+        "--worker-copy",
+        default="tensor",
+        choices=("tensor", "foreach"),
+        help="the workers' run: one copy per tensor (load_weights-like) or one batched "
+        "torch._foreach_copy_ per bucket (both systems alike)",
+    )
     ap.add_argument("--register", default="files,copy,named", help="register variants to time")
     ap.add_argument(
         "--host-memory",
@@ -147,7 +161,7 @@ def main() -> int:
     ap.add_argument("--results", default=None, help="also append the table to this markdown file")
     a = ap.parse_args()
     gib = a.gib if a.gib is not None else (0.25 if a.cpu else 16)
-    soak = a.soak if a.soak is not None else (3 if a.cpu else 20)
+    soak = a.soak if a.soak is not None else (3 if a.cpu or a.workload == "moe" else 20)
     mode = "cpu" if a.cpu else "gpu"
     bucket_mib = a.bucket_mib if a.bucket_mib is not None else (16 if a.cpu else 0)
     a.shrink = a.shrink if a.shrink is not None else (8 if a.cpu else 1)
@@ -173,7 +187,8 @@ def main() -> int:
                 file=sys.stderr,
             )
             return 2
-    host_memory, data_root = shm_or_tmp(env, gib, a.shrink, a.host_memory)
+    spec = workload_spec(a.workload, gib, a.shrink, a.tensors)
+    host_memory, data_root = shm_or_tmp(env, spec, a.host_memory)
     work = Path(tempfile.mkdtemp(prefix="ckpt-bench-"))
     data = Path(tempfile.mkdtemp(prefix="ckpt-bench-data-", dir=data_root))
     started = time.time()
@@ -184,11 +199,16 @@ def main() -> int:
         "gpus": a.gpus,
         "gib": gib,
         "shrink": a.shrink,
+        "workload": a.workload,
+        "tensors": len(spec),
+        "worker_copy": a.worker_copy,
         "host_memory": host_memory,
     }
     try:
         common = ["--gib", str(gib), "--repeat", str(a.repeat), "--warmup", str(a.warmup)]
         common += ["--result-dir", str(work), "--shrink", str(a.shrink)]
+        common += ["--workload", a.workload, "--tensors", str(a.tensors)]
+        common += ["--worker-copy", a.worker_copy]
         ours_args = [*common, "--soak", str(soak), "--data-dir", str(data)]
         ours_args += ["--register", a.register, "--host-memory", host_memory]
         ours_args += ["--bucket-mib", str(bucket_mib), "--slots", str(a.slots)]
@@ -227,7 +247,10 @@ def main() -> int:
         out.with_suffix(".md").write_text(text + "\n")
         if a.results:
             with open(a.results, "a") as f:
-                f.write(f"\n## Broadcast update, bench/run.py ({stamp})\n\n```\n{text}\n```\n")
+                f.write(
+                    f"\n## Broadcast update ({a.workload}), bench/run.py ({stamp})\n\n"
+                    f"```\n{text}\n```\n"
+                )
         print(text)
         return 0 if records["summary"]["ours_exact"] else 1
     finally:

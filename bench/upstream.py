@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import harness  # noqa: E402
-from bench.workload import spec_for, total_bytes  # noqa: E402
+from bench.workload import WORKLOADS, total_bytes, workload_spec  # noqa: E402
 
 
 def main() -> None:
@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--result-dir", required=True)
     ap.add_argument("--shrink", type=int, default=1)
+    ap.add_argument("--workload", default="dense", choices=WORKLOADS)
+    ap.add_argument("--tensors", type=int, default=50_000, help="moe: tensor count")
+    ap.add_argument("--worker-copy", default="tensor", choices=("tensor", "foreach"))
     a = ap.parse_args()
     from checkpoint_engine.ps import ParameterServer
 
@@ -43,7 +46,8 @@ def main() -> None:
     out["h2d_gbps"] = harness.h2d_ceiling(
         "cuda", index, min(2 * harness.GiB, int(a.gib * harness.GiB))
     )
-    spec = spec_for(a.gib, a.shrink)
+    spec = workload_spec(a.workload, a.gib, a.shrink, a.tensors)
+    out["tensors"] = len(spec)
     out["checkpoint_bytes"] = total_bytes(spec)
     named = harness.rank_tensors(spec, rank, world, torch.device("cuda", index))
     out["own_bytes"] = sum(t.numel() * t.element_size() for t in named.values())
@@ -52,7 +56,8 @@ def main() -> None:
     q, res = ctx.Queue(), ctx.Queue()
     ps = ParameterServer(auto_pg=True)
     worker = ctx.Process(
-        target=harness.worker_main, args=("upstream", "cuda", index, rank, world, spec, q, res)
+        target=harness.worker_main,
+        args=("upstream", "cuda", index, rank, world, spec, q, res, a.worker_copy),
     )
     worker.start()
     start = time.perf_counter()
@@ -60,7 +65,9 @@ def main() -> None:
     seconds = time.perf_counter() - start
     out["register"] = {"named": harness.throughput(seconds, out["own_bytes"])}
     del named
+    start = time.perf_counter()
     ps.gather_metas("bench")
+    out["gather_s"] = time.perf_counter() - start
     ready = res.get(timeout=600)
     if ready != "ready":
         raise RuntimeError(f"worker failed to start: {ready}")

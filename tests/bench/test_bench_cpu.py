@@ -35,3 +35,39 @@ def test_bench_cpu_mode(tmp_path):
     assert timings["buckets_n"] >= 2 and {"prepare", "handshake", "buckets", "finish"} <= set(
         timings
     )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_bench_cpu_moe_many_tensors(tmp_path):
+    """The many-tensor workload (experts as separate tensors) through both ranks, every byte
+    checked, with the batched worker copy."""
+    out = tmp_path / "moe.json"
+    cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--cpu", "--workload", "moe"]
+    cmd += ["--tensors", "3000", "--gib", "0.005", "--shrink", "16", "--gpus", "2"]
+    cmd += ["--repeat", "1", "--soak", "1", "--register", "files,named", "--worker-copy"]
+    cmd += ["foreach", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=140)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "moe workload" in proc.stdout and "| gather_metas s" in proc.stdout
+    records = json.loads(out.read_text())
+    assert records["workload"] == "moe" and records["tensors"] >= 3000
+    summary = records["summary"]
+    assert summary["ours_exact"] and summary["ours"]["soak"]["exact"]
+    assert set(summary["ours"]["register"]) == {"files_in_place", "named"}
+    assert summary["ours"]["gather_s"] > 0 and summary["ours"]["updates"][0]["run_s"] > 0
+
+
+def test_moe_workload_shapes():
+    from bench.workload import moe_spec_for, total_bytes, workload_spec
+
+    spec = moe_spec_for(16, 50_000)
+    names = [n for n, _ in spec]
+    assert len(spec) == 50_245 and len(set(names)) == len(names)
+    assert total_bytes(spec) >= 16 << 30
+    assert dict(spec)["layers.3.experts.255.down"] == (2048, 80)
+    assert len(moe_spec_for(16, 150_000)) >= 150_000
+    small = workload_spec("moe", 0.005, shrink=16, tensors=3000)
+    assert len(small) >= 3000 and all(min(s) >= 1 for _, s in small)
+    with pytest.raises(ValueError, match="unknown workload"):
+        workload_spec("sparse", 1)
