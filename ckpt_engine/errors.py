@@ -106,3 +106,11 @@ class ReadRefused(TransferError):
     def __init__(self, message: str, *, owner: str = "", code: str = "") -> None:
         super().__init__(message, owner=owner)
         self.code = code
+
+
+class RegistryError(CkptEngineError):
+    """The coordination registry (Redis) is unreachable, refuses us, or has no usable source."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out

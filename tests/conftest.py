@@ -34,3 +34,15 @@ def free_port() -> int:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on a free port (no password), stopped after the test."""
+    from redis_testutil import start_redis
+
+    server = start_redis(tmp_path / "redis")
+    try:
+        yield server
+    finally:
+        server.stop()
