@@ -221,8 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         fork_load = client.seconds(r"remote_instance weights loaded on \S+ in ([\d.]+) s")
         verified = "skipped"
         if not args.no_verify:
-            a = requests.get(seed.url + "/weights_info", timeout=args.timeout).json()
-            b = requests.get(client.url + "/weights_info", timeout=args.timeout).json()
+            auth = {"Authorization": f"Bearer {KEY}"}
+            a = requests.get(seed.url + "/weights_info", headers=auth, timeout=args.timeout).json()
+            b = requests.get(client.url + "/weights_info", headers=auth, timeout=args.timeout)
+            b = b.json()
             if a["tensors"] != b["tensors"]:
                 raise SystemExit("FAILED: the client's sha256 checksums differ from the seed's")
             body = {"input_ids": [1, 2, 3, 4], "max_new_tokens": 4}

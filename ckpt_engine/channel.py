@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import tempfile
 import time
 
@@ -37,7 +38,9 @@ class SocketDir:
         self.abstract = base == "@"
         self.run_id = run_id
         self.path = (
-            None if self.abstract else tempfile.mkdtemp(prefix=f"ckpt-engine-{run_id}-", dir=base)
+            None
+            if self.abstract
+            else tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{run_id}-", dir=base)
         )
 
     def address(self, name: str) -> str:
@@ -64,6 +67,50 @@ def ipc_path(address: str) -> str | None:
     if address.startswith("ipc://") and not address.startswith("ipc://@"):
         return address[len("ipc://") :]
     return None
+
+
+SOCKET_DIR_PREFIX = "ckpt-engine-"
+
+
+def check_local_address(address: str) -> None:
+    """Refuse (ValueError naming the address) any address that is not a local socket of a
+    parameter server: ``ipc://<dir>/ckpt-engine-*/<name>.sock`` in a directory owned by this user
+    with no access for anyone else (what `SocketDir` creates), or an abstract
+    ``ipc://@ckpt-engine-*`` name. A worker connects only there: the addresses come from an HTTP
+    caller, and a ``tcp://`` or foreign address would make the worker talk to a peer that is not
+    its colocated parameter server."""
+    if address.startswith("ipc://@"):
+        if address.startswith(f"ipc://@{SOCKET_DIR_PREFIX}"):
+            return
+        raise ValueError(
+            f"refusing to connect to {address!r}: not an abstract {SOCKET_DIR_PREFIX}* socket"
+        )
+    path = ipc_path(address)
+    if path is None:
+        raise ValueError(
+            f"refusing to connect to {address!r}: a worker connects only to a local ipc:// socket "
+            f"of its parameter server (ipc://<dir>/{SOCKET_DIR_PREFIX}*/<name>.sock)"
+        )
+    parent = os.path.dirname(path)
+    if (
+        not os.path.isabs(path)
+        or os.path.normpath(path) != path
+        or not os.path.basename(parent).startswith(SOCKET_DIR_PREFIX)
+        or not path.endswith(".sock")
+    ):
+        raise ValueError(
+            f"refusing to connect to {address!r}: not a socket in a parameter server's private "
+            f"directory (ipc://<dir>/{SOCKET_DIR_PREFIX}*/<name>.sock)"
+        )
+    try:
+        st = os.lstat(parent)
+    except OSError as e:
+        raise ValueError(f"no parameter server socket directory at {parent}: {e}") from e
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ValueError(
+            f"refusing to connect to {address!r}: {parent} is not a private directory of this "
+            "user (mode 0700)"
+        )
 
 
 class Channel:

@@ -3,7 +3,9 @@
 Same signature as the upstream checkpoint-engine function, so engines that call that one can call
 ours, plus optional keywords ``validate`` and ``timeout_s``. It speaks our wire protocol
 (ckpt_engine.wire: typed JSON, no pickle) over a REP socket connected to the parameter server's
-address, maps the IPC buffer (CUDA IPC on this process's ``device_id``, shared memory on CPU),
+address, which must be a local socket of a parameter server (``channel.check_local_address``:
+an ``ipc://`` path in a private ckpt-engine socket directory, or an abstract ckpt-engine name;
+anything else, ``tcp://`` included, is refused with UpdateAborted before connecting), maps the IPC buffer (CUDA IPC on this process's ``device_id``, shared memory on CPU),
 and for each bucket calls ``run([(name, tensor_view), ...])``.
 
 The views point into the shared buffer and are only valid during that ``run`` call: copy what
@@ -29,7 +31,7 @@ import torch
 import zmq
 
 from ckpt_engine import dtypes, env, wire
-from ckpt_engine.channel import Channel, ipc_path
+from ckpt_engine.channel import Channel, check_local_address, ipc_path
 from ckpt_engine.compat import check_wire
 from ckpt_engine.errors import ProtocolError, UpdateAborted
 from ckpt_engine.ipc import open_ipc_buffer, release_ipc_buffer
@@ -46,6 +48,10 @@ class _Session:
     """One update seen from the worker: socket, plan, and what has been delivered so far."""
 
     def __init__(self, ctx: zmq.Context, address: str, device_id: int) -> None:
+        try:
+            check_local_address(address)
+        except ValueError as e:
+            raise UpdateAborted(str(e)) from e
         path = ipc_path(address)
         if path is not None and not os.path.exists(path):
             raise UpdateAborted(f"no parameter server listening at {address}")
@@ -199,7 +205,10 @@ def _receive(
     is_cuda = False
     try:
         failure: BaseException | None = None
-        msg = session.recv(first_timeout)
+        try:
+            msg = session.recv(first_timeout)
+        except ProtocolError as e:  # nothing was mapped nor written: end here, as an abort
+            raise UpdateAborted(f"bad first message from {zmq_handle}: {e}") from e
         try:
             if not isinstance(msg, wire.Plan):
                 raise ProtocolError(f"expected a plan first, got {msg.TYPE}")

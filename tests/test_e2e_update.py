@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from workers_testutil import (
+    KEY,
     NEW_TOKENS,
     PROMPT,
     hf_greedy,
@@ -88,7 +89,10 @@ def test_first_update_serves_the_checkpoint(fleet, ckpts):
     assert "register" in out and "gather" in out and "GB/s" in out
 
     assert target.get("/health").status_code == 200
-    got, want = target.get("/weights_info").json(), disk.get("/weights_info").json()
+    got, want = (
+        target.get("/weights_info", headers=KEY).json(),
+        disk.get("/weights_info", headers=KEY).json(),
+    )
     assert got["status"] == "ready"
     assert got["tensors"] == want["tensors"] and got["checksum"] == want["checksum"]
     hf_ids, _ = hf_greedy(ckpts["A"][1], PROMPT, NEW_TOKENS)
@@ -99,7 +103,7 @@ def test_second_update_switches_checkpoints_under_concurrent_generation(fleet, c
     target, device = fleet["target"], fleet["device"]
     rc, out = push(target, ckpts["A"][0], device=device)  # start from A
     assert rc == 0, out
-    before = target.get("/weights_info").json()["weight_version"]
+    before = target.get("/weights_info", headers=KEY).json()["weight_version"]
     expected = {
         before: hf_greedy(ckpts["A"][1], PROMPT, NEW_TOKENS)[0],
         "B": hf_greedy(ckpts["B"][1], PROMPT, NEW_TOKENS)[0],
@@ -135,14 +139,14 @@ def test_second_update_switches_checkpoints_under_concurrent_generation(fleet, c
     for _, body in results:  # each request ran on one version: old or new, never a mix
         assert body["weight_version"] in expected
         assert body["output_ids"] == expected[body["weight_version"]]
-    info = target.get("/weights_info").json()
+    info = target.get("/weights_info", headers=KEY).json()
     assert info["weight_version"] == "B" and info["status"] == "ready"
     assert generate(target)["output_ids"] == expected["B"] != expected[before]
 
 
 def test_update_that_does_not_fit_is_refused_and_the_server_serves_on(fleet, ckpts):
     target, device = fleet["target"], fleet["device"]
-    before = target.get("/weights_info").json()
+    before = target.get("/weights_info", headers=KEY).json()
     assert before["status"] == "ready"
     served = generate(target)
 
@@ -150,7 +154,7 @@ def test_update_that_does_not_fit_is_refused_and_the_server_serves_on(fleet, ckp
     assert rc != 0 and "does not fit the model" in out, out
 
     assert target.get("/health").status_code == 200
-    after = target.get("/weights_info").json()
+    after = target.get("/weights_info", headers=KEY).json()
     assert after["status"] == "ready" and after["weight_version"] == before["weight_version"]
     assert after["checksum"] == before["checksum"]
     assert generate(target)["output_ids"] == served["output_ids"]
@@ -158,7 +162,7 @@ def test_update_that_does_not_fit_is_refused_and_the_server_serves_on(fleet, ckp
 
 def test_update_failing_midway_fails_closed_until_a_good_update(fleet, ckpts):
     target, disk, device = fleet["target"], fleet["disk"], fleet["device"]
-    version = target.get("/weights_info").json()["weight_version"]
+    version = target.get("/weights_info", headers=KEY).json()["weight_version"]
     small_buckets = {"CKPT_ENGINE_BUCKET_BYTES": "65536"}  # several buckets: fail in the 2nd
     fleet["fail_file"].write_text("1")
     try:
@@ -170,13 +174,16 @@ def test_update_failing_midway_fails_closed_until_a_good_update(fleet, ckpts):
     health = target.get("/health")
     assert health.status_code == 503 and health.json()["status"] == "weights_inconsistent"
     assert target.post("/generate", {"input_ids": PROMPT}).status_code == 503
-    info = target.get("/weights_info").json()
+    info = target.get("/weights_info", headers=KEY).json()
     assert info["status"] == "weights_inconsistent" and info["weight_version"] == version
     assert "last committed weight version" in info["detail"]
 
     rc, out = push(target, ckpts["A"][0], device=device, env=small_buckets)
     assert rc == 0, out
     assert target.get("/health").status_code == 200
-    got, want = target.get("/weights_info").json(), disk.get("/weights_info").json()
+    got, want = (
+        target.get("/weights_info", headers=KEY).json(),
+        disk.get("/weights_info", headers=KEY).json(),
+    )
     assert got["status"] == "ready" and got["checksum"] == want["checksum"]
     assert generate(target)["output_ids"] == generate(disk)["output_ids"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from workers_testutil import (
+    KEY,
     REPO,
     make_hf_model,
     poll,
@@ -66,7 +67,10 @@ def test_new_instance_joins_over_p2p(tmp_path):
         assert "GB/s" in (tmp_path / "B.log").read_text()
         assert owners.poll() is None  # A still serving
         assert new.get("/health").status_code == 200
-        got, want = new.get("/weights_info").json(), disk.get("/weights_info").json()
+        got, want = (
+            new.get("/weights_info", headers=KEY).json(),
+            disk.get("/weights_info", headers=KEY).json(),
+        )
         assert got["status"] == "ready"
         assert got["tensors"] == want["tensors"] and got["checksum"] == want["checksum"]
     finally:

@@ -70,6 +70,10 @@ class ServerArgs:
     )
     host: str = field(default="127.0.0.1", metadata=_opt("HTTP bind address"))
     port: int = field(default=30000, metadata=_opt("HTTP port"))
+    max_request_bytes: int = field(
+        default=16 << 20,
+        metadata=_opt("largest request body accepted (bytes); a larger one is answered 413"),
+    )
     api_key: str | None = field(
         default=None,
         metadata=_opt(
@@ -138,6 +142,8 @@ class ServerArgs:
             raise ConfigError(f"--tp must be >= 1, got {self.tp}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must be in 1..65535, got {self.port}")
+        if self.max_request_bytes < 1:
+            raise ConfigError(f"--max-request-bytes must be >= 1, got {self.max_request_bytes}")
         if self.base_gpu_id < 0:
             raise ConfigError(f"--base-gpu-id must be >= 0, got {self.base_gpu_id}")
         for name in ("wait_for_initial_weights_timeout", "rank_timeout", "startup_timeout"):

@@ -153,13 +153,14 @@ def run_updater(work: Path, ckpt: Path, url: str, key: str, device: str, timeout
     return json.loads(result_file.read_text())
 
 
-def verify(url: str, ckpt: Path, model) -> dict[str, str]:
+def verify(url: str, ckpt: Path, model, key: str) -> dict[str, str]:
     import torch
 
     health = http("GET", url + "/health")
     if health.status_code != 200:
         raise DemoError(f"/health {health.status_code} after the update: {health.text}")
-    info = http("GET", url + "/weights_info").json()
+    auth = {"Authorization": f"Bearer {key}"}
+    info = http("GET", url + "/weights_info", headers=auth).json()
     want = file_digests(ckpt)
     served = {name: t["sha256"] for name, t in info["tensors"].items()}
     if served != want:
@@ -218,7 +219,7 @@ def run(device: str, work: Path, timeout_s: float) -> str:
             print(f"[demo] /health {status.status_code} {status.json()['status']}", flush=True)
             print("[demo] torchrun --nproc-per-node 2 examples/update.py ...", flush=True)
             result = run_updater(work, ckpt, url, key, device, timeout_s)
-            checks = verify(url, ckpt, model)
+            checks = verify(url, ckpt, model, key)
         except DemoError as e:
             raise DemoError(f"{e}\n--- server log ({log}) ---\n{log.read_text()[-4000:]}") from e
     finally:

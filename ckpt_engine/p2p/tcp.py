@@ -5,7 +5,8 @@ served by a daemon thread until ``close``. Each request (protocol.ReadRequest) i
 (``protocol.check_read``: the checkpoint's token, bounds inside one registered buffer); the
 reply's data frame is a memoryview of the host buffer sent with ``copy=False``, so the bytes go
 from the (pinned) buffer to the kernel without a copy in between. Refusals are logged with the
-peer's address and answered with an ErrorReply. Inbound frames are capped (MAXMSGSIZE), so an
+peer's address (at most one warning per ``REFUSAL_LOG_INTERVAL_S``, with the count of refusals
+since the last one: a peer cannot flood the log) and answered with an ErrorReply. Inbound frames are capped (MAXMSGSIZE), so an
 unauthenticated peer cannot make the owner buffer much.
 
 Reader: one DEALER socket per owner; a read is split into chunks with a window of requests in
@@ -39,6 +40,29 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 16 << 20
 WINDOW = 8  # chunks in flight per reader
 _POLL_MS = 100
+REFUSAL_LOG_INTERVAL_S = 10.0
+
+
+class RateLimitedWarning:
+    """A warning logged at most once per ``interval_s``; the ones in between are counted and the
+    count is reported with the next one that is logged."""
+
+    def __init__(self, interval_s: float = REFUSAL_LOG_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self._next = 0.0
+        self._suppressed = 0
+
+    def warn(self, msg: str, *args: object) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            self._suppressed += 1
+            return False
+        if self._suppressed:
+            msg += " (and %d more since the last warning)"
+            args = (*args, self._suppressed)
+        logger.warning(msg, *args)
+        self._next, self._suppressed = now + self.interval_s, 0
+        return True
 
 
 def _tcp_address(host: str, port: int) -> str:
@@ -58,6 +82,7 @@ class TcpServer(OwnerServer):
         self.address = ""
         self.served_bytes = 0
         self.refused = 0
+        self._refusal_log = RateLimitedWarning()
         self._thread = threading.Thread(
             target=self._run, args=(host,), name=f"ckpt-engine-p2p-tcp-r{rank}", daemon=True
         )
@@ -111,7 +136,10 @@ class TcpServer(OwnerServer):
     def _handle(self, sock: zmq.Socket) -> None:
         frames = sock.recv_multipart(copy=False)
         if len(frames) != 2:
-            logger.warning("rank %d: P2P: dropped a message of %d frames", self.rank, len(frames))
+            self.refused += 1
+            self._refusal_log.warn(
+                "rank %d: P2P: dropped a message of %d frames", self.rank, len(frames)
+            )
             return
         ident, header = frames
         req_id = 0
@@ -128,7 +156,7 @@ class TcpServer(OwnerServer):
             self.refused += 1
             code = getattr(e, "code", "") or protocol.BAD_REQUEST
             peer = _peer(header)
-            logger.warning("rank %d: P2P: refused a read from %s: %s", self.rank, peer, e)
+            self._refusal_log.warn("rank %d: P2P: refused a read from %s: %s", self.rank, peer, e)
             reply = protocol.ErrorReply(id=req_id, code=code, message=f"rank {self.rank}: {e}")
             sock.send_multipart([ident, protocol.encode(reply)])
             return

@@ -129,6 +129,32 @@ def test_bad_token_refused_and_logged(served, caplog):
     assert "refused a read from 127.0.0.1" in caplog.text
 
 
+def test_refusals_are_logged_at_most_once_per_interval(served, caplog):
+    server, record, _ = served
+    caplog.set_level(logging.WARNING, logger="ckpt_engine.p2p.tcp")
+    dst = memoryview(bytearray(16))
+    for _ in range(20):
+        with pytest.raises(ReadRefused):
+            _read({**record, "token": "b" * 32}, [ReadRange(0, 0, 16, dst)])
+    assert server.refused == 20
+    warnings = [r for r in caplog.records if "refused a read" in r.getMessage()]
+    assert len(warnings) == 1  # the next one, REFUSAL_LOG_INTERVAL_S later, counts the rest
+
+
+def test_rate_limited_warning_reports_what_it_suppressed(caplog):
+    from ckpt_engine.p2p.tcp import RateLimitedWarning
+
+    caplog.set_level(logging.WARNING, logger="ckpt_engine.p2p.tcp")
+    log = RateLimitedWarning(interval_s=3600)
+    assert log.warn("refused %s", "a") and not log.warn("refused %s", "b")
+    log._next = 0.0  # the interval has passed
+    assert log.warn("refused %s", "c")
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused a",
+        "refused c (and 1 more since the last warning)",
+    ]
+
+
 def test_out_of_range_refused(served):
     server, record, _ = served
     dst = memoryview(bytearray(16))

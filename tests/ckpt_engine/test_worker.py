@@ -19,12 +19,19 @@ MANIFEST = (
 )
 
 
+def private_dir(tmp_path):
+    """A directory shaped like a parameter server's socket directory (the worker checks it)."""
+    path = tmp_path / "ckpt-engine-test"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
 class FakePS:
     def __init__(self, tmp_path):
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.REQ)
         self.sock.linger = 0
-        self.address = f"ipc://{tmp_path}/ps.sock"
+        self.address = f"ipc://{private_dir(tmp_path)}/ps.sock"
         self.sock.bind(self.address)
         self.ipc = IpcBuffer("cpu", 0, 2 * SLOT, shm_dir=str(tmp_path), label="test")
         self.ipc.tensor[0:16] = A.view(torch.uint8)
@@ -211,6 +218,35 @@ def test_parameter_server_vanishing_is_noticed_at_once(ps):
 
 
 def test_nothing_listening(tmp_path):
-    w = Worker(f"ipc://{tmp_path}/nobody.sock")
+    w = Worker(f"ipc://{private_dir(tmp_path)}/nobody.sock")
     error = w.result()
     assert isinstance(error, UpdateAborted) and "no parameter server" in str(error)
+
+
+def test_garbage_first_message_is_an_abort(ps):
+    w = Worker(ps.address)
+    ps.sock.send(b"\x80\x04not json")
+    error = w.result()
+    assert isinstance(error, UpdateAborted) and "bad first message" in str(error)
+    assert w.calls == [] and w.post_hooks == 0
+
+
+@pytest.mark.parametrize(
+    "address, why",
+    [
+        ("tcp://127.0.0.1:5555", "local ipc:// socket"),
+        ("inproc://x", "local ipc:// socket"),
+        ("ipc://@someone-else", "abstract ckpt-engine"),
+        ("ipc:///tmp/x.sock", "private directory"),
+        ("ipc://{tmp}/ckpt-engine-test/../ps.sock", "private directory"),
+        ("ipc://{tmp}/ckpt-engine-open/ps.sock", "not a private directory"),
+        ("ipc://{tmp}/ckpt-engine-none/ps.sock", "no parameter server socket directory"),
+    ],
+)
+def test_worker_connects_only_to_a_private_local_socket(tmp_path, address, why):
+    private_dir(tmp_path)
+    (tmp_path / "ckpt-engine-open").mkdir(mode=0o755)
+    (tmp_path / "ckpt-engine-open").chmod(0o755)
+    w = Worker(address.format(tmp=tmp_path), timeout_s=0.5)
+    error = w.result()
+    assert isinstance(error, UpdateAborted) and why in str(error), error

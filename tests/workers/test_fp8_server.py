@@ -119,7 +119,7 @@ def file_digests(folder: Path) -> dict:
 
 
 def test_disk_loaded_server_serves_the_fp8_files(fleet, fp8_checkpoints):
-    info = fleet["A"].get("/weights_info").json()
+    info = fleet["A"].get("/weights_info", headers=KEY).json()
     want = file_digests(fp8_checkpoints["A"][0])
     assert info["tensors"] == want
     assert info["tensors"]["model.layers.0.mlp.down_proj.weight"]["dtype"] == "float8_e4m3fn"
@@ -148,7 +148,10 @@ def test_three_updates_after_dummy_match_fresh_disk_loads(fleet, fp8_checkpoints
     for which in ("A", "B", "A"):
         UPDATES[update](dummy, fp8_checkpoints[which][0])
         assert dummy.get("/health").status_code == 200
-        got, want = dummy.get("/weights_info").json(), fleet[which].get("/weights_info").json()
+        got, want = (
+            dummy.get("/weights_info", headers=KEY).json(),
+            fleet[which].get("/weights_info", headers=KEY).json(),
+        )
         assert got["tensors"] == want["tensors"] and got["checksum"] == want["checksum"]
         served, fresh = generate(dummy), generate(fleet[which])
         assert served["output_ids"] == fresh["output_ids"]

@@ -156,6 +156,18 @@ def test_check_weights_reports_without_writing():
     ]
 
 
+def test_update_checks_refuse_a_floating_dtype_other_than_the_models():
+    model = ours_from(make_hf_model("qwen3"), dtype=torch.bfloat16)
+    metas = [
+        ("model.norm.weight", "float32", [64]),
+        ("model.layers.0.self_attn.q_proj.weight", "bfloat16", (64, 64)),
+    ]
+    assert model.check_weights(metas) == []  # a disk load converts (--dtype)
+    assert model.check_weights(metas, exact_dtype=True) == [
+        "model.norm.weight: dtype float32 is not the model's bfloat16 (an update is not converted)"
+    ]
+
+
 def test_tied_checkpoint_may_carry_lm_head_and_rotary_tables():
     model = ours_from(make_hf_model("llama", tie_word_embeddings=True))
     extra = [

@@ -11,6 +11,7 @@ import time
 
 import pytest
 from workers_testutil import (
+    KEY,
     NEW_TOKENS,
     PROMPT,
     free_port,
@@ -53,7 +54,10 @@ def seed(checkpoints, tmp_path_factory):
 
 
 def same_weights_and_tokens(a, b) -> None:
-    info_a, info_b = a.get("/weights_info").json(), b.get("/weights_info").json()
+    info_a, info_b = (
+        a.get("/weights_info", headers=KEY).json(),
+        b.get("/weights_info", headers=KEY).json(),
+    )
     assert info_a["tensors"] == info_b["tensors"]
     assert info_a["checksum"] == info_b["checksum"]
     assert info_b["status"] == "ready" and info_b["weight_version"] == VERSION

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from workers_testutil import (
     FAMILIES,
+    KEY,
     NEW_TOKENS,
     PROMPT,
     hf_greedy,
@@ -114,7 +115,7 @@ def test_text_in_text_out(served):
 def test_weights_info_checksums_are_the_checkpoint_files(served):
     """sha256 of every served tensor equals that of the file's tensor: independent of TP size."""
     server, path, _, _ = served
-    r = server.get("/weights_info")
+    r = server.get("/weights_info", headers=KEY)
     assert r.status_code == 200, r.text
     info = r.json()
     assert info["weight_version"] == "default" and info["status"] == "ready"
@@ -194,7 +195,7 @@ def test_generate_rejects_bad_requests(served, body):
 
 def test_weights_info_is_json_serialisable_record(served):
     server, *_ = served
-    info = server.get("/weights_info").json()
+    info = server.get("/weights_info", headers=KEY).json()
     assert set(info) == {"weight_version", "status", "checksum", "tensors"}
     assert len(info["checksum"]) == 64
     json.dumps(info)

@@ -49,7 +49,7 @@ def test_wait_flag_fails_closed_until_real_weights_arrive(waiting):
     assert r.status_code == 503 and r.json()["status"] in unready
     r = server.post("/generate", {"input_ids": PROMPT})
     assert r.status_code == 503 and "no servable weights" in r.json()["message"]
-    assert server.get("/weights_info").json()["status"] in unready
+    assert server.get("/weights_info", headers=KEY).json()["status"] in unready
 
     # An IPC update naming none of this server's devices is refused and changes nothing.
     r = server.post(

@@ -7,7 +7,9 @@ carries a `shard_layout`. From those two alone this mixin provides:
 - `load_weights(weights)`: any order, any subset; checks every (name, shape) of the call before
   writing a byte, then writes this rank's slices in place (`param.data` is never re-allocated,
   so CUDA graphs and IPC views stay valid); returns the checkpoint names written.
-- `check_weights(metas)`: the same checks on (name, dtype, shape) records, writing nothing.
+- `check_weights(metas, exact_dtype=False)`: the same checks on (name, dtype, shape) records,
+  writing nothing; `exact_dtype` (weight updates) also refuses a floating dtype other than the
+  parameter's, naming the tensor, instead of converting it.
 - `checkpoint_names()`: every tensor a full checkpoint must provide.
 - `checkpoint_tensors()`: (name, full tensor in checkpoint layout), unfused and gathered over the
   TP group, so the same weights give the same tensors whatever the TP size. Collective: every rank
@@ -19,7 +21,10 @@ carries a `shard_layout`. From those two alone this mixin provides:
   loads write, writes only buffers allocated at build time, so memory stays flat over updates.
 
 A parameter may restrict the checkpoint dtypes it accepts (`param.checkpoint_dtypes`, e.g. FP8
-weights take float8_e4m3fn only); others take any floating dtype and convert on copy.
+weights take float8_e4m3fn only). Others take any floating dtype and convert on copy when loading
+from disk (a float32 checkpoint into a bf16 server, as `--dtype` asks), but exactly their own
+dtype in a weight update (`exact_dtype`): an update is a copy of the model's weights, and a silent
+cast there would hide a trainer sending the wrong precision.
 """
 
 from __future__ import annotations
@@ -88,7 +93,9 @@ class CheckpointWeights:
     def _skipped(self, name: str) -> bool:
         return name in self.aliased_names or name.endswith(IGNORED_SUFFIXES)
 
-    def _problem(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> str | None:
+    def _problem(
+        self, name: str, dtype: torch.dtype, shape: tuple[int, ...], exact_dtype: bool
+    ) -> str | None:
         try:
             pname, sid = self.resolve(name)
         except KeyError:
@@ -101,11 +108,19 @@ class CheckpointWeights:
         if accepted is not None and dtype not in accepted:
             names = ", ".join(str(d).removeprefix("torch.") for d in accepted)
             return f"{name}: dtype {str(dtype).removeprefix('torch.')} is not {names}"
+        if accepted is None and exact_dtype and dtype != param.dtype:
+            return (
+                f"{name}: dtype {str(dtype).removeprefix('torch.')} is not the model's "
+                f"{str(param.dtype).removeprefix('torch.')} (an update is not converted)"
+            )
         return None
 
-    def check_weights(self, metas: Iterable[tuple[str, Any, Any]]) -> list[str]:
+    def check_weights(
+        self, metas: Iterable[tuple[str, Any, Any]], *, exact_dtype: bool = False
+    ) -> list[str]:
         """Problems with (name, dtype, shape) records: unknown names, shapes that do not fit,
-        non-floating dtypes, duplicates. Writes nothing; an empty list means all fit."""
+        non-floating dtypes (with `exact_dtype`: any dtype but the parameter's), duplicates.
+        Writes nothing; an empty list means all fit."""
         problems, seen = [], set()
         for name, dtype, shape in metas:
             if name in seen:
@@ -114,7 +129,7 @@ class CheckpointWeights:
             dt = _dtype(dtype)
             if dt is None or not dt.is_floating_point:
                 problems.append(f"{name}: dtype {dtype} is not a floating-point dtype")
-            elif not self._skipped(name) and (p := self._problem(name, dt, shape)):
+            elif not self._skipped(name) and (p := self._problem(name, dt, shape, exact_dtype)):
                 problems.append(p)
         return problems
 

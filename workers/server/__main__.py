@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             if version is not None:
                 args = dataclasses.replace(args, weight_version=version)
         front = Frontend(ranks=ranks, args=args, model=model, codec=codec)
-        app = create_app(front, api_key=args.api_key)
+        app = create_app(front, api_key=args.api_key, max_request_bytes=args.max_request_bytes)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
         uvicorn.Server(config).run()
     finally:

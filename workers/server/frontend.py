@@ -4,11 +4,21 @@ Every command to the ranks goes through one FIFO `asyncio.Lock`, and the blockin
 in a worker thread, never on the event loop. So commands reach the ranks one at a time, in
 arrival order: a generation never sees a half-applied weight update, and the weight version it
 reports is the one it ran with.
+
+Two things a caller without a key can reach are kept off that lock or bounded:
+- `/weights_info` hashes the whole model once per weight change (a generation counter bumped by
+  every weight-changing command), then answers from the cache; the route needs the key when the
+  server has one.
+- After a rank timed out, `/health` reports "unresponsive" and probes the ranks with a `ping`
+  (at most one probe per `PROBE_INTERVAL_S`, each bounded by `PROBE_TIMEOUT_S`, never while
+  another command holds the lock); the first probe every rank answers clears it, so a load
+  balancer that routes only to healthy servers sees the server come back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -22,6 +32,8 @@ from workers.server.tokenizer import TextCodec
 from workers.server.worker import RPC_METHODS, WEIGHT_CHANGING_METHODS
 
 DEFAULT_MAX_NEW_TOKENS = 16
+PROBE_INTERVAL_S = 5.0  # least time between two health probes of unresponsive ranks
+PROBE_TIMEOUT_S = 5.0  # longest a health probe waits for the ranks (and holds the lock)
 
 
 class Frontend:
@@ -45,6 +57,9 @@ class Frontend:
             now=time.monotonic(),
         )
         self.unresponsive: str | None = None  # set by a rank timeout, cleared by the next success
+        self._next_probe = 0.0  # time.monotonic() before which /health does not probe again
+        self._weights_generation = 0  # bumped by every weight-changing command
+        self._weights_info: tuple[int, dict[str, Any]] | None = None  # (generation, info)
         self._lock = asyncio.Lock()
 
     async def _run(self, method: str, args: list, kwargs: dict, timeout: float) -> list[Any]:
@@ -58,7 +73,19 @@ class Frontend:
         self.unresponsive = None
         return values
 
-    def health(self) -> tuple[bool, dict[str, Any]]:
+    async def health(self) -> tuple[bool, dict[str, Any]]:
+        """(servable, body); probes unresponsive ranks first (bounded; see the module doc)."""
+        now = time.monotonic()
+        if self.unresponsive is not None and not self._lock.locked() and now >= self._next_probe:
+            self._next_probe = now + PROBE_INTERVAL_S
+            async with self._lock:
+                if self.unresponsive is not None and not self.ranks.dead_ranks():
+                    timeout = min(self.args.rank_timeout, PROBE_TIMEOUT_S)
+                    with contextlib.suppress(RankError):
+                        await self._run("ping", [], {}, timeout)  # clears `unresponsive`
+        return self._health()
+
+    def _health(self) -> tuple[bool, dict[str, Any]]:
         status = self.state.status(time.monotonic())
         body: dict[str, Any] = {"status": status, "weight_version": self.state.version}
         if dead := self.ranks.dead_ranks():
@@ -150,6 +177,7 @@ class Frontend:
     ) -> list[Any]:
         """A weight-changing method on every rank: commit on success, fail closed otherwise."""
         async with self._lock:
+            self._weights_generation += 1  # whatever happens, the cached checksums are stale
             try:
                 values = await self._run(method, args, kwargs, timeout)
             except RankError as e:
@@ -188,15 +216,22 @@ class Frontend:
             return values, self.state.version
 
     async def weights_info(self) -> dict[str, Any]:
-        async with self._lock:
-            values = await self._run("get_weights_info", [], {}, self.args.rank_timeout)
-            info = values[0]
-            body = {
-                "weight_version": self.state.version,
-                "status": self.state.status(time.monotonic()),
-                "checksum": info["checksum"],
-                "tensors": info["tensors"],
-            }
-            if self.state.problem is not None:
-                body["detail"] = self.state.problem
-            return body
+        """Version, status and checksums; the model is hashed (on the ranks, under the lock) once
+        per weight change, later calls answer from the cache without taking the lock."""
+        cached = self._weights_info
+        if cached is None or cached[0] != self._weights_generation:
+            async with self._lock:
+                cached = self._weights_info
+                if cached is None or cached[0] != self._weights_generation:
+                    values = await self._run("get_weights_info", [], {}, self.args.rank_timeout)
+                    cached = self._weights_info = (self._weights_generation, values[0])
+        info = cached[1]
+        body = {
+            "weight_version": self.state.version,
+            "status": self.state.status(time.monotonic()),
+            "checksum": info["checksum"],
+            "tensors": info["tensors"],
+        }
+        if self.state.problem is not None:
+            body["detail"] = self.state.problem
+        return body

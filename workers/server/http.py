@@ -3,13 +3,16 @@
 | route                          | key | answers                                                   |
 | GET  /ping                     |     | 200 always (the front process is alive)                   |
 | GET  /health                   |     | 200 weights servable and every rank alive; 503 otherwise  |
+|                                |     | (probes ranks that timed out: bounded, see frontend.py)   |
 | POST /generate                 |     | 200 greedy tokens (+ text); 503 without servable weights  |
 | POST /collective_rpc           | yes | 200 {success, results: [per rank]}; 400 method not allowed|
 | POST /update_weights_from_ipc  | yes | 200 / 400 {success, message}                              |
-| GET  /weights_info             |     | 200 {weight_version, status, checksum, tensors}           |
+| GET  /weights_info             | yes | 200 {weight_version, status, checksum, tensors} (cached   |
+|                                |     | per weight change: the model is hashed once per version)  |
 | remote-instance (fork) seed routes: `workers.remote_instance.routes`                        |
 
-Errors: 400 bad request or a failed weight update, 401 missing/wrong API key, 503 not servable or
+Errors: 400 bad request or a failed weight update, 401 missing/wrong API key, 413 a body over
+`--max-request-bytes` (`body_limit.py`: refused before it is read or parsed), 503 not servable or
 a dead rank, 504 a rank timed out, 500 anything else. Bodies are {"success": false, "message"}.
 """
 
@@ -30,6 +33,7 @@ from workers.errors import (
     RequestError,
     WorkersError,
 )
+from workers.server.body_limit import BodySizeLimit
 from workers.server.frontend import Frontend
 from workers.server.schemas import (
     CollectiveRpcRequest,
@@ -60,8 +64,11 @@ def status_of(e: Exception) -> int:
     return 500
 
 
-def create_app(front: Frontend, *, api_key: str | None) -> FastAPI:
+def create_app(
+    front: Frontend, *, api_key: str | None, max_request_bytes: int = 16 << 20
+) -> FastAPI:
     app = FastAPI(title="ckpt-engine reference server")
+    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
 
     def require_key(request: Request) -> None:
         if api_key is None:
@@ -91,7 +98,7 @@ def create_app(front: Frontend, *, api_key: str | None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ok, body = front.health()
+        ok, body = await front.health()
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.post("/generate")
@@ -116,7 +123,7 @@ def create_app(front: Frontend, *, api_key: str | None) -> FastAPI:
             return _fail(400, str(e))
         return JSONResponse({"success": True, "message": message})
 
-    @app.get("/weights_info")
+    @app.get("/weights_info", dependencies=[Depends(require_key)])
     async def weights_info() -> dict:
         return await front.weights_info()
 

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 RPC_METHODS: dict[str, str] = {
     "ping": "() -> {rank, device, pid}: liveness of every rank",
     "get_weights_info": "() -> {tensors: {name: {dtype, shape, sha256}}, checksum} (rank 0)",
-    "check_weights": "(metas: [[name, dtype, shape], ...]) -> problems: validate, write nothing",
+    "check_weights": "(metas: [[name, dtype, shape], ...]) -> problems of an update, write nothing",
     "update_weights_from_disk": "(model_path=None) -> loaded names count: reload safetensors",
     "update_weights_from_ipc": "(zmq_handles: {device_key: zmq_address}) -> tensors written",
 }
@@ -181,7 +181,7 @@ class RankWorker:
             isinstance(m, list | tuple) and len(m) == 3 for m in metas
         ):
             raise WorkersError("metas must be a list of [name, dtype, shape]")
-        return self.model.check_weights([tuple(m) for m in metas])
+        return self.model.check_weights([tuple(m) for m in metas], exact_dtype=True)
 
     def update_weights_from_disk(self, model_path: str | None = None) -> int:
         """Reload every tensor from a safetensors folder (default: --model-path), checked from
@@ -248,7 +248,7 @@ class RankWorker:
         from ckpt_engine.dtypes import to_torch
 
         metas = [(spec.name, to_torch(spec.dtype), spec.shape) for spec in manifest]
-        problems = self.model.check_weights(metas)
+        problems = self.model.check_weights(metas, exact_dtype=True)
         sent = {spec.name for spec in manifest}
         problems += [
             f"{n}: not in the update" for n in self.model.checkpoint_names() if n not in sent

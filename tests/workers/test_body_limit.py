@@ -1,0 +1,87 @@
+"""`BodySizeLimit` as an ASGI middleware around a FastAPI route (in process, no server)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+from workers.server.body_limit import BodySizeLimit
+
+
+class Body(BaseModel):
+    ids: list[int]
+
+
+def _app(limit: int) -> FastAPI:
+    app = FastAPI()
+    app.add_middleware(BodySizeLimit, max_bytes=limit)
+    app.state.parsed = 0
+
+    @app.post("/generate")
+    async def generate(req: Body) -> dict:
+        app.state.parsed += 1
+        return {"n": len(req.ids)}
+
+    return app
+
+
+def _call(app, chunks: list[bytes], *, declared: int | None) -> tuple[int, dict, int]:
+    """POST `chunks` (Content-Length `declared`, or chunked): (status, body, chunks consumed)."""
+    sent: list[dict] = []
+    pending = list(chunks)
+
+    async def receive() -> dict:
+        if not pending:
+            return {"type": "http.disconnect"}
+        chunk = pending.pop(0)
+        return {"type": "http.request", "body": chunk, "more_body": bool(pending)}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    headers = [(b"content-type", b"application/json")]
+    if declared is not None:
+        headers.append((b"content-length", str(declared).encode()))
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/generate",
+        "raw_path": b"/generate",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], json.loads(body), len(chunks) - len(pending)
+
+
+def test_a_body_within_the_limit_is_served():
+    app = _app(1000)
+    payload = json.dumps({"ids": [1, 2, 3]}).encode()
+    assert _call(app, [payload], declared=len(payload))[:2] == (200, {"n": 3})
+
+
+def test_a_declared_length_over_the_limit_is_refused_unread():
+    app = _app(1000)
+    status, body, consumed = _call(app, [b"x" * 600, b"x" * 600], declared=1200)
+    assert status == 413 and consumed == 0 and app.state.parsed == 0
+    assert "1200+ bytes exceeds the server's limit of 1000 bytes" in body["message"]
+
+
+@pytest.mark.parametrize("chunks", [3, 50])
+def test_a_chunked_body_is_cut_when_it_passes_the_limit(chunks):
+    app = _app(1000)
+    status, body, consumed = _call(app, [b"[" * 400] * chunks, declared=None)
+    assert status == 413 and body["success"] is False and app.state.parsed == 0
+    assert consumed == 3  # read up to the chunk that passed the limit, no further
