@@ -59,11 +59,16 @@ TINY = dict(
 )
 
 
-def hf_config(family: str, **overrides):
-    from transformers import LlamaConfig, Qwen3Config
+# Qwen3-MoE: TINY's attention, 8 experts of intermediate size 32, top 2 of them.
+TINY_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
 
-    cls = {"qwen3": Qwen3Config, "llama": LlamaConfig}[family]
-    return cls(**{**TINY, **overrides})
+
+def hf_config(family: str, **overrides):
+    from transformers import LlamaConfig, Qwen3Config, Qwen3MoeConfig
+
+    cls = {"qwen3": Qwen3Config, "llama": LlamaConfig, "qwen3_moe": Qwen3MoeConfig}[family]
+    base = {**TINY, **TINY_MOE} if family == "qwen3_moe" else TINY
+    return cls(**{**base, **overrides})
 
 
 def make_hf_model(family: str, *, seed: int = 0, **overrides):
@@ -80,6 +85,21 @@ def make_hf_model(family: str, *, seed: int = 0, **overrides):
             else:
                 p.normal_(0, 0.1)
     return model
+
+
+def checkpoint_state(model) -> dict[str, torch.Tensor]:
+    """The tensors `save_pretrained` writes (checkpoint layout: transformers fuses MoE experts
+    in memory and writes each expert's tensors apart)."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        state = {}
+        for f in sorted(Path(tmp).glob("*.safetensors")):
+            state.update(load_file(f))
+    return state
 
 
 def save_checkpoint(model, path: Path, *, tokenizer: bool = False, **save_kwargs) -> Path:

@@ -11,6 +11,10 @@ padded (vocabulary rows when the vocabulary does not divide by the TP size).
 From this one record follow, with no per-layer code: the local shape, `load` (checkpoint tensor ->
 this rank's slice, written in place), `unshard` (every rank's slice -> checkpoint tensors) and the
 expected checkpoint shapes that `check_weights` validates against.
+
+`StackedLayout` stacks `count` such layouts along a new leading dim: fused MoE experts, where
+expert e's checkpoint tensors (e.g. `experts.e.gate_proj.weight`) are the parts of row e; its
+shard ids are `(e, inner shard id)`. Every expert is split over TP the same way (the inner layout).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from torch import nn
 
 from workers.errors import WeightCheckError
 
-ShardId = str | int | None
+ShardId = str | int | tuple[int, "ShardId"] | None
 
 
 @dataclass(frozen=True)
@@ -119,11 +123,60 @@ class ShardLayout:
         return out
 
 
+@dataclass(frozen=True)
+class StackedLayout:
+    """`count` parameters of one `inner` layout stacked along dim 0 (row e: expert e). The
+    tensor-parallel dim is the inner one, shifted by one; shard ids are `(row, inner shard id)`."""
+
+    count: int
+    inner: ShardLayout
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError(f"a stacked layout needs at least one row, got {self.count}")
+
+    @property
+    def dim(self) -> int | None:
+        return None if self.inner.dim is None else self.inner.dim + 1
+
+    def local_shape(self) -> tuple[int, ...]:
+        return (self.count, *self.inner.local_shape())
+
+    def shard_ids(self) -> tuple[ShardId, ...]:
+        inner = self.inner.shard_ids()
+        return tuple((row, sid) for row in range(self.count) for sid in inner)
+
+    def _split(self, shard_id: ShardId) -> tuple[int, ShardId]:
+        if not (isinstance(shard_id, tuple) and len(shard_id) == 2):
+            raise KeyError(f"shard id {shard_id!r} is not (row, inner shard id)")
+        row, sid = shard_id
+        if not (isinstance(row, int) and 0 <= row < self.count):
+            raise KeyError(f"row {row!r} out of range 0..{self.count - 1}")
+        return row, sid
+
+    def full_shape(self, shard_id: ShardId) -> tuple[int, ...]:
+        return self.inner.full_shape(self._split(shard_id)[1])
+
+    @torch.no_grad()
+    def load(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+        row, sid = self._split(shard_id)
+        self.inner.load(param.data[row], loaded, sid)
+
+    def unshard(self, shards: list[torch.Tensor]) -> dict[ShardId, torch.Tensor]:
+        out: dict[ShardId, torch.Tensor] = {}
+        for row in range(self.count):
+            for sid, full in self.inner.unshard([s[row] for s in shards]).items():
+                out[(row, sid)] = full
+        return out
+
+
 def _without(shape: tuple[int, ...], dim: int) -> tuple[int, ...]:
     return shape[:dim] + shape[dim + 1 :]
 
 
-def make_param(layout: ShardLayout, *, dtype: torch.dtype | None = None) -> nn.Parameter:
+def make_param(
+    layout: ShardLayout | StackedLayout, *, dtype: torch.dtype | None = None
+) -> nn.Parameter:
     """An uninitialised parameter of the layout's local shape (current default device; `dtype`,
     default the current default dtype), carrying `shard_layout` and the
     `weight_loader(param, tensor, shard_id)` that loaders call."""

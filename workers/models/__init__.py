@@ -7,11 +7,12 @@ import torch
 from workers.distributed import TensorParallel
 from workers.errors import ConfigError
 from workers.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
-from workers.models.decoder import DenseDecoderForCausalLM
+from workers.models.decoder import DenseDecoderForCausalLM, MoeDecoderForCausalLM
 
 MODELS: dict[str, type[DenseDecoderForCausalLM]] = {
     "LlamaForCausalLM": DenseDecoderForCausalLM,
     "Qwen3ForCausalLM": DenseDecoderForCausalLM,
+    "Qwen3MoeForCausalLM": MoeDecoderForCausalLM,
 }
 assert set(MODELS) == set(SUPPORTED_ARCHITECTURES)
 
@@ -46,4 +47,11 @@ def resolve_dtype(name: str, config: ModelConfig) -> torch.dtype:
     return dtype
 
 
-__all__ = ["MODELS", "DenseDecoderForCausalLM", "ModelConfig", "build_model", "resolve_dtype"]
+__all__ = [
+    "MODELS",
+    "DenseDecoderForCausalLM",
+    "ModelConfig",
+    "MoeDecoderForCausalLM",
+    "build_model",
+    "resolve_dtype",
+]

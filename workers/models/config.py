@@ -1,7 +1,10 @@
 """`ModelConfig`: what the reference model needs from a Hugging Face config.json, parsed without
 `transformers` (it is not a runtime dependency). Accepts both config layouts in circulation:
 `rope_parameters` (transformers 5) and `rope_theta` + `rope_scaling` (transformers 4).
-`quantization_config` of block-wise FP8 checkpoints becomes `quantization` (`layers.fp8`)."""
+`quantization_config` of block-wise FP8 checkpoints becomes `quantization` (`layers.fp8`).
+Qwen3-MoE's fields (`num_experts` or `num_local_experts`, `num_experts_per_tok`,
+`moe_intermediate_size`, `norm_topk_prob`, `decoder_sparse_step`, `mlp_only_layers`) say which
+layers are sparse (`is_moe_layer`); dense architectures have `num_experts == 0`."""
 
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ from workers.errors import ConfigError
 from workers.layers.fp8 import Fp8Config
 from workers.layers.rotary import RopeParams
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
+QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
 DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -38,6 +43,12 @@ class ModelConfig:
     dtype: str | None = None
     eos_token_ids: tuple[int, ...] = ()
     quantization: Fp8Config | None = None  # block-wise FP8 linear weights; None: unquantized
+    num_experts: int = 0  # 0: every layer dense
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
@@ -51,8 +62,31 @@ class ModelConfig:
                 f"config.json: {self.num_heads} attention heads do not group over "
                 f"{self.num_kv_heads} key/value heads"
             )
+        if self.num_experts:
+            self._check_moe()
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"config.json: unsupported dtype {self.dtype!r}; supported: {DTYPES}")
+
+    def _check_moe(self) -> None:
+        if self.num_experts < 0 or not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(
+                f"config.json: num_experts_per_tok {self.num_experts_per_tok} must be in "
+                f"1..num_experts ({self.num_experts})"
+            )
+        if self.moe_intermediate_size < 1 or self.decoder_sparse_step < 1:
+            raise ConfigError(
+                "config.json: moe_intermediate_size and decoder_sparse_step must be positive"
+            )
+        if self.quantization is not None:
+            raise ConfigError("config.json: quantized mixture-of-experts models are not served")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Qwen3-MoE's rule: sparse unless listed in mlp_only_layers, every decoder_sparse_step."""
+        return (
+            self.num_experts > 0
+            and layer not in self.mlp_only_layers
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
 
     @classmethod
     def from_pretrained(cls, model_path: str | Path) -> ModelConfig:
@@ -105,15 +139,32 @@ class ModelConfig:
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
                 attention_bias=bool(raw.get("attention_bias", False)),
                 mlp_bias=bool(raw.get("mlp_bias", False)),
-                qk_norm=arch == "Qwen3ForCausalLM",
+                qk_norm=arch in QK_NORM_ARCHITECTURES,
                 dtype=raw.get("dtype", raw.get("torch_dtype")),
                 eos_token_ids=eos_token_ids,
                 quantization=Fp8Config.from_hf(raw.get("quantization_config")),
+                **(_moe(raw) if arch in MOE_ARCHITECTURES else {}),
             )
+        except ConfigError:
+            raise
         except KeyError as e:
             raise ConfigError(f"config.json lacks {e.args[0]!r}") from e
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config.json: {e}") from e
+
+
+def _moe(raw: dict[str, Any]) -> dict[str, Any]:
+    experts = raw.get("num_experts", raw.get("num_local_experts"))
+    if not experts:
+        raise ConfigError("config.json: a mixture-of-experts model needs num_experts > 0")
+    return dict(
+        num_experts=int(experts),
+        num_experts_per_tok=int(raw["num_experts_per_tok"]),
+        moe_intermediate_size=int(raw["moe_intermediate_size"]),
+        norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+        decoder_sparse_step=int(raw.get("decoder_sparse_step", 1)),
+        mlp_only_layers=tuple(int(i) for i in raw.get("mlp_only_layers") or ()),
+    )
 
 
 def _rope(raw: dict[str, Any], max_pos: int) -> RopeParams:

@@ -1,11 +1,13 @@
-"""The dense decoder of the Llama and Qwen3 families, tensor-parallel.
+"""The decoder of the Llama, Qwen3 and Qwen3-MoE families, tensor-parallel.
 
 Module and parameter names mirror the Hugging Face checkpoints (`model.layers.N.self_attn...`),
 except for the fused `qkv_proj` and `gate_up_proj`, mapped by `packed_modules_mapping`. Covers
 grouped-query attention, RoPE (theta + scaling), RMSNorm, SwiGLU, Qwen3's per-head q/k norms,
 attention/MLP biases, tied or untied embeddings, and block-FP8 linear weights when config.json
 carries a `quantization_config` (`layers.fp8`; each layer is told its checkpoint module names so
-`modules_to_not_convert` applies).
+`modules_to_not_convert` applies). Qwen3-MoE's sparse layers hold a `layers.moe.SparseMoeBlock`
+as `mlp`; `MoeDecoderForCausalLM` declares the expert mapping that loads each expert's checkpoint
+tensors into the fused expert parameters.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from workers.layers import (
     cached_attention,
 )
 from workers.layers.fp8 import layer_quant
+from workers.layers.moe import SparseMoeBlock, expert_params_mapping
 from workers.models.config import ModelConfig
 from workers.models.weights import CheckpointWeights
 
@@ -110,12 +113,25 @@ class DecoderMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel, prefix: str = "") -> None:
+    def __init__(
+        self, config: ModelConfig, tp: TensorParallel, prefix: str = "", index: int = 0
+    ) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = DecoderAttention(config, tp, f"{prefix}.self_attn")
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = DecoderMLP(config, tp, f"{prefix}.mlp")
+        c = config
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = DecoderAttention(c, tp, f"{prefix}.self_attn")
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        if c.is_moe_layer(index):
+            self.mlp = SparseMoeBlock(
+                c.hidden_size,
+                c.moe_intermediate_size,
+                c.num_experts,
+                c.num_experts_per_tok,
+                c.norm_topk_prob,
+                tp=tp,
+            )
+        else:
+            self.mlp = DecoderMLP(c, tp, f"{prefix}.mlp")
 
     def forward(self, x, cos_sin, cache: KVCache, layer: int, start: int) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, cache, layer, start)
@@ -127,7 +143,7 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp=tp)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, tp, f"model.layers.{i}") for i in range(config.num_layers)
+            DecoderLayer(config, tp, f"model.layers.{i}", i) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope)
@@ -175,3 +191,13 @@ class DenseDecoderForCausalLM(nn.Module, CheckpointWeights):
     def forward(self, input_ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         """Logits [tokens, vocab] for positions start..start+len(input_ids)-1 (every rank)."""
         return self.lm_head(self.model(input_ids, cache, start))
+
+
+class MoeDecoderForCausalLM(DenseDecoderForCausalLM):
+    """Qwen3-MoE: the decoder with sparse MLP layers; each expert's checkpoint tensors
+    (`mlp.experts.<e>.{gate,up,down}_proj.weight`) load into the fused expert parameters
+    through the declared `expert_params_mapping` (`layers.moe`)."""
+
+    def __init__(self, config: ModelConfig, tp: TensorParallel) -> None:
+        super().__init__(config, tp)
+        self.expert_params_mapping = expert_params_mapping(config.num_experts)

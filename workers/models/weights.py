@@ -2,7 +2,10 @@
 
 A model declares `packed_modules_mapping` (checkpoint module name -> (fused module name, shard
 id)), e.g. {"q_proj": ("qkv_proj", "q"), "gate_proj": ("gate_up_proj", 0)}; every parameter
-carries a `shard_layout`. From those two alone this mixin provides:
+carries a `shard_layout`. A mixture-of-experts model also declares `expert_params_mapping`
+(checkpoint-name suffix -> (parameter-name suffix, shard id), e.g. "experts.3.up_proj.weight" ->
+("experts.gate_up_proj", (3, 1)); built by `layers.moe.expert_params_mapping`), so each expert's
+checkpoint tensors are rows of fused parameters. From these alone this mixin provides:
 
 - `load_weights(weights)`: any order, any subset; checks every (name, shape) of the call before
   writing a byte, then writes this rank's slices in place (`param.data` is never re-allocated,
@@ -38,7 +41,7 @@ from torch import nn
 
 from workers.distributed import TensorParallel
 from workers.errors import WeightCheckError
-from workers.layers.sharding import ShardId, ShardLayout
+from workers.layers.sharding import ShardId, ShardLayout, StackedLayout
 
 # Names some checkpoints carry that hold no weight (precomputed rotary tables): accepted, skipped.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
@@ -48,6 +51,7 @@ class CheckpointWeights:
     """Mixin for an `nn.Module` model with `tp: TensorParallel` and `packed_modules_mapping`."""
 
     packed_modules_mapping: dict[str, tuple[str, ShardId]] = {}
+    expert_params_mapping: dict[str, tuple[str, ShardId]] = {}
     tp: TensorParallel
     # Checkpoint names accepted and skipped because another tensor carries them (a tied LM head).
     aliased_names: frozenset[str] = frozenset()
@@ -59,9 +63,32 @@ class CheckpointWeights:
             table = self.__dict__["_param_table"] = dict(self.named_parameters())  # type: ignore[attr-defined]
         return table
 
+    def _expert_tables(self) -> tuple[list[int], list[int], dict[tuple[str, Any], str]]:
+        """(checkpoint-suffix lengths, parameter-suffix lengths, inverse of the expert mapping),
+        in parts, built once."""
+        tables = self.__dict__.get("_expert_tables_cache")
+        if tables is None:
+            mapping = self.expert_params_mapping
+            ckpt_lens = sorted({k.count(".") + 1 for k in mapping})
+            param_lens = sorted({v[0].count(".") + 1 for v in mapping.values()})
+            inverse = {(fused, sid): ckpt for ckpt, (fused, sid) in mapping.items()}
+            tables = self.__dict__["_expert_tables_cache"] = (ckpt_lens, param_lens, inverse)
+        return tables
+
+    def _resolve_expert(self, parts: list[str]) -> tuple[str, ShardId] | None:
+        for n in self._expert_tables()[0]:
+            entry = self.expert_params_mapping.get(".".join(parts[-n:]))
+            if entry is not None and len(parts) > n:
+                param_name = ".".join([*parts[:-n], entry[0]])
+                if param_name in self._params():
+                    return param_name, entry[1]
+        return None
+
     def resolve(self, name: str) -> tuple[str, ShardId]:
         """Checkpoint name -> (parameter name, shard id); KeyError names an unknown one."""
         parts = name.split(".")
+        if self.expert_params_mapping and (found := self._resolve_expert(parts)):
+            return found
         for i, part in enumerate(parts):
             if part in self.packed_modules_mapping:
                 fused, shard_id = self.packed_modules_mapping[part]
@@ -77,6 +104,12 @@ class CheckpointWeights:
         if shard_id is None:
             return param_name
         parts = param_name.split(".")
+        if self.expert_params_mapping:
+            _, param_lens, inverse = self._expert_tables()
+            for n in param_lens:
+                ckpt = inverse.get((".".join(parts[-n:]), shard_id))
+                if ckpt is not None:
+                    return ".".join([*parts[:-n], ckpt])
         for ckpt_module, (fused, sid) in self.packed_modules_mapping.items():
             if sid == shard_id and fused in parts:
                 i = parts.index(fused)
@@ -176,7 +209,7 @@ _BYTE_FLOATS = tuple(
 )
 
 
-def _layout(name: str, param: nn.Parameter) -> ShardLayout:
+def _layout(name: str, param: nn.Parameter) -> ShardLayout | StackedLayout:
     layout = getattr(param, "shard_layout", None)
     if layout is None:
         raise TypeError(f"parameter {name} was not built with workers.layers (no shard_layout)")
