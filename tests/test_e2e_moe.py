@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from workers_testutil import (
+    KEY,
     NEW_TOKENS,
     PROMPT,
     REPO,
@@ -85,7 +86,7 @@ def fleet(ckpts, tmp_path_factory):
 
 
 def weights(server) -> dict:
-    info = server.get("/weights_info").json()
+    info = server.get("/weights_info", headers=KEY).json()
     assert info["status"] == "ready", info
     return info
 
