@@ -23,6 +23,10 @@ class Env:
     """CKPT_ENGINE_TEST_FAIL_UPDATE_FILE: tests only: while this file exists, the last TP rank
     fails IPC weight updates in the bucket whose index the file holds (after earlier buckets
     were written: the fail-closed path)."""
+    test_bucket_delay_file: str | None = None
+    """CKPT_ENGINE_TEST_BUCKET_DELAY_FILE: tests only: while this file exists, the vLLM adapter
+    logs "test delay: bucket N loaded" (a warning) and sleeps the seconds the file holds after
+    each bucket it loads (to kill an updater mid-update)."""
 
 
 def read_env(environ: dict[str, str] | None = None) -> Env:
@@ -34,6 +38,7 @@ def read_env(environ: dict[str, str] | None = None) -> Env:
         log_level=environ.get("CKPT_ENGINE_LOG_LEVEL", "info").lower(),
         test_fork_delay_s=float(environ.get("CKPT_ENGINE_TEST_FORK_DELAY_S", "0") or 0),
         test_fail_update_file=environ.get("CKPT_ENGINE_TEST_FAIL_UPDATE_FILE") or None,
+        test_bucket_delay_file=environ.get("CKPT_ENGINE_TEST_BUCKET_DELAY_FILE") or None,
     )
 
 

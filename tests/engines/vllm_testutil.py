@@ -1,0 +1,182 @@
+"""Real vLLM servers for the tests: vLLM's CPU build in its own venv (scripts/setup_vllm.sh),
+started as ``python -m vllm.entrypoints.openai.api_server`` on a tiny Qwen3 checkpoint made by the
+tests, with ``--load-format dummy`` (the tests push the weights).
+
+Skip policy: the tests skip when the venv is missing, unless ``CKPT_ENGINE_REQUIRE_VLLM=1``
+(scripts/test.sh, hence CI, sets it after creating the venv): then a missing venv fails them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from workers_testutil import (
+    REPO,
+    free_port,
+    hf_greedy,
+    make_hf_model,
+    run_updater,
+    save_checkpoint,
+    stop_group,
+)
+
+VENV = Path(os.environ.get("CKPT_ENGINE_VLLM_VENV") or REPO / ".venv-vllm")
+if not VENV.is_absolute():
+    VENV = REPO / VENV
+PYTHON = VENV / "bin" / "python"
+START_TIMEOUT_S = 420  # vLLM takes 30-60 s to start on 2 busy cores; TP=2 more
+PROMPT = [3, 17, 101, 5, 250, 64, 9]
+NEW_TOKENS = 6
+EXTENSION = "workers.vllm.CkptEngineWorkerExtension"
+
+
+def require_vllm() -> None:
+    if (VENV / ".ckpt-engine-ready").exists() and PYTHON.exists():
+        return
+    message = f"no vLLM venv at {VENV} (create it: bash scripts/setup_vllm.sh)"
+    if os.environ.get("CKPT_ENGINE_REQUIRE_VLLM") == "1":
+        pytest.fail(message + "; CKPT_ENGINE_REQUIRE_VLLM=1 requires it")
+    pytest.skip(message)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    model: object  # the transformers model it was saved from (None for broken ones)
+
+    def greedy(self) -> list[int]:
+        return hf_greedy(self.model, PROMPT, NEW_TOKENS)[0]
+
+
+def make_checkpoints(tmp: Path) -> dict[str, Checkpoint]:
+    """ "A", "B": tiny Qwen3 models (head_dim 32: vLLM's CPU attention refuses 16);
+    "wrong_shape": an MLP of another width; "unknown_name": A plus a tensor the model lacks."""
+    from safetensors.torch import load_file, save_file
+
+    out = {}
+    for name, seed, extra in (
+        ("A", 0, {}),
+        ("B", 1, {}),
+        ("wrong_shape", 2, {"intermediate_size": 96}),
+    ):
+        model = make_hf_model("qwen3", seed=seed, head_dim=32, **extra)
+        path = save_checkpoint(model, tmp / name, tokenizer=True)
+        out[name] = Checkpoint(path, model)
+    unknown = tmp / "unknown_name"
+    unknown.mkdir()
+    tensors = load_file(out["A"].path / "model.safetensors")
+    tensors["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(8, 64)
+    save_file(tensors, unknown / "model.safetensors", metadata={"format": "pt"})
+    out["unknown_name"] = Checkpoint(unknown, None)
+    return out
+
+
+def expected_checksums(model, tp: int = 1) -> dict[str, str]:
+    """What ``ckpt_engine_checksums`` of a TP=1 worker reports for a transformers Qwen3 model:
+    vLLM's fused qkv_proj / gate_up_proj, every other parameter as it is."""
+    assert tp == 1
+    params = {n: p.detach().float() for n, p in model.named_parameters()}
+    out = {}
+    for name, tensor in params.items():
+        if ".q_proj." in name:
+            base = name.replace(".q_proj.", ".")
+            parts = [params[base.replace("self_attn.", f"self_attn.{x}_proj.")] for x in "qkv"]
+            out[name.replace("q_proj", "qkv_proj")] = torch.cat(parts)
+        elif ".gate_proj." in name:
+            up = params[name.replace("gate_proj", "up_proj")]
+            out[name.replace("gate_proj", "gate_up_proj")] = torch.cat([tensor, up])
+        elif not any(f".{x}_proj." in name for x in ("k", "v", "up")):
+            out[name] = tensor
+    return {
+        f"0:{n}": hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+        for n, t in out.items()
+    }
+
+
+@dataclass
+class VllmServer:
+    proc: subprocess.Popen
+    url: str
+    log: Path
+    model: str
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def post(self, path: str, body: dict | None = None, timeout: float = 120) -> requests.Response:
+        return requests.post(self.url + path, json=body, timeout=timeout)
+
+    def get(self, path: str, timeout: float = 60) -> requests.Response:
+        return requests.get(self.url + path, timeout=timeout)
+
+    def greedy(self) -> list[int]:
+        body = {"model": self.model, "prompt": PROMPT, "max_tokens": NEW_TOKENS}
+        body.update(temperature=0, ignore_eos=True, return_token_ids=True)
+        r = self.post("/v1/completions", body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["token_ids"]
+
+    def rpc(self, method: str, *args) -> list:
+        r = self.post("/collective_rpc", {"method": method, "args": list(args)})
+        assert r.status_code == 200, f"{method}: HTTP {r.status_code} {r.text}"
+        return r.json()["results"]
+
+    def stop(self) -> None:
+        stop_group(self.proc)
+
+
+def start_vllm(
+    checkpoint: Path, *args: str, log: Path, tp: int = 1, env: dict | None = None
+) -> VllmServer:
+    """A vLLM server on a free port with dummy weights, in its own process group, up and
+    healthy (fails with its log otherwise)."""
+    port = free_port()
+    cmd = [str(PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--load-format", "dummy"]
+    cmd += ["--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "4"]
+    cmd += ["--enforce-eager", "--tensor-parallel-size", str(tp), *args]
+    full_env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    full_env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1" if tp == 2 else "auto"
+    full_env.pop("VIRTUAL_ENV", None)
+    full_env.update(env or {})
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=full_env,
+        )
+    server = VllmServer(proc, f"http://127.0.0.1:{port}", log, str(checkpoint))
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited ({proc.returncode}):\n{server.output()[-6000:]}")
+            try:
+                if requests.get(server.url + "/health", timeout=5).status_code == 200:
+                    return server
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"vLLM not up after {START_TIMEOUT_S} s:\n{server.output()[-6000:]}"
+                )
+            time.sleep(0.5)
+    except BaseException:
+        server.stop()
+        raise
+
+
+def push(server: VllmServer, checkpoint: Checkpoint, *extra: str, tp: int = 1, env=None):
+    """The updater (`tp` CPU ranks, one instance) into `server`: (returncode, output)."""
+    return run_updater(server.url, checkpoint.path, *extra, nproc=tp, device="cpu", env=env)
