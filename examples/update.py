@@ -183,6 +183,12 @@ def run(args: UpdateArgs) -> dict[str, Any]:
     ips = args.inference_parallel_size
     if denv.world_size % ips:
         raise ConfigError(f"{denv.world_size} ranks do not split into instances of {ips}")
+    if denv.local_world_size % ips:  # ranks i*ips.. of an instance must share one node
+        raise ConfigError(
+            f"--inference-parallel-size {ips} does not divide the {denv.local_world_size} ranks "
+            "per node: each instance's ranks must be on its node (IPC buffers and sockets are "
+            "host-local)"
+        )
     endpoints = args.endpoints
     if len(endpoints) not in (1, denv.world_size // ips):
         raise ConfigError(f"{len(endpoints)} endpoints for {denv.world_size // ips} instances")

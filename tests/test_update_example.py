@@ -114,6 +114,22 @@ def test_p2p_flags_refused(extra, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "world, local, ips, message",
+    [
+        ("4", "4", "3", "4 ranks do not split into instances of 3"),
+        ("4", "2", "4", "--inference-parallel-size 4 does not divide the 2 ranks per node"),
+    ],
+)
+def test_instances_must_fit_the_nodes(monkeypatch, capsys, world, local, ips, message):
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", world), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    argv = ["--checkpoint-path", "x", "--inference-parallel-size", ips, "--device", "cpu"]
+    assert upd.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_api_key_defaults_to_the_environment(monkeypatch):
     monkeypatch.setenv("CKPT_ENGINE_API_KEY", "k")
     assert upd.UpdateArgs.from_cli(["--checkpoint-path", "x"]).api_key == "k"

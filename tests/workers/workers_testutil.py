@@ -180,11 +180,18 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 15) -> None:
     proc.wait(15)
 
 
-def start_server(model_path: Path, *args: str, log: Path, env: dict | None = None) -> Server:
+def start_server(
+    model_path: Path,
+    *args: str,
+    log: Path,
+    env: dict | None = None,
+    prefix: list[str] | None = None,
+) -> Server:
     """`python -m workers.server` in its own process group, on a free port (not yet up), with
-    `env` added to the environment."""
+    `env` added to the environment; `prefix` (a command that execs the rest, e.g. `unshare`)
+    runs before it."""
     port = free_port()
-    cmd = [sys.executable, "-m", "workers.server", "--model-path", str(model_path)]
+    cmd = [*(prefix or []), sys.executable, "-m", "workers.server", "--model-path", str(model_path)]
     cmd += ["--port", str(port), *args]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
