@@ -177,25 +177,41 @@ def init_distributed(ps: ParameterServer) -> ControlGroup:
     return ControlGroup(group, rank=ps.rank, world_size=ps.world_size)
 
 
-def run(args: UpdateArgs) -> dict[str, Any]:
-    preflight(args)
-    denv = ce_env.dist_env()
-    ips = args.inference_parallel_size
+def pick_endpoint(endpoints: list[str], denv: ce_env.DistEnv, ips: int) -> str:
+    """This rank's server: instances are blocks of `ips` consecutive ranks, each on one node
+    (refused otherwise: IPC buffers and sockets are host-local). One endpoint serves every
+    instance; as many as instances: one per instance in rank order; as many as instances per
+    node: one per local instance (multi-node jobs, where c10d decides which node gets which
+    ranks, give each node its own servers)."""
     if denv.world_size % ips:
         raise ConfigError(f"{denv.world_size} ranks do not split into instances of {ips}")
-    if denv.local_world_size % ips:  # ranks i*ips.. of an instance must share one node
+    if denv.local_world_size % ips:
         raise ConfigError(
             f"--inference-parallel-size {ips} does not divide the {denv.local_world_size} ranks "
             "per node: each instance's ranks must be on its node (IPC buffers and sockets are "
             "host-local)"
         )
-    endpoints = args.endpoints
-    if len(endpoints) not in (1, denv.world_size // ips):
-        raise ConfigError(f"{len(endpoints)} endpoints for {denv.world_size // ips} instances")
+    instances, local_instances = denv.world_size // ips, denv.local_world_size // ips
+    if len(endpoints) == 1:
+        return endpoints[0]
+    if len(endpoints) == instances:
+        return endpoints[denv.rank // ips]
+    if len(endpoints) == local_instances:
+        return endpoints[denv.local_rank // ips]
+    raise ConfigError(
+        f"{len(endpoints)} endpoints for {instances} instances ({local_instances} per node): "
+        "give one, one per instance, or one per instance of this node"
+    )
+
+
+def run(args: UpdateArgs) -> dict[str, Any]:
+    preflight(args)
+    denv = ce_env.dist_env()
+    ips = args.inference_parallel_size
+    endpoint = pick_endpoint(args.endpoints, denv, ips)
     ps = ParameterServer(device_type=resolve_device_type(args.device))
     try:
         control = init_distributed(ps)
-        endpoint = endpoints[min(ps.rank // ips, len(endpoints) - 1)]
         client = InferenceClient(endpoint, uds=args.uds, api_key=args.api_key)
         job = Job(args=args, ps=ps, control=control, client=client)
         metas: list[CheckpointMetas] = []

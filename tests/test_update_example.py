@@ -130,6 +130,35 @@ def test_instances_must_fit_the_nodes(monkeypatch, capsys, world, local, ips, me
     assert message in capsys.readouterr().err
 
 
+def _denv(rank, world, local_rank, local_world):
+    from ckpt_engine.env import DistEnv
+
+    return DistEnv(
+        rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
+        master_addr="127.0.0.1", master_port=None,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "n, rank, world, local_rank, local_world, ips, want",
+    [
+        (1, 5, 8, 1, 4, 2, 0),  # one endpoint: every instance
+        (4, 5, 8, 1, 4, 2, 2),  # one per instance, global order
+        (2, 5, 8, 1, 4, 2, 0),  # one per instance of this node (2 nodes x 2 instances)
+        (2, 7, 8, 3, 4, 2, 1),
+        (2, 3, 4, 1, 4, 2, 1),  # one node: per instance = per local instance
+    ],
+)
+def test_pick_endpoint(n, rank, world, local_rank, local_world, ips, want):
+    urls = [f"http://h{i}" for i in range(n)]
+    assert upd.pick_endpoint(urls, _denv(rank, world, local_rank, local_world), ips) == urls[want]
+
+
+def test_pick_endpoint_refuses_other_counts():
+    with pytest.raises(upd.ConfigError, match=r"3 endpoints for 4 instances \(2 per node\)"):
+        upd.pick_endpoint(["http://a", "http://b", "http://c"], _denv(0, 8, 0, 4), 2)
+
+
 def test_api_key_defaults_to_the_environment(monkeypatch):
     monkeypatch.setenv("CKPT_ENGINE_API_KEY", "k")
     assert upd.UpdateArgs.from_cli(["--checkpoint-path", "x"]).api_key == "k"

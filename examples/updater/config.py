@@ -32,7 +32,10 @@ class UpdateArgs:
     )
     endpoint: str = field(
         default="http://localhost:19730",
-        metadata=_opt("inference server URL; a comma-separated list gives one per instance"),
+        metadata=_opt(
+            "inference server URL; a comma-separated list gives one per instance (or one per "
+            "instance of this node)"
+        ),
     )
     uds: str | None = field(
         default=None, metadata=_opt("reach the server over this unix socket (HTTP over UDS)")
