@@ -55,45 +55,47 @@ pytestmark = pytest.mark.slow
 NODES = 2
 PER_NODE = 2  # ranks per node = the TP size of each node's server
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
-SOCKETS = "/tmp/ckpt-engine-node-sockets"  # a private tmpfs per node, same path on both
 UPDATER_DEADLINE_S = 240
 
 
-@functools.cache
-def namespaces_work() -> bool:
-    """Whether this process may give each node its own mount and UTS namespaces."""
-    try:
-        probe = subprocess.run(
-            ["unshare", "--mount", "--uts", "--propagation", "private", "true"],
-            capture_output=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return probe.returncode == 0
-
-
-def node_entry(name: str) -> list[str]:
-    """The command prefix that starts a node: new namespaces, private /dev/shm and socket
-    directory, hostname `name`, then exec the rest of the command line."""
+def node_entry(name: str, sockets: Path) -> list[str]:
+    """The command prefix that starts a node: new mount and UTS namespaces, a private tmpfs on
+    /dev/shm and on `sockets` (the same path on every node, different files), hostname `name`,
+    then exec the rest of the command line."""
     setup = (
-        f"mount -t tmpfs -o mode=1777 shm /dev/shm && mkdir -p {SOCKETS} && "
-        f'mount -t tmpfs -o mode=1777 sockets {SOCKETS} && hostname "$0" && exec "$@"'
+        f"mount -t tmpfs -o mode=1777 shm /dev/shm && mount -t tmpfs -o mode=0700 s {sockets} "
+        '&& hostname "$0" && exec "$@"'
     )
     return ["unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c", setup, name]
 
 
+@functools.cache
+def namespaces_work() -> bool:
+    """Whether this process may start nodes with `node_entry` (root or CAP_SYS_ADMIN)."""
+    with tempfile.TemporaryDirectory(prefix="cemn") as tmp:
+        try:
+            probe = subprocess.run(
+                [*node_entry("probe", Path(tmp)), "true"], capture_output=True, timeout=30
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+    return probe.returncode == 0
+
+
 def node_env(name: str, short_tmp: Path) -> dict:
-    env = {"CKPT_ENGINE_SOCKET_DIR": SOCKETS, "GLOO_SOCKET_IFNAME": "lo"}
-    if not namespaces_work():  # distinct names on one host instead of private mounts
-        shm, sockets = short_tmp / f"{name}-shm", short_tmp / f"{name}-s"  # socket paths <= 107 B
-        shm.mkdir(exist_ok=True)
-        sockets.mkdir(exist_ok=True)
-        env.update(
-            CKPT_ENGINE_HOSTNAME=name,
-            CKPT_ENGINE_SHM_DIR=str(shm),
-            CKPT_ENGINE_SOCKET_DIR=str(sockets),
-        )
+    """The node's environment; socket paths stay under 108 bytes (hence `short_tmp`)."""
+    env = {"GLOO_SOCKET_IFNAME": "lo"}
+    if namespaces_work():  # one mount point; each node mounts its own tmpfs there
+        dirs = {"CKPT_ENGINE_SOCKET_DIR": short_tmp / "sockets"}
+    else:  # distinct names on one host instead of private mounts
+        env["CKPT_ENGINE_HOSTNAME"] = name
+        dirs = {
+            "CKPT_ENGINE_SOCKET_DIR": short_tmp / f"{name}-s",
+            "CKPT_ENGINE_SHM_DIR": short_tmp / f"{name}-shm",
+        }
+    for key, path in dirs.items():
+        path.mkdir(exist_ok=True)
+        env[key] = str(path)
     return env
 
 
@@ -128,7 +130,7 @@ def nodes(ckpts, tmp_path_factory):
             args += ["--api-key", "secret", "--load-format", "dummy", "--wait-for-initial-weights"]
             server = start_server(
                 ckpts["A"][0], *args, log=tmp / f"{name}-server.log", env=env,
-                prefix=node_entry(name) if namespaces_work() else None,
+                prefix=node_entry(name, short_tmp / "sockets") if namespaces_work() else None,
             )  # fmt: skip
             out.append({"name": name, "server": server, "env": env, "tmp": tmp})
         for node in out:
