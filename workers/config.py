@@ -18,8 +18,7 @@ from typing import Any
 from workers.env import ENV
 from workers.errors import ConfigError
 from workers.model_loader import LOAD_FORMATS
-from workers.remote_instance.backend import TRANSFER_BACKENDS
-from workers.remote_instance.settings import PREFIX, RemoteInstanceSettings
+from workers.remote_instance.settings import FORK_BACKENDS, PREFIX, RemoteInstanceSettings
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -108,8 +107,24 @@ class ServerArgs:
     remote_instance_weight_loader_backend: str | None = field(
         default=None,
         metadata=_opt(
-            "fork: transfer backend (default: nccl on cuda, gloo on cpu)",
-            choices=tuple(TRANSFER_BACKENDS),
+            "fork: transfer backend (default: nccl on cuda, gloo on cpu); transfer_engine: "
+            "one-sided Mooncake reads (no group ports); modelexpress: the seed found in a "
+            "Redis registry (--modelexpress-config), then transfer_engine",
+            choices=FORK_BACKENDS,
+        ),
+    )
+    remote_instance_weight_loader_start_seed_via_transfer_engine: bool = field(
+        default=False,
+        metadata=_opt(
+            "seed: register the parameters with Mooncake's transfer engine at start, so clients "
+            "read them one-sided (backend transfer_engine; no authentication: trusted fabric only)"
+        ),
+    )
+    modelexpress_config: str | None = field(
+        default=None,
+        metadata=_opt(
+            'coordination on Redis, JSON: {"url": "redis://host:port/0" (or rediss://), '
+            '"model_name": ..., "source": true (seed: publish this server)}'
         ),
     )
     remote_instance_weight_loader_seed_api_key: str | None = field(

@@ -19,6 +19,9 @@ class Env:
     test_fork_delay_s: float = 0.0
     """CKPT_ENGINE_TEST_FORK_DELAY_S: tests only: seconds a seed pauses after each tensor it
     sends to a forking client (to kill it mid-transfer)."""
+    test_read_delay_s: float = 0.0
+    """CKPT_ENGINE_TEST_READ_DELAY_S: tests only: seconds a transfer_engine client pauses after
+    reading each parameter (to kill its seed mid-transfer)."""
     test_fail_update_file: str | None = None
     """CKPT_ENGINE_TEST_FAIL_UPDATE_FILE: tests only: while this file exists, the last TP rank
     fails IPC weight updates in the bucket whose index the file holds (after earlier buckets
@@ -37,6 +40,7 @@ def read_env(environ: dict[str, str] | None = None) -> Env:
         api_key=api_key if api_key else None,
         log_level=environ.get("CKPT_ENGINE_LOG_LEVEL", "info").lower(),
         test_fork_delay_s=float(environ.get("CKPT_ENGINE_TEST_FORK_DELAY_S", "0") or 0),
+        test_read_delay_s=float(environ.get("CKPT_ENGINE_TEST_READ_DELAY_S", "0") or 0),
         test_fail_update_file=environ.get("CKPT_ENGINE_TEST_FAIL_UPDATE_FILE") or None,
         test_bucket_delay_file=environ.get("CKPT_ENGINE_TEST_BUCKET_DELAY_FILE") or None,
     )

@@ -40,11 +40,17 @@ from workers.remote_instance.backend import close_later, get_backend
 from workers.remote_instance.manifest import Manifest, build_manifest
 from workers.remote_instance.plan import SHARD, fork_mode, pair_group_name
 from workers.remote_instance.seed_client import SeedClient
-from workers.remote_instance.settings import LOAD_FORMAT, RemoteInstanceSettings
+from workers.remote_instance.settings import (
+    LOAD_FORMAT,
+    MODELEXPRESS,
+    TRANSFER_ENGINE,
+    RemoteInstanceSettings,
+)
 
 logger = logging.getLogger(__name__)
 
 TOKEN_BYTES = 16  # hex characters of the client token
+ONE_SIDED = (TRANSFER_ENGINE, MODELEXPRESS)
 
 
 class RemoteInstanceFormat(LoadFormat):
@@ -52,8 +58,12 @@ class RemoteInstanceFormat(LoadFormat):
 
     def __init__(self, settings: RemoteInstanceSettings) -> None:
         self.settings = settings
-        self.seed = SeedClient(
-            settings.seed_ip, settings.seed_port, settings.api_key, settings.timeout
+        self.seed = (
+            None
+            if settings.seed_ip is None  # modelexpress: the registry names it
+            else SeedClient(
+                settings.seed_ip, settings.seed_port, settings.api_key, settings.timeout
+            )
         )
         self.weight_version: str | None = None  # the seed's, as its send reported it (rank 0)
         self.stats: dict[str, Any] = {}
@@ -66,6 +76,9 @@ class RemoteInstanceFormat(LoadFormat):
         raise NotImplementedError("remote-instance weights are received by load() directly")
 
     def load(self, model, model_path, *, write=None) -> None:
+        if self.settings.backend in ONE_SIDED:
+            self._load_one_sided(model)
+            return
         tp, s = model.tp, self.settings
         device = next(model.parameters()).device
         seed = self.seed.manifest()
@@ -128,6 +141,40 @@ class RemoteInstanceFormat(LoadFormat):
             received / 1e9 / max(seconds, 1e-9),
             mode,
             confirmed,
+        )
+        if s.verify:
+            self._verify(model)
+
+    def _load_one_sided(self, model) -> None:
+        """transfer_engine / modelexpress: read every parameter one-sided (the seed takes no
+        part), then post-load processing once."""
+        from ckpt_engine.p2p.service import local_address
+        from workers.remote_instance import transfer_engine
+        from workers.remote_instance.coordination import RegistrySeeds
+
+        s = self.settings
+        if s.backend == MODELEXPRESS:
+            seeds = RegistrySeeds(model, s)
+        else:
+            seeds = transfer_engine.OneSeed(self.seed)
+        stats = transfer_engine.fork_one_sided(
+            model, seeds, host_of=lambda seed: local_address(seed.ip), timeout=s.timeout
+        )
+        self.seed = SeedClient.from_url(stats["url"], s.api_key, s.timeout)
+        model.process_weights_after_loading()
+        self.weight_version = stats["weight_version"]
+        self.stats = {"mode": s.backend, **stats}
+        logger.info(
+            "rank %d: forked %.3f GB one-sided (%s) from %s (TP %d) in %.3f s (%.2f GB/s, "
+            "attempt %d)",
+            model.tp.rank,
+            stats["bytes"] / 1e9,
+            s.backend,
+            stats["seed"],
+            stats["seed_tp"],
+            stats["seconds"],
+            stats["bytes"] / 1e9 / max(stats["seconds"], 1e-9),
+            stats["attempts"],
         )
         if s.verify:
             self._verify(model)

@@ -5,6 +5,12 @@
 | POST /init_weights_send_group_for_remote_instance  | {success, message} once every group formed|
 | POST /send_weights_to_remote_instance              | {success, message, weight_version, mode,  |
 |                                                    |  bytes, seconds} once everything was sent |
+| GET  /get_remote_instance_transfer_engine_info     | Mooncake session + parameter addresses    |
+|      (?rank=N: SGLang's one-rank shape)            | and layouts of every rank; generation     |
+
+The transfer_engine info runs on the ranks under the lock too, but only to read addresses: the
+client's reads then happen without the seed (one-sided), and `generation` (the tensors the
+ranks' weight updates wrote so far) tells the client whether an update ran meanwhile.
 
 All three need the API key (when the server has one). Each runs on every rank under the front's
 FIFO lock: no weight update interleaves with a send, and generation requests wait while one runs
@@ -21,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from workers.errors import RankDeadError, RankError, RankTimeoutError, RequestError
 from workers.remote_instance.backend import TRANSFER_BACKENDS
 from workers.remote_instance.plan import parse_ports
-from workers.remote_instance.seed_client import INIT_PATH, MANIFEST_PATH, SEND_PATH
+from workers.remote_instance.seed_client import INIT_PATH, MANIFEST_PATH, SEND_PATH, TE_INFO_PATH
 
 
 class _Strict(BaseModel):
@@ -59,6 +65,37 @@ def add_seed_routes(app: FastAPI, front, require_key) -> None:
         values, version = await front.run_exclusive("remote_instance_manifest", {}, servable=False)
         return {**values[0], "weight_version": version}
 
+    @app.get(TE_INFO_PATH, dependencies=[Depends(require_key)])
+    async def transfer_engine_info(rank: int | None = None) -> JSONResponse:
+        try:
+            values, version = await front.run_exclusive(
+                "remote_instance_transfer_engine_info", {}, servable=True
+            )
+        except RankError as e:
+            return failed(e)
+        if any(v is None for v in values):
+            return JSONResponse(
+                {
+                    "success": False,
+                    "message": "this seed does not serve the transfer_engine backend: start it "
+                    "with --remote-instance-weight-loader-start-seed-via-transfer-engine",
+                },
+                status_code=400,
+            )
+        if rank is not None and not 0 <= rank < len(values):
+            raise RequestError(f"rank {rank}: this seed has ranks 0..{len(values) - 1}")
+        body = {
+            "ranks": [{k: v for k, v in r.items() if k != "tensors_written"} for r in values],
+            "tp_size": len(values),
+            "weight_version": version,
+            "generation": sum(r["tensors_written"] for r in values),
+        }
+        if rank is not None:
+            body.update(
+                {k: values[rank][k] for k in ("rank", "remote_instance_transfer_engine_info")}
+            )
+        return JSONResponse(body)
+
     @app.post(INIT_PATH, dependencies=[Depends(require_key)])
     async def init_group(req: InitWeightsSendGroupRequest) -> JSONResponse:
         _check_ports(req.ports)
@@ -69,7 +106,8 @@ def add_seed_routes(app: FastAPI, front, require_key) -> None:
             )
         if req.backend not in TRANSFER_BACKENDS:
             raise RequestError(
-                f"backend {req.backend!r}: supported: {', '.join(TRANSFER_BACKENDS)}"
+                f"backend {req.backend!r}: supported: {', '.join(TRANSFER_BACKENDS)} (a "
+                "transfer_engine client reads one-sided: it forms no group)"
             )
         kwargs = req.model_dump(exclude={"group_rank", "world_size"})
         try:

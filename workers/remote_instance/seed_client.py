@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -15,6 +16,7 @@ from workers.remote_instance.manifest import Manifest
 MANIFEST_PATH = "/remote_instance_manifest"
 INIT_PATH = "/init_weights_send_group_for_remote_instance"
 SEND_PATH = "/send_weights_to_remote_instance"
+TE_INFO_PATH = "/get_remote_instance_transfer_engine_info"
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,13 @@ class SeedClient:
     port: int
     api_key: str | None
     timeout: float
+
+    @classmethod
+    def from_url(cls, url: str, api_key: str | None, timeout: float) -> SeedClient:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or parts.hostname is None or parts.port is None:
+            raise RemoteInstanceError(f"seed URL {url!r}: expected http://host:port")
+        return cls(parts.hostname, parts.port, api_key, timeout)
 
     @property
     def url(self) -> str:
@@ -68,6 +77,15 @@ class SeedClient:
             "group_name": group_name,
         }
         return self._call("POST", SEND_PATH, body, read_timeout=read_timeout)
+
+    def transfer_engine_info(self, rank: int | None = None) -> dict:
+        """The seed's Mooncake session and parameter addresses: every rank's (`ranks`), or one
+        rank's in SGLang's shape; with `tp_size`, `generation` and `weight_version`."""
+        path = TE_INFO_PATH if rank is None else f"{TE_INFO_PATH}?rank={rank}"
+        data = self._call("GET", path)
+        if not isinstance(data, dict) or not isinstance(data.get("generation"), int):
+            raise RemoteInstanceError(f"seed {self.url}{TE_INFO_PATH}: malformed answer")
+        return data
 
     def weights_info(self) -> dict:
         return self._call("GET", "/weights_info", read_timeout=None)

@@ -5,7 +5,9 @@ Flags (SGLang's names): `--load-format remote_instance`,
 `--remote-instance-weight-loader-seed-instance-ip`, `...-seed-instance-service-port` (the seed's
 HTTP port), `...-send-weights-group-ports` (one per TP rank of this client, a JSON list or
 comma-separated; ports on the seed's host, where the seed ranks host the group rendezvous),
-`...-backend` (nccl | gloo; default: nccl on cuda, gloo on cpu). Ours: `...-seed-api-key` (the
+`...-backend` (nccl | gloo | transfer_engine | modelexpress; default: nccl on cuda, gloo on
+cpu; `transfer_engine` needs no group ports, `modelexpress` no seed address either, but
+`--modelexpress-config`, see `coordination`). Ours: `...-seed-api-key` (the
 seed's API key; default: this server's own --api-key, as a fleet usually shares one),
 `...-timeout` (seconds any one step may take: each HTTP call, the rendezvous, each transfer
 without progress) and `...-verify-checksums` (compare every tensor's sha256 with the seed's
@@ -18,9 +20,14 @@ from dataclasses import dataclass
 
 from workers.errors import ConfigError
 from workers.remote_instance.backend import TRANSFER_BACKENDS, default_backend
+from workers.remote_instance.coordination import ModelExpressConfig
 from workers.remote_instance.plan import parse_ports
 
 LOAD_FORMAT = "remote_instance"
+TRANSFER_ENGINE = "transfer_engine"
+MODELEXPRESS = "modelexpress"
+# Every --remote-instance-weight-loader-backend: pair-group backends, and the one-sided ones.
+FORK_BACKENDS = (*TRANSFER_BACKENDS, TRANSFER_ENGINE, MODELEXPRESS)
 PREFIX = "remote_instance_weight_loader_"
 # Fields that only mean something with --load-format remote_instance (given otherwise: an error).
 CLIENT_FIELDS = (
@@ -34,13 +41,14 @@ CLIENT_FIELDS = (
 
 @dataclass(frozen=True, kw_only=True)
 class RemoteInstanceSettings:
-    seed_ip: str
-    seed_port: int
-    ports: tuple[int, ...]
+    seed_ip: str | None  # None with modelexpress: the registry names the seed
+    seed_port: int | None
+    ports: tuple[int, ...]  # only for the pair-group backends (nccl, gloo)
     backend: str
     api_key: str | None
     timeout: float
     verify: bool
+    modelexpress: ModelExpressConfig | None = None
 
     @classmethod
     def from_server_args(cls, args) -> RemoteInstanceSettings:
@@ -50,19 +58,61 @@ class RemoteInstanceSettings:
         def flag(name: str) -> str:
             return "--" + (PREFIX + name).replace("_", "-")
 
+        mx = None
+        if args.modelexpress_config is not None:
+            mx = ModelExpressConfig.parse(args.modelexpress_config, default_model=args.model_path)
         if args.load_format != LOAD_FORMAT:
             given = [flag(n) for n in CLIENT_FIELDS if get(n) is not None]
             if get("verify_checksums"):
                 given.append(flag("verify_checksums"))
             if given:
                 raise ConfigError(f"{', '.join(given)} given without --load-format {LOAD_FORMAT}")
+            if mx is not None and not mx.source:
+                raise ConfigError(
+                    '--modelexpress-config without "source": true is a client setting: it needs '
+                    f"--load-format {LOAD_FORMAT} {flag('backend')} {MODELEXPRESS}"
+                )
             return None  # type: ignore[return-value]
-        missing = [flag(n) for n in CLIENT_FIELDS[:3] if get(n) in (None, "")]
+        backend = get("backend") or default_backend(args.device)
+        if backend not in FORK_BACKENDS:
+            raise ConfigError(
+                f"{flag('backend')} {backend!r}: supported: {', '.join(FORK_BACKENDS)}"
+            )
+        if not get("timeout") > 0:
+            raise ConfigError(f"{flag('timeout')} must be positive")
+        key = get("seed_api_key")
+        common = dict(
+            backend=backend,
+            api_key=key if key is not None else args.api_key,
+            timeout=get("timeout"),
+            verify=get("verify_checksums"),
+            modelexpress=mx,
+        )
+        if backend == MODELEXPRESS:
+            if mx is None:
+                raise ConfigError(
+                    f"{flag('backend')} {MODELEXPRESS} needs --modelexpress-config "
+                    '\'{"url": "redis://host:port/0", "model_name": ...}\''
+                )
+            given = [flag(n) for n in CLIENT_FIELDS[:3] if get(n) is not None]
+            if given:
+                raise ConfigError(
+                    f"{', '.join(given)}: not used with {flag('backend')} {MODELEXPRESS} (the "
+                    "registry names the seed)"
+                )
+            return cls(seed_ip=None, seed_port=None, ports=(), **common)
+        needed = CLIENT_FIELDS[:2] if backend == TRANSFER_ENGINE else CLIENT_FIELDS[:3]
+        missing = [flag(n) for n in needed if get(n) in (None, "")]
         if missing:
-            raise ConfigError(f"--load-format {LOAD_FORMAT} needs {', '.join(missing)}")
+            raise ConfigError(
+                f"--load-format {LOAD_FORMAT} with {flag('backend')} {backend} needs "
+                f"{', '.join(missing)}"
+            )
         port = get("seed_instance_service_port")
         if not 0 < port < 65536:
             raise ConfigError(f"{flag('seed_instance_service_port')} {port}: not in 1..65535")
+        if backend == TRANSFER_ENGINE:
+            return cls(seed_ip=get("seed_instance_ip"), seed_port=port, ports=(), **common)
         try:
             ports = parse_ports(get("send_weights_group_ports"))
         except ValueError as e:
@@ -72,26 +122,10 @@ class RemoteInstanceSettings:
                 f"{flag('send_weights_group_ports')} gives {len(ports)} port(s); "
                 f"--tp {args.tp} needs one per TP rank"
             )
-        backend = get("backend") or default_backend(args.device)
-        if backend not in TRANSFER_BACKENDS:
-            raise ConfigError(
-                f"{flag('backend')} {backend!r}: supported: {', '.join(TRANSFER_BACKENDS)}"
-            )
         if TRANSFER_BACKENDS[backend].device_type != args.device:
             raise ConfigError(
                 f"{flag('backend')} {backend} moves {TRANSFER_BACKENDS[backend].device_type} "
                 f"tensors; this server runs on --device {args.device} "
                 f"(use {default_backend(args.device)})"
             )
-        if not get("timeout") > 0:
-            raise ConfigError(f"{flag('timeout')} must be positive")
-        key = get("seed_api_key")
-        return cls(
-            seed_ip=get("seed_instance_ip"),
-            seed_port=port,
-            ports=ports,
-            backend=backend,
-            api_key=key if key is not None else args.api_key,
-            timeout=get("timeout"),
-            verify=get("verify_checksums"),
-        )
+        return cls(seed_ip=get("seed_instance_ip"), seed_port=port, ports=ports, **common)

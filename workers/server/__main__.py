@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from workers.models import ModelConfig
+    from workers.remote_instance.coordination import start_publisher
     from workers.server.frontend import Frontend
     from workers.server.http import create_app
     from workers.server.ranks import RankGroup
@@ -58,7 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         front = Frontend(ranks=ranks, args=args, model=model, codec=codec)
         app = create_app(front, api_key=args.api_key, max_request_bytes=args.max_request_bytes)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
-        uvicorn.Server(config).run()
+        server = uvicorn.Server(config)
+        publisher = start_publisher(args, front, ranks, started=lambda: server.started)
+        try:
+            server.run()
+        finally:
+            if publisher is not None:  # withdraw this seed from the registry
+                publisher.stop()
     finally:
         ranks.shutdown()
     return 0

@@ -47,6 +47,7 @@ FRONT_METHODS = frozenset(
         "init_weights_send_group",
         "send_weights_to_remote_instance",
         "remote_instance_weight_version",
+        "remote_instance_transfer_engine_info",
     }
 )
 
@@ -61,6 +62,7 @@ class RankWorker:
         self.device = device
         self.tensors_written = 0  # by weight updates; tells the front whether a failure wrote
         self.forked_weight_version: str | None = None  # set by `create` after a fork
+        self.te_seed = None  # transfer_engine seed (registered parameters), when asked for
 
     @classmethod
     def create(cls, rank: int, args: ServerArgs, store_port: int) -> RankWorker:
@@ -89,6 +91,9 @@ class RankWorker:
         )
         worker = cls(args=args, tp=tp, model=model, device=device)
         worker.forked_weight_version = getattr(load_format, "weight_version", None)
+        from workers.remote_instance.transfer_engine import start_seed_if_asked
+
+        worker.te_seed = start_seed_if_asked(args, model, tp)
         return worker
 
     @property
@@ -156,6 +161,13 @@ class RankWorker:
 
     def send_weights_to_remote_instance(self, **kwargs: Any) -> dict[str, Any]:
         return self._sender.send(**kwargs)
+
+    def remote_instance_transfer_engine_info(self) -> dict[str, Any] | None:
+        """Mooncake session, addresses and layouts of this rank's parameters (None when this
+        server is no transfer_engine seed), and `tensors_written` (changes when weights do)."""
+        if self.te_seed is None:
+            return None
+        return {**self.te_seed.info(), "tensors_written": self.tensors_written}
 
     def remote_instance_weight_version(self) -> str | None:
         """The seed's weight version this rank forked (rank 0; None when not forked)."""

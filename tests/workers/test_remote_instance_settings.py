@@ -1,0 +1,120 @@
+"""Fork settings from the command line (pure): which flags each backend needs, the
+`--modelexpress-config` JSON (SGLang's keys; a gRPC URL refused naming what is supported)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from workers.config import ServerArgs
+from workers.errors import ConfigError
+
+RI = ["--load-format", "remote_instance"]
+SEED = [
+    "--remote-instance-weight-loader-seed-instance-ip",
+    "10.0.0.1",
+    "--remote-instance-weight-loader-seed-instance-service-port",
+    "30000",
+]
+MX = '{"url": "redis://:pw@r:6379/0", "model_name": "m"}'
+
+
+def backend(name):
+    return ["--remote-instance-weight-loader-backend", name]
+
+
+@pytest.fixture
+def model(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    return str(tmp_path)
+
+
+def settings(model, *argv):
+    from workers.remote_instance.settings import RemoteInstanceSettings
+
+    args = ServerArgs(**_parse(model, argv))
+    return RemoteInstanceSettings.from_server_args(args)
+
+
+def _parse(model, argv):
+    from workers.config import build_parser
+
+    values = vars(build_parser().parse_args(["--model-path", model, "--device", "cpu", *argv]))
+    return values
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([*RI, *backend("transfer_engine"), *SEED], ("transfer_engine", "10.0.0.1", ())),
+        ([*RI, *backend("modelexpress"), "--modelexpress-config", MX], ("modelexpress", None, ())),
+        (
+            [*RI, *SEED, "--remote-instance-weight-loader-send-weights-group-ports", "[1234]"],
+            ("gloo", "10.0.0.1", (1234,)),
+        ),
+    ],
+)
+def test_accepted(model, argv, expected):
+    s = settings(model, *argv)
+    assert (s.backend, s.seed_ip, s.ports) == expected
+
+
+def test_modelexpress_config_parsed(model):
+    s = settings(model, *RI, *backend("modelexpress"), "--modelexpress-config", MX)
+    assert s.modelexpress.url == "redis://:pw@r:6379/0" and s.modelexpress.model_name == "m"
+    assert not s.modelexpress.source and s.modelexpress.ttl_s == 10.0
+    default = settings(
+        model, *RI, *backend("modelexpress"), "--modelexpress-config", '{"url": "rediss://r:6380"}'
+    )
+    assert default.modelexpress.model_name == model  # as SGLang: the model path
+    # a seed: no load format needed
+    assert (
+        settings(model, "--modelexpress-config", json.dumps({"url": "redis://r", "source": True}))
+        is None
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, error",
+    [
+        (
+            [*RI, *backend("transfer_engine")],
+            "needs --remote-instance-weight-loader-seed-instance-ip",
+        ),
+        ([*RI, *backend("modelexpress")], "needs --modelexpress-config"),
+        ([*RI, *backend("modelexpress"), *SEED, "--modelexpress-config", MX], "not used with"),
+        (
+            [*RI, *backend("modelexpress"), "--modelexpress-config", '{"url": "mx:8001"}'],
+            "only Redis is supported",
+        ),
+        (
+            [*RI, *backend("modelexpress"), "--modelexpress-config", '{"url": "grpc://mx:8001"}'],
+            "ModelExpress gRPC server is not",
+        ),
+        (
+            [
+                *RI,
+                *backend("modelexpress"),
+                "--modelexpress-config",
+                '{"url": "redis://r", "x": 1}',
+            ],
+            "unknown keys",
+        ),
+        ([*RI, *backend("modelexpress"), "--modelexpress-config", '{"model_name": "m"}'], '"url"'),
+        (
+            [
+                *RI,
+                *backend("modelexpress"),
+                "--modelexpress-config",
+                '{"url": "redis://r", "ttl_s": 1, "heartbeat_s": 2}',
+            ],
+            "ttl_s must exceed",
+        ),
+        (["--modelexpress-config", MX], 'without "source": true'),
+        ([*RI, *SEED], "send-weights-group-ports"),
+    ],
+)
+def test_refused(model, argv, error):
+    with pytest.raises(ConfigError, match=error):
+        settings(model, *argv)

@@ -1,0 +1,164 @@
+"""Which bytes of which seed rank's parameters a client rank reads, one-sided (pure).
+
+Each parameter carries a declarative `ShardLayout` (`workers.layers.sharding`): the tensor-
+parallel dim, the parts (checkpoint tensors fused into it) and how each part is cut into pieces
+over the ranks. From the client rank's layout and the seed's (the seed publishes its layouts,
+rank by rank), `plan_parameter` derives, for any pair of TP sizes, the exact ranges to read:
+
+- equal TP sizes: the whole parameter from the seed rank of the same index, one range;
+- different TP sizes: for every part, the rows (along the TP dim) this client rank keeps, taken
+  from the seed piece(s) that hold them, nothing more. Along dim 0 a row range is contiguous:
+  one read per seed piece. Along a later dim (row-parallel weights) each leading index is a
+  separate run; runs contiguous on both sides are merged;
+- a piece replicated over several seed ranks (KV heads with fewer heads than ranks) is read from
+  one of them, spread by client rank; a replicated parameter likewise;
+- rows past the end of the tensor (vocabulary padding) are zeroed locally, never read.
+
+Everything is in bytes relative to the parameter's start on each side; the caller adds the
+registered addresses. A layout pair that does not correspond (other parts, other dim) raises
+`LayoutMismatch` naming the parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from workers.layers.sharding import Part, ShardLayout
+
+
+class LayoutMismatch(ValueError):
+    """The seed's and the client's layouts of one parameter do not correspond."""
+
+
+@dataclass(frozen=True)
+class Read:
+    seed_rank: int
+    remote: int  # byte offset in the seed rank's parameter
+    local: int  # byte offset in the client's parameter
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Zero:
+    dim: int
+    start: int
+    length: int  # elements along `dim` of the client's parameter to zero
+
+
+@dataclass(frozen=True)
+class ParamPlan:
+    reads: tuple[Read, ...]
+    zeros: tuple[Zero, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.reads)
+
+
+def layout_to_json(layout: ShardLayout) -> dict[str, Any]:
+    return {
+        "dim": layout.dim,
+        "parts": [[p.shard_id, list(p.full_shape), p.chunks] for p in layout.parts],
+        "rank": layout.rank,
+        "size": layout.size,
+    }
+
+
+def layout_from_json(raw: Any) -> ShardLayout:
+    try:
+        parts = tuple(
+            Part(sid, tuple(int(x) for x in shape), int(c)) for sid, shape, c in raw["parts"]
+        )
+        dim = raw["dim"]
+        return ShardLayout(
+            dim=None if dim is None else int(dim),
+            parts=parts,
+            rank=int(raw["rank"]),
+            size=int(raw["size"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise LayoutMismatch(f"malformed layout {raw!r}: {e}") from None
+
+
+def _offsets(layout: ShardLayout) -> dict[Any, int]:
+    out, offset = {}, 0
+    for part in layout.parts:
+        out[part.shard_id] = offset
+        offset += layout.piece_len(part)
+    return out
+
+
+def _check(name: str, client: ShardLayout, seed: ShardLayout) -> None:
+    if client.dim != seed.dim:
+        raise LayoutMismatch(f"{name}: TP dim {seed.dim} on the seed, {client.dim} here")
+    ours = [(p.shard_id, p.full_shape) for p in client.parts]
+    theirs = [(p.shard_id, p.full_shape) for p in seed.parts]
+    if ours != theirs:
+        raise LayoutMismatch(f"{name}: parts {theirs} on the seed, {ours} here")
+
+
+def plan_parameter(
+    name: str,
+    client: ShardLayout,
+    seed_layouts: list[ShardLayout],
+    *,
+    itemsize: int,
+    client_rank: int,
+) -> ParamPlan:
+    """The reads (and local zero fills) that give client TP rank `client_rank` its parameter
+    `name` from the seed ranks (`seed_layouts[i]`: seed rank i's layout of it)."""
+    s, c, j = len(seed_layouts), client.size, client_rank
+    seed = seed_layouts[0]
+    _check(name, client, seed)
+    if client.dim is None:  # replicated: the whole tensor, from one seed rank
+        nbytes = math.prod(client.local_shape()) * itemsize
+        return ParamPlan((Read(j % s, 0, 0, nbytes),) if nbytes else (), ())
+    d = client.dim
+    shape_c, shape_s = client.local_shape(), seed.local_shape()
+    leading = math.prod(shape_c[:d])
+    unit = math.prod(shape_c[d + 1 :]) * itemsize  # bytes of one index along d
+    rows_c, rows_s = shape_c[d], shape_s[d]
+    off_c, off_s = _offsets(client), _offsets(seed)
+    spans: list[tuple[int, int, int, int]] = []  # (seed rank, seed row, client row, rows)
+    zeros: list[Zero] = []
+    for part_c, part_s in zip(client.parts, seed.parts, strict=True):
+        full = part_c.full_shape[d]
+        n_c, n_s = client.piece_len(part_c), seed.piece_len(part_s)
+        start = (j * part_c.chunks // c) * n_c
+        length = max(0, min(n_c, full - start))
+        if length < n_c:
+            zeros.append(Zero(d, off_c[part_c.shard_id] + length, n_c - length))
+        step = s // part_s.chunks  # seed ranks holding each seed piece
+        for k in range(part_s.chunks):
+            a, b = max(start, k * n_s), min(start + length, (k + 1) * n_s, full)
+            if a < b:
+                rank = k * step + j % step
+                seed_row = off_s[part_s.shard_id] + a - k * n_s
+                spans.append((rank, seed_row, off_c[part_c.shard_id] + a - start, b - a))
+    reads: list[Read] = []
+    for rank, seed_row, client_row, rows in spans:
+        if rows == rows_s == rows_c:  # the whole parameter on both sides: one range
+            reads.append(Read(rank, 0, 0, leading * rows * unit))
+            continue
+        for t in range(leading):  # dim 0: one range; a later dim: one run per leading index
+            remote = (t * rows_s + seed_row) * unit
+            reads.append(Read(rank, remote, (t * rows_c + client_row) * unit, rows * unit))
+    return ParamPlan(tuple(_merge(reads)), tuple(zeros))
+
+
+def _merge(reads: list[Read]) -> list[Read]:
+    out: list[Read] = []
+    for r in reads:
+        last = out[-1] if out else None
+        if (
+            last is not None
+            and last.seed_rank == r.seed_rank
+            and last.remote + last.nbytes == r.remote
+            and last.local + last.nbytes == r.local
+        ):
+            out[-1] = Read(r.seed_rank, last.remote, last.local, last.nbytes + r.nbytes)
+        else:
+            out.append(r)
+    return out
