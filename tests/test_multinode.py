@@ -71,7 +71,10 @@ def node_entry(name: str, sockets: Path) -> list[str]:
 
 @functools.cache
 def namespaces_work() -> bool:
-    """Whether this process may start nodes with `node_entry` (root or CAP_SYS_ADMIN)."""
+    """Whether this process may start nodes with `node_entry` (root or CAP_SYS_ADMIN) and join
+    them with nsenter."""
+    if shutil.which("nsenter") is None:
+        return False
     with tempfile.TemporaryDirectory(prefix="cemn") as tmp:
         try:
             probe = subprocess.run(
