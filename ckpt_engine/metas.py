@@ -3,26 +3,37 @@
 No pickle anywhere: records are plain JSON with a format tag and a version, validated on load
 (field types, known dtypes, sizes consistent with shapes, tensors inside their buffers, ranks
 complete, no tensor name held twice).
+
+Version 2 stores each rank's tensors as columns (names, dtypes, shapes, buffers, offsets; sizes
+follow from dtype and shape), checked with whole-column operations: a checkpoint of 10^5
+tensors (MoE experts) gathers and loads in a fraction of a second. Version 1 files (one record
+per tensor) still load.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from itertools import chain
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from ckpt_engine import dtypes
 from ckpt_engine.errors import MetasError
 
 FORMAT = "ckpt-engine-metas"
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)  # what loads
 
 
-@dataclass(frozen=True, kw_only=True)
-class TensorMeta:
-    """One tensor held by a rank: ``nbytes`` bytes at ``offset`` of its host buffer ``buffer``."""
+class TensorMeta(NamedTuple):
+    """One tensor held by a rank: ``nbytes`` bytes at ``offset`` of its host buffer ``buffer``.
+
+    A named tuple: 10^5 of them are made per gather, at a fraction of a dataclass's cost."""
 
     name: str
     dtype: str  # safetensors spelling, e.g. "BF16"
@@ -65,12 +76,19 @@ class RankMetas:
         return sum(t.nbytes for t in self.tensors)
 
     def to_json(self) -> dict[str, Any]:
+        ts = self.tensors
         obj = {
             "rank": self.rank,
             "device_key": self.device_key,
             "host": self.host,
             "buffer_bytes": list(self.buffer_bytes),
-            "tensors": [t.to_json() for t in self.tensors],
+            "tensors": {
+                "names": [t.name for t in ts],
+                "dtypes": [t.dtype for t in ts],
+                "shapes": [list(t.shape) for t in ts],
+                "buffers": [t.buffer for t in ts],
+                "offsets": [t.offset for t in ts],
+            },
         }
         if self.p2p is not None:
             obj["p2p"] = self.p2p
@@ -85,10 +103,14 @@ class CheckpointMetas:
     ranks: tuple[RankMetas, ...]
 
     def __post_init__(self) -> None:
-        owners: dict[str, int] = {}
         for index, rank in enumerate(self.ranks):
             if rank.rank != index:
                 raise MetasError(f"metas of {self.name!r}: entry {index} is for rank {rank.rank}")
+        total = sum(len(r.tensors) for r in self.ranks)
+        if len({t.name for r in self.ranks for t in r.tensors}) == total:
+            return
+        owners: dict[str, int] = {}
+        for rank in self.ranks:
             for t in rank.tensors:
                 if t.name in owners:
                     raise MetasError(
@@ -203,13 +225,61 @@ def tensor_meta_from_json(obj: Any, where: str, buffer_bytes: tuple[int, ...]) -
     return meta
 
 
+def _column(obj: dict, key: str, kind: type, where: str) -> list:
+    value = _field(obj, key, list, where)
+    if value and set(map(type, value)) != {kind}:
+        raise MetasError(f"{where}: every element of {key!r} must be a {kind.__name__}")
+    return value
+
+
+def _tensor_columns(obj: dict, where: str, buffer_bytes: tuple[int, ...]) -> tuple[TensorMeta, ...]:
+    """Version 2: a rank's tensors as columns, checked with whole-column operations."""
+    names = _column(obj, "names", str, where)
+    kinds = _column(obj, "dtypes", str, where)
+    shapes = _column(obj, "shapes", list, where)
+    buffers = _column(obj, "buffers", int, where)
+    offsets = _column(obj, "offsets", int, where)
+    n = len(names)
+    if not n == len(kinds) == len(shapes) == len(buffers) == len(offsets):
+        raise MetasError(f"{where}: the tensor columns differ in length")
+    unknown = set(kinds).difference(dtypes.SUPPORTED)
+    if unknown:
+        raise MetasError(f"{where}: unknown dtype {sorted(unknown)[0]!r}")
+    dims = list(chain.from_iterable(shapes))
+    if dims and (set(map(type, dims)) != {int} or min(dims) < 0):
+        raise MetasError(f"{where}: a shape is not a list of non-negative integers")
+    if n and min(min(buffers), min(offsets)) < 0:
+        raise MetasError(f"{where}: a buffer index or offset is negative")
+    sizes = {d: dtypes.itemsize(d) for d in set(kinds)}
+    nbytes = [math.prod(s) * sizes[d] for s, d in zip(shapes, kinds)]
+    if n:
+        nb, buf, off = (np.asarray(c, dtype=np.int64) for c in (nbytes, buffers, offsets))
+        limit = np.asarray([*buffer_bytes, 0], dtype=np.int64)
+        outside = (nb > 0) & (
+            (buf >= len(buffer_bytes)) | (off + nb > limit[np.minimum(buf, len(buffer_bytes))])
+        )
+        if outside.any():
+            i = int(np.flatnonzero(outside)[0])
+            raise MetasError(
+                f"{where} tensor {names[i]!r}: bytes [{offsets[i]}, +{nbytes[i]}) are outside "
+                f"its buffer {buffers[i]}"
+            )
+    return tuple(
+        map(TensorMeta._make, zip(names, kinds, map(tuple, shapes), nbytes, buffers, offsets))
+    )
+
+
 def rank_metas_from_json(obj: Any, where: str = "metas") -> RankMetas:
     rank = _uint(obj, "rank", where)
     where = f"{where} rank {rank}"
     buffers = tuple(_field(obj, "buffer_bytes", list, where))
     if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in buffers):
         raise MetasError(f"{where}: buffer_bytes is not a list of non-negative integers")
-    tensors = _field(obj, "tensors", list, where)
+    tensors = _field(obj, "tensors", (list, dict), where)
+    if isinstance(tensors, dict):
+        tensors = _tensor_columns(tensors, where, buffers)
+    else:  # version 1: a record per tensor
+        tensors = tuple(tensor_meta_from_json(t, where, buffers) for t in tensors)
     p2p = _field(obj, "p2p", dict, where) if "p2p" in obj else None
     if p2p is not None and not all(isinstance(v, dict) for v in p2p.values()):
         raise MetasError(f"{where}: field 'p2p' must map transport names to records")
@@ -218,7 +288,7 @@ def rank_metas_from_json(obj: Any, where: str = "metas") -> RankMetas:
         device_key=_field(obj, "device_key", str, where),
         host=_field(obj, "host", str, where),
         buffer_bytes=buffers,
-        tensors=tuple(tensor_meta_from_json(t, where, buffers) for t in tensors),
+        tensors=tensors,
         p2p=p2p,
     )
 
@@ -226,8 +296,11 @@ def rank_metas_from_json(obj: Any, where: str = "metas") -> RankMetas:
 def checkpoint_metas_from_json(obj: Any) -> CheckpointMetas:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise MetasError(f"not a {FORMAT} document")
-    if obj.get("version") != VERSION:
-        raise MetasError(f"metas version {obj.get('version')!r} is not supported ({VERSION})")
+    version = obj.get("version")
+    if version not in VERSIONS:
+        raise MetasError(
+            f"metas version {version!r} is not supported ({', '.join(map(str, VERSIONS))})"
+        )
     name = _field(obj, "checkpoint", str, "metas")
     ranks = _field(obj, "ranks", list, "metas")
     return CheckpointMetas(

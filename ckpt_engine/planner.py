@@ -14,7 +14,10 @@ Buckets of different owners alternate, so consecutive buckets come from differen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+from typing import NamedTuple
 
+from ckpt_engine import dtypes, wire
 from ckpt_engine.metas import CheckpointMetas, TensorMeta
 
 ALIGN = 256
@@ -24,8 +27,7 @@ def align_up(n: int, align: int = ALIGN) -> int:
     return (n + align - 1) // align * align
 
 
-@dataclass(frozen=True)
-class BucketItem:
+class BucketItem(NamedTuple):
     """A tensor in a bucket: ``nbytes`` bytes at ``offset`` from the start of the slot."""
 
     name: str
@@ -63,6 +65,24 @@ class BucketPlan:
     def num_tensors(self) -> int:
         return sum(len(b.items) for b in self.buckets)
 
+    @cached_property
+    def manifest(self) -> wire.Manifest:
+        """Every tensor in delivery order, as the wire's columns (built once per plan)."""
+        items = [i for b in self.buckets for i in b.items]
+        return wire.Manifest(
+            tuple(i.name for i in items),
+            tuple(i.dtype for i in items),
+            tuple(i.shape for i in items),
+        )
+
+    @cached_property
+    def layout(self) -> wire.Layout:
+        """Tensors per bucket and each tensor's offset in its slot (built once per plan)."""
+        return wire.Layout(
+            tuple(len(b.items) for b in self.buckets),
+            tuple(i.offset for b in self.buckets for i in b.items),
+        )
+
 
 class _BucketBuilder:
     def __init__(self, owner: int, capacity: int, align: int) -> None:
@@ -72,38 +92,43 @@ class _BucketBuilder:
         self.end = 0  # first free byte of the slot
         self._run: list[int] | None = None  # [buffer, src_start, dst_start, src_end]
 
-    def _run_offset(self, t: TensorMeta) -> int | None:
-        """Slot offset of ``t`` if it extends the current run, else None."""
-        if self._run is None:
-            return None
-        buffer, src_start, dst_start, src_end = self._run
-        gap = t.offset - src_end
-        if t.buffer != buffer or not 0 <= gap <= self.align:
-            return None
-        if (t.offset - src_start) % t.itemsize:
-            return None
-        return dst_start + (t.offset - src_start)
+    def add(self, t: TensorMeta, itemsize: int, *, force: bool = False) -> bool:
+        """Add ``t`` if it fits (always with ``force``); False if it does not.
 
-    def fits(self, t: TensorMeta) -> bool:
-        if t.nbytes == 0:
+        A tensor extends the current run when it lies in the same host buffer, at most
+        ``align`` bytes after the run's end, at an offset keeping its dtype aligned; else it
+        starts a new ``align``-aligned run."""
+        nbytes = t.nbytes
+        if nbytes == 0:
+            self.items.append(
+                BucketItem(
+                    t.name,
+                    t.dtype,
+                    t.shape,
+                    0,
+                    (self.end + self.align - 1) // self.align * self.align,
+                )
+            )
             return True
-        offset = self._run_offset(t)
-        if offset is None:
-            offset = align_up(self.end, self.align)
-        return offset + t.nbytes <= self.capacity
-
-    def add(self, t: TensorMeta) -> None:
-        if t.nbytes == 0:
-            offset = align_up(self.end, self.align)
-        else:
-            offset = self._run_offset(t)
-            if offset is None:
-                self._close_run()
-                offset = align_up(self.end, self.align)
-                self._run = [t.buffer, t.offset, offset, t.offset]
-            self._run[3] = t.offset + t.nbytes
-            self.end = max(self.end, offset + t.nbytes)
-        self.items.append(BucketItem(t.name, t.dtype, t.shape, t.nbytes, offset))
+        run = self._run
+        offset = None
+        if run is not None:
+            gap = t.offset - run[3]
+            if t.buffer == run[0] and 0 <= gap <= self.align and not (t.offset - run[1]) % itemsize:
+                offset = run[2] + (t.offset - run[1])
+        extends = offset is not None
+        if not extends:
+            offset = (self.end + self.align - 1) // self.align * self.align
+        if offset + nbytes > self.capacity and not force:
+            return False
+        if not extends:
+            self._close_run()
+            run = self._run = [t.buffer, t.offset, offset, t.offset]
+        run[3] = t.offset + nbytes
+        if offset + nbytes > self.end:
+            self.end = offset + nbytes
+        self.items.append(BucketItem(t.name, t.dtype, t.shape, nbytes, offset))
+        return True
 
     def _close_run(self) -> None:
         if self._run is not None:
@@ -118,18 +143,20 @@ class _BucketBuilder:
 
 def _owner_buckets(owner: int, tensors: tuple[TensorMeta, ...], bucket_bytes: int, align: int):
     ordered = sorted(tensors, key=lambda t: (t.buffer, t.offset, t.name))
+    sizes = {d: dtypes.itemsize(d) for d in {t.dtype for t in ordered}}
     builders: list[_BucketBuilder] = []
     current: _BucketBuilder | None = None
     for t in ordered:
+        size = sizes[t.dtype]
         if t.nbytes > bucket_bytes:  # an oversized tensor gets a bucket of its own
             alone = _BucketBuilder(owner, t.nbytes, align)
-            alone.add(t)
+            alone.add(t, size, force=True)
             builders.append(alone)
             continue
-        if current is None or not current.fits(t):
+        if current is None or not current.add(t, size):
             current = _BucketBuilder(owner, bucket_bytes, align)
             builders.append(current)
-        current.add(t)
+            current.add(t, size, force=True)
     return builders
 
 

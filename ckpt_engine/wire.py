@@ -1,18 +1,25 @@
 """Typed, versioned messages between the parameter server (PS) and a worker; no pickle.
 
-Each message is one ZMQ frame of UTF-8 JSON: ``{"v": 1, "type": <type>, ...fields}``. Decoding
+Each message is one ZMQ frame of UTF-8 JSON: ``{"v": 2, "type": <type>, ...fields}``. Decoding
 checks the size cap, the version, the type (dispatch on it) and every field's type; anything
 else raises ProtocolError. Bytes (CUDA IPC handles) travel as base64 strings.
 
 Sequence of one update over a REQ (PS) / REP (worker) pair::
 
-    PS  -> Plan{buffer handle, slots, manifest of every tensor}   worker -> Ack{of: plan} | Error
-    PS  -> Bucket{id, slot, tensors[name, dtype, shape, offset, nbytes]}  -> Ack{of: bucket, id} | Error
+    PS  -> Plan{buffer handle, slots, manifest, layout}            worker -> Ack{of: plan} | Error
+    PS  -> Bucket{id, slot}                                        -> Ack{of: bucket, id} | Error
     ...                                                                    (once per bucket)
     PS  -> Done      (worker checks it got every tensor, releases buffer)  -> Ack{of: done} | Error
     PS  -> Commit    (all ranks succeeded; worker runs post_hook)          -> Ack{of: commit} | Error
   or, at any point after a failure anywhere:
     PS  -> Abort{reason}                                                   -> Ack{of: abort}
+
+Version 2 (many tensors, e.g. MoE checkpoints with 10^5 experts): everything per tensor travels
+once, in the Plan, as columns (``Manifest``: names, dtypes, shapes; ``Layout``: how many
+consecutive manifest tensors each bucket holds and each tensor's byte offset in its slot), so a
+Bucket message is three fields whatever its tensor count, and each column is checked with a few
+whole-list operations instead of a Python call per tensor. The PS encodes a plan's columns once
+(``Manifest.json`` / ``Layout.json``) and reuses them for every update with that plan.
 """
 
 from __future__ import annotations
@@ -20,12 +27,14 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from functools import cached_property
+from itertools import chain
+from typing import Any, ClassVar, NamedTuple
 
 from ckpt_engine import dtypes
 from ckpt_engine.errors import ProtocolError
 
-VERSION = 1
+VERSION = 2
 DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 
 
@@ -86,55 +95,92 @@ def _dict(value: Any, where: str) -> dict:
     return value
 
 
-def _shape(obj: dict, where: str) -> tuple[int, ...]:
-    shape = _list(obj, "shape", where)
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise ProtocolError(f"{where}: shape must be a list of non-negative integers")
-    return tuple(shape)
-
-
-def _dtype(obj: dict, where: str) -> str:
-    name = _str(obj, "dtype", where)
-    if not dtypes.is_supported(name):
-        raise ProtocolError(f"{where}: unknown dtype {name!r}")
-    return name
-
-
 # -- records inside messages -----------------------------------------------------------------
-@dataclass(frozen=True)
-class TensorSpec:
-    """A manifest entry: a tensor the update will deliver."""
+class TensorSpec(NamedTuple):
+    """A manifest entry: a tensor the update will deliver (what ``validate`` receives)."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
 
-    @classmethod
-    def parse(cls, obj: Any, where: str) -> TensorSpec:
-        obj = _dict(obj, where)
-        return cls(_str(obj, "name", where), _dtype(obj, where), _shape(obj, where))
+
+def _column(obj: dict, key: str, where: str, kind: type) -> list:
+    """A list whose every element is exactly of type ``kind`` (bool is no int here)."""
+    value = _list(obj, key, where)
+    if value and set(map(type, value)) != {kind}:
+        raise ProtocolError(f"{where}: every element of {key!r} must be a {kind.__name__}")
+    return value
 
 
-@dataclass(frozen=True)
-class TensorSlot:
-    """A tensor of a bucket: ``nbytes`` bytes at ``offset`` from the start of the slot."""
+def _uint_column(obj: dict, key: str, where: str) -> tuple[int, ...]:
+    value = _column(obj, key, where, int)
+    if value and min(value) < 0:
+        raise ProtocolError(f"{where}: {key!r} holds a negative number")
+    return tuple(value)
 
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
 
-    @classmethod
-    def parse(cls, obj: Any, where: str) -> TensorSlot:
-        obj = _dict(obj, where)
-        return cls(
-            _str(obj, "name", where),
-            _dtype(obj, where),
-            _shape(obj, where),
-            _int(obj, "offset", where),
-            _int(obj, "nbytes", where),
+class _Columns:
+    """A record of columns whose JSON is computed once (a plan's manifest is sent per update)."""
+
+    @cached_property
+    def json(self) -> str:
+        return json.dumps(
+            {f.name: _plain(getattr(self, f.name)) for f in fields(self)}, separators=(",", ":")
         )
+
+
+@dataclass(frozen=True, eq=True)
+class Manifest(_Columns):
+    """Every tensor an update delivers, as columns: tensor i is ``names[i]``, ``dtypes[i]``
+    (safetensors spelling), ``shapes[i]``; in delivery order."""
+
+    names: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @classmethod
+    def of(cls, specs) -> Manifest:
+        """From (name, dtype, shape) records, e.g. TensorSpecs."""
+        specs = list(specs)
+        return cls(
+            tuple(s[0] for s in specs), tuple(s[1] for s in specs), tuple(s[2] for s in specs)
+        )
+
+    def specs(self) -> list[TensorSpec]:
+        return list(map(TensorSpec._make, zip(self.names, self.dtypes, self.shapes)))
+
+    @classmethod
+    def parse(cls, obj: Any, where: str) -> Manifest:
+        obj = _dict(obj, where)
+        names = _column(obj, "names", where, str)
+        kinds = _column(obj, "dtypes", where, str)
+        shapes = _column(obj, "shapes", where, list)
+        if not len(names) == len(kinds) == len(shapes):
+            raise ProtocolError(f"{where}: names, dtypes and shapes differ in length")
+        unknown = set(kinds).difference(dtypes.SUPPORTED)
+        if unknown:
+            raise ProtocolError(f"{where}: unknown dtype {sorted(unknown)[0]!r}")
+        dims = list(chain.from_iterable(shapes))
+        if dims and (set(map(type, dims)) != {int} or min(dims) < 0):
+            raise ProtocolError(f"{where}: shape must be a list of non-negative integers")
+        return cls(tuple(names), tuple(kinds), tuple(map(tuple, shapes)))
+
+
+@dataclass(frozen=True, eq=True)
+class Layout(_Columns):
+    """Where the manifest's tensors land: bucket b holds the next ``counts[b]`` tensors of the
+    manifest (bucket 0 the first ones), tensor i ``offsets[i]`` bytes from its slot's start."""
+
+    counts: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+    @classmethod
+    def parse(cls, obj: Any, where: str) -> Layout:
+        obj = _dict(obj, where)
+        return cls(_uint_column(obj, "counts", where), _uint_column(obj, "offsets", where))
 
 
 @dataclass(frozen=True)
@@ -204,11 +250,12 @@ class Plan:
     slot_bytes: int
     num_buckets: int
     recv_timeout_s: float
-    manifest: tuple[TensorSpec, ...]
+    manifest: Manifest
+    layout: Layout
 
     @classmethod
     def parse(cls, obj: dict, w: str) -> Plan:
-        return cls(
+        plan = cls(
             update_id=_str(obj, "update_id", w),
             rank=_int(obj, "rank", w),
             device_key=_str(obj, "device_key", w),
@@ -217,31 +264,33 @@ class Plan:
             slot_bytes=_int(obj, "slot_bytes", w),
             num_buckets=_int(obj, "num_buckets", w),
             recv_timeout_s=_float(obj, "recv_timeout_s", w),
-            manifest=tuple(
-                TensorSpec.parse(t, f"{w}.manifest[{i}]")
-                for i, t in enumerate(_list(obj, "manifest", w))
-            ),
+            manifest=Manifest.parse(_get(obj, "manifest", w), f"{w}.manifest"),
+            layout=Layout.parse(_get(obj, "layout", w), f"{w}.layout"),
         )
+        layout, n = plan.layout, len(plan.manifest)
+        if len(layout.counts) != plan.num_buckets or sum(layout.counts) != n:
+            raise ProtocolError(
+                f"{w}: the layout's {len(layout.counts)} buckets of {sum(layout.counts)} tensors "
+                f"do not match {plan.num_buckets} buckets and {n} manifest tensors"
+            )
+        if len(layout.offsets) != n:
+            raise ProtocolError(f"{w}: {len(layout.offsets)} offsets for {n} manifest tensors")
+        return plan
 
 
 @dataclass(frozen=True)
 class Bucket:
+    """Bucket ``id`` is in ``slot``: its tensors are those the plan's layout gives it."""
+
     TYPE: ClassVar[str] = "bucket"
     update_id: str
     id: int
     slot: int
-    tensors: tuple[TensorSlot, ...]
 
     @classmethod
     def parse(cls, obj: dict, w: str) -> Bucket:
         return cls(
-            update_id=_str(obj, "update_id", w),
-            id=_int(obj, "id", w),
-            slot=_int(obj, "slot", w),
-            tensors=tuple(
-                TensorSlot.parse(t, f"{w}.tensors[{i}]")
-                for i, t in enumerate(_list(obj, "tensors", w))
-            ),
+            update_id=_str(obj, "update_id", w), id=_int(obj, "id", w), slot=_int(obj, "slot", w)
         )
 
 
@@ -330,9 +379,9 @@ def _plain(value: Any) -> Any:
             "kind": value.KIND,
             **{f.name: _plain(getattr(value, f.name)) for f in fields(value)},
         }
-    if isinstance(value, (TensorSpec, TensorSlot)):
-        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
     if isinstance(value, (tuple, list)):
+        if value and type(value[0]) in (str, int):  # a column (its type is checked on decode)
+            return list(value)
         return [_plain(v) for v in value]
     return value
 
@@ -340,8 +389,17 @@ def _plain(value: Any) -> Any:
 def encode(msg: Message, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> bytes:
     """One frame of JSON; ProtocolError if it exceeds ``max_bytes``."""
     body = {"v": VERSION, "type": msg.TYPE}
-    body.update({f.name: _plain(getattr(msg, f.name)) for f in fields(msg)})
-    data = json.dumps(body, separators=(",", ":")).encode("utf-8")
+    columns = []  # records of columns: their JSON is cached, spliced in
+    for f in fields(msg):
+        value = getattr(msg, f.name)
+        if isinstance(value, _Columns):
+            columns.append(f'"{f.name}":{value.json}')
+        else:
+            body[f.name] = _plain(value)
+    text = json.dumps(body, separators=(",", ":"))
+    if columns:
+        text = text[:-1] + "," + ",".join(columns) + "}"
+    data = text.encode("utf-8")
     if len(data) > max_bytes:
         raise ProtocolError(f"{msg.TYPE} message of {len(data)} bytes exceeds the cap {max_bytes}")
     return data

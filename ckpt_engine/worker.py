@@ -21,12 +21,15 @@ a deadline and a parameter server that disappears is noticed at once.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import os
 import time
 import traceback
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import zmq
 
@@ -65,9 +68,11 @@ class _Session:
         self.address = address
         self.device_id = device_id
         self.plan: wire.Plan | None = None
-        self.manifest: dict[str, TensorSpec] = {}
-        self.delivered: set[str] = set()
         self.next_bucket = 0
+        self.starts: list[int] = [0]
+        # per dtype: (typed view of the whole buffer, its storage offset, elements per slot)
+        self._typed: dict[str, tuple[torch.Tensor, int, int]] = {}
+        self._strides: dict[tuple[int, ...], tuple[int, ...]] = {}
         self.released = False
 
     def recv(self, timeout_s: float) -> wire.Message:
@@ -95,18 +100,56 @@ class _Session:
         )
 
     def accept_plan(self, plan: wire.Plan) -> None:
+        """Check the plan's geometry once, with whole-column operations, so that a bucket costs
+        one ``as_strided`` per tensor and no check."""
         if plan.num_slots < 1 or plan.buffer.nbytes < plan.num_slots * plan.slot_bytes:
             raise ProtocolError(
                 f"buffer of {plan.buffer.nbytes} bytes cannot hold {plan.num_slots} slots "
                 f"of {plan.slot_bytes}"
             )
-        for spec in plan.manifest:
-            if spec.name in self.manifest:
-                raise ProtocolError(f"tensor {spec.name!r} appears twice in the manifest")
-            self.manifest[spec.name] = spec
+        manifest, layout = plan.manifest, plan.layout
+        names = manifest.names
+        if len(set(names)) != len(names):
+            seen: set[str] = set()
+            twice = next(n for n in names if n in seen or seen.add(n))
+            raise ProtocolError(f"tensor {twice!r} appears twice in the manifest")
+        self.itemsizes = {d: dtypes.itemsize(d) for d in set(manifest.dtypes)}
+        size = np.fromiter(map(self.itemsizes.__getitem__, manifest.dtypes), np.int64, len(names))
+        numel = np.fromiter(map(math.prod, manifest.shapes), np.int64, len(names))
+        nbytes = numel * size
+        offsets = np.asarray(layout.offsets, dtype=np.int64)
+        bad = np.flatnonzero((offsets % size != 0) | (offsets + nbytes > plan.slot_bytes))
+        if bad.size:
+            i = int(bad[0])
+            raise ProtocolError(
+                f"tensor {names[i]!r}: offset {offsets[i]} is misaligned for {manifest.dtypes[i]} "
+                f"or its {nbytes[i]} bytes overrun the slot of {plan.slot_bytes}"
+            )
+        misfit = [d for d, n in self.itemsizes.items() if plan.slot_bytes % n]
+        if misfit:
+            raise ProtocolError(f"slot size {plan.slot_bytes} is not a multiple of {misfit[0]}'s")
         self.plan = plan
+        self.starts = [0, *itertools.accumulate(layout.counts)]
 
-    def views(self, msg: wire.Bucket, buffer: torch.Tensor) -> Weights:
+    def map_buffer(self, buffer: torch.Tensor) -> None:
+        """Typed views of the whole IPC buffer, one per dtype of the manifest."""
+        self._typed = {}
+        for name, size in self.itemsizes.items():
+            whole = buffer[: buffer.numel() // size * size].view(dtypes.to_torch(name))
+            self._typed[name] = (whole, whole.storage_offset(), self.plan.slot_bytes // size)
+
+    def _stride(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        found = self._strides.get(shape)
+        if found is None:
+            out, step = [], 1
+            for d in reversed(shape):
+                out.append(step)
+                step *= max(d, 1)
+            found = self._strides[shape] = tuple(reversed(out))
+        return found
+
+    def views(self, msg: wire.Bucket) -> Weights:
+        """The bucket's tensors: one ``as_strided`` view of the slot per tensor."""
         plan = self.plan
         if msg.update_id != plan.update_id or msg.id != self.next_bucket:
             raise ProtocolError(
@@ -114,37 +157,34 @@ class _Session:
             )
         if msg.id >= plan.num_buckets or msg.slot >= plan.num_slots:
             raise ProtocolError(f"bucket {msg.id} / slot {msg.slot} out of range")
-        base = msg.slot * plan.slot_bytes
-        weights: Weights = []
-        for t in msg.tensors:
-            spec = self.manifest.get(t.name)
-            if spec is None or (spec.dtype, spec.shape) != (t.dtype, t.shape):
-                raise ProtocolError(
-                    f"tensor {t.name!r} of bucket {msg.id} is not in the manifest as sent"
-                )
-            if t.name in self.delivered:
-                raise ProtocolError(f"tensor {t.name!r} delivered twice")
-            dtype = dtypes.to_torch(t.dtype)
-            if t.nbytes != dtypes.nbytes_of(t.dtype, t.shape) or t.offset % dtype.itemsize:
-                raise ProtocolError(f"tensor {t.name!r}: bad size {t.nbytes} or offset {t.offset}")
-            if t.offset + t.nbytes > plan.slot_bytes:
-                raise ProtocolError(f"tensor {t.name!r} overruns its slot")
-            if t.nbytes == 0:
-                view = torch.empty(t.shape, dtype=dtype, device=buffer.device)
-            else:
-                raw = buffer[base + t.offset : base + t.offset + t.nbytes]
-                view = raw.view(dtype).reshape(t.shape)
-            weights.append((t.name, view))
-            self.delivered.add(t.name)
+        at = {
+            d: (t, base + msg.slot * n, self.itemsizes[d])
+            for d, (t, base, n) in self._typed.items()
+        }
+        lo, hi = self.starts[msg.id], self.starts[msg.id + 1]
+        m, stride = plan.manifest, self._stride
+        weights = []
+        for name, d, shape, off in zip(
+            m.names[lo:hi], m.dtypes[lo:hi], m.shapes[lo:hi], plan.layout.offsets[lo:hi]
+        ):
+            t, base, size = at[d]
+            weights.append((name, t.as_strided(shape, stride(shape), base + off // size)))
         self.next_bucket += 1
         return weights
 
+    def drop_views(self) -> None:
+        """Let go of every view of the IPC buffer (before it is released)."""
+        self._typed = {}
+
     def check_complete(self) -> None:
-        missing = [n for n in self.manifest if n not in self.delivered]
-        if self.next_bucket != self.plan.num_buckets or missing:
+        # Every manifest tensor is in exactly one bucket (checked with the plan), delivered
+        # when its bucket was: complete iff every bucket arrived.
+        if self.next_bucket != self.plan.num_buckets:
+            missing = len(self.plan.manifest) - self.starts[self.next_bucket]
             raise ProtocolError(
                 f"update ended after {self.next_bucket} of {self.plan.num_buckets} buckets; "
-                f"{len(missing)} tensors never delivered, e.g. {missing[:3]}"
+                f"{missing} tensors never delivered, e.g. "
+                f"{list(self.plan.manifest.names[self.starts[self.next_bucket] :][:3])}"
             )
 
     def close(self) -> None:
@@ -214,9 +254,10 @@ def _receive(
                 raise ProtocolError(f"expected a plan first, got {msg.TYPE}")
             session.accept_plan(msg)
             if validate is not None:
-                validate(list(msg.manifest))
+                validate(msg.manifest.specs())
             is_cuda = isinstance(msg.buffer, wire.CudaBuffer)
             buffer = open_ipc_buffer(msg.buffer, device_id)
+            session.map_buffer(buffer)
             session.send(wire.Ack(update_id=msg.update_id, of="plan"))
         except Exception as e:
             failure = e
@@ -239,7 +280,7 @@ def _receive(
                 continue
             try:
                 if isinstance(msg, wire.Bucket):
-                    weights = session.views(msg, buffer)
+                    weights = session.views(msg)
                     run(weights)
                     del weights
                     if is_cuda:
@@ -248,6 +289,7 @@ def _receive(
                 elif isinstance(msg, wire.Done):
                     session.check_complete()
                     buffer = None
+                    session.drop_views()
                     # no view is left (no gc: tens of ms, far more in a serving engine)
                     release_ipc_buffer("cuda" if is_cuda else "cpu", device_id, collect=False)
                     session.released = True
@@ -273,6 +315,7 @@ def _receive(
                 session.send(session.error(stage, e, bucket))
     finally:
         buffer = None
+        session.drop_views()
         if not session.released:
             release_ipc_buffer("cuda" if is_cuda else "cpu", device_id)
         session.close()

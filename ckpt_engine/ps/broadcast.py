@@ -99,7 +99,7 @@ class BroadcastUpdate:
         check_local(self.ctx)
 
     def _make_plan(self, min_free: int) -> BucketPlan:
-        return choose_plan(self.ctx.metas, self.ctx.config, min_free)
+        return choose_plan(self.ctx.metas, self.ctx.config, min_free, self.ctx.plan_cache)
 
     def _make_mover(self, plan: BucketPlan) -> SlotMover:
         ctx = self.ctx
@@ -197,9 +197,8 @@ class BroadcastUpdate:
             slot_bytes=plan.slot_bytes,
             num_buckets=len(plan.buckets),
             recv_timeout_s=self.vote_timeout_s + ctx.timeout_s,
-            manifest=tuple(
-                wire.TensorSpec(i.name, i.dtype, i.shape) for b in plan.buckets for i in b.items
-            ),
+            manifest=plan.manifest,
+            layout=plan.layout,
         )
 
     def _launch(self, plan: BucketPlan, j: int) -> None:
@@ -276,15 +275,7 @@ class BroadcastUpdate:
             )
 
     def _bucket_message(self, launched: Launched) -> wire.Bucket:
-        return wire.Bucket(
-            update_id=self.update_id,
-            id=launched.bucket.id,
-            slot=launched.slot,
-            tensors=tuple(
-                wire.TensorSlot(i.name, i.dtype, i.shape, i.offset, i.nbytes)
-                for i in launched.bucket.items
-            ),
-        )
+        return wire.Bucket(update_id=self.update_id, id=launched.bucket.id, slot=launched.slot)
 
     def _finish(self) -> None:
         ctx, link = self.ctx, self.link

@@ -90,6 +90,7 @@ class ParameterServer:
             label=f"{self.run_id}-r{self.rank}",
         )
         self._metas: dict[str, CheckpointMetas] = {}
+        self._plans: dict = {}  # the last plan per checkpoint (ps.context.choose_plan)
         self._socket_dir = SocketDir(env.socket_dir(), self.run_id)
         self._control: ControlGroup | None = None
         self._data_group: dist.ProcessGroup | None = None
@@ -137,6 +138,7 @@ class ParameterServer:
             self._p2p.withdraw(name)
         self._registry.unregister(name)
         self._metas.pop(name, None)
+        self._plans.pop(name, None)
 
     def registered_checkpoints(self) -> list[str]:
         return self._registry.names()
@@ -258,6 +260,7 @@ class ParameterServer:
             timeout_s=timeout_s,
             metas=self._metas.get(name),
             checkpoint=self._registry.get(name) if name in self._registry else None,
+            plan_cache=self._plans,
         )
         if ranks is not None:
             from ckpt_engine.ps.p2p import P2PUpdate
@@ -345,6 +348,7 @@ class ParameterServer:
             self._p2p = None
         self._registry.close()
         self._metas.clear()
+        self._plans.clear()
         self._socket_dir.close()
         if self._owns_process_group and dist.is_initialized():
             dist.destroy_process_group()

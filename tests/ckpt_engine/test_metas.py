@@ -42,7 +42,8 @@ def test_round_trip_through_a_json_file(tmp_path):
     path = tmp_path / "metas.json"
     metas.save(path)
     doc = json.loads(path.read_text())  # plain JSON, no pickle
-    assert doc["format"] == "ckpt-engine-metas" and doc["version"] == 1
+    assert doc["format"] == "ckpt-engine-metas" and doc["version"] == 2
+    assert doc["ranks"][0]["tensors"]["names"] == ["a", "b", "s"]  # columns
     loaded = CheckpointMetas.load(path)
     assert loaded == metas
     assert loaded.num_tensors == 5 and loaded.world_size == 2
@@ -62,6 +63,29 @@ def test_ranks_must_be_in_order():
         CheckpointMetas(name="x", ranks=(r1,))
 
 
+def v1_document(metas: CheckpointMetas) -> dict:
+    """The version 1 layout (a record per tensor), which still loads."""
+    doc = metas.to_json()
+    doc["version"] = 1
+    for rank, r in zip(doc["ranks"], metas.ranks):
+        rank["tensors"] = [
+            {
+                "name": x.name,
+                "dtype": x.dtype,
+                "shape": list(x.shape),
+                "nbytes": x.nbytes,
+                "buffer": x.buffer,
+                "offset": x.offset,
+            }
+            for x in r.tensors
+        ]
+    return doc
+
+
+def test_version_1_documents_still_load():
+    assert CheckpointMetas.loads(json.dumps(v1_document(sample()))) == sample()
+
+
 def mutate(doc, path, value):
     node = doc
     for key in path[:-1]:
@@ -77,7 +101,7 @@ def mutate(doc, path, value):
     ("path", "value", "problem"),
     [
         (("format",), "pickle", "not a ckpt-engine-metas"),
-        (("version",), 2, "version 2"),
+        (("version",), 3, "version 3"),
         (("checkpoint",), KeyError, "missing field 'checkpoint'"),
         (("ranks", 0, "tensors", 0, "dtype"), "F4", "unknown dtype"),
         (("ranks", 0, "tensors", 0, "nbytes"), 7, "disagrees"),
@@ -89,10 +113,40 @@ def mutate(doc, path, value):
         (("ranks", 1, "rank"), 0, "entry 1 is for rank 0"),
     ],
 )
-def test_malformed_documents_are_rejected(path, value, problem):
-    doc = mutate(sample().to_json(), path, value)
+def test_malformed_version_1_documents_are_rejected(path, value, problem):
+    doc = mutate(v1_document(sample()), path, value)
     with pytest.raises(MetasError, match=problem):
         CheckpointMetas.loads(json.dumps(doc))
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "problem"),
+    [
+        (("dtypes", 1), "F4", "unknown dtype 'F4'"),
+        (("shapes", 1), [3, -2], "shape"),
+        (("shapes", 1), [3, 2.0], "shape"),
+        (("shapes", 1), [True, 2], "shape"),
+        (("shapes", 1), 6, "every element of 'shapes' must be a list"),
+        (("names", 0), 5, "every element of 'names' must be a str"),
+        (("buffers", 0), True, "every element of 'buffers' must be a int"),
+        (("offsets", 1), -16, "negative"),
+        (("offsets", 1), 60, "tensor 'b': bytes \\[60, \\+12\\) are outside its buffer 0"),
+        (("buffers", 1), 3, "tensor 'b'.* outside its buffer 3"),
+        (("names",), ["a", "b"], "differ in length"),
+        (("offsets",), KeyError, "missing field 'offsets'"),
+    ],
+)
+def test_malformed_columns_are_rejected(path, value, problem):
+    doc = sample().to_json()
+    mutate(doc["ranks"][0]["tensors"], path, value)
+    with pytest.raises(MetasError, match=problem):
+        CheckpointMetas.loads(json.dumps(doc))
+
+
+def test_zero_size_tensors_need_no_buffer():
+    doc = sample().to_json()
+    doc["ranks"][1]["tensors"]["buffers"][0] = 9  # "c" has no bytes
+    assert CheckpointMetas.loads(json.dumps(doc)).ranks[1].tensors[0].buffer == 9
 
 
 def test_not_json_and_missing_file(tmp_path):

@@ -95,6 +95,26 @@ def test_named_tensors_non_contiguous_and_views(ps):
         assert torch.equal(ps.checkpoint("n").get_tensor(name), tensor)
 
 
+def test_many_named_tensors_copied_on_threads(shm):
+    """Thousands of small tensors (MoE experts), contiguous ones copied by the read threads,
+    mixed with strided ones and views at storage offsets, all bit-exact."""
+    config = PSConfig(host_memory="anonymous", read_threads=4)
+    ps = ParameterServer(rank=0, world_size=1, local_rank=0, config=config, device_type="cpu")
+    base = torch.arange(3000 * 7, dtype=torch.int32)
+    named = {f"e{i}": base[i * 7 : i * 7 + 7 - i % 3] for i in range(3000)}  # offsets vary
+    named["strided"] = base[::5]
+    named["bf16"] = torch.randn(33, 5).to(torch.bfloat16)
+    try:
+        ps.register_checkpoint("many", named_tensors=named)
+        ckpt = ps.checkpoint("many")
+        for name, tensor in named.items():
+            assert torch.equal(
+                ckpt.get_tensor(name).view(torch.uint8), tensor.contiguous().view(torch.uint8)
+            ), name
+    finally:
+        ps.close()
+
+
 def corrupt(path):
     data = bytearray(path.read_bytes())
     n = struct.unpack("<Q", data[:8])[0]

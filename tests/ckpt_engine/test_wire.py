@@ -26,7 +26,8 @@ MESSAGES = [
         slot_bytes=512,
         num_buckets=2,
         recv_timeout_s=12.5,
-        manifest=(wire.TensorSpec("a", "BF16", (2, 3)), wire.TensorSpec("s", "F32", ())),
+        manifest=wire.Manifest(("a", "s", "e"), ("BF16", "F32", "F8_E4M3"), ((2, 3), (), (4, 0))),
+        layout=wire.Layout(counts=(1, 2), offsets=(0, 0, 256)),
     ),
     wire.Plan(
         update_id="u1",
@@ -37,11 +38,10 @@ MESSAGES = [
         slot_bytes=2048,
         num_buckets=0,
         recv_timeout_s=1,
-        manifest=(),
+        manifest=wire.Manifest((), (), ()),
+        layout=wire.Layout((), ()),
     ),
-    wire.Bucket(
-        update_id="u1", id=4, slot=0, tensors=(wire.TensorSlot("a", "F8_E4M3", (4, 0), 256, 0),)
-    ),
+    wire.Bucket(update_id="u1", id=4, slot=0),
     wire.Done(update_id="u1"),
     wire.Commit(update_id="u1"),
     wire.Abort(update_id="u1", reason="rank 2 failed"),
@@ -70,13 +70,12 @@ def frame(**overrides):
     return json.dumps(doc).encode()
 
 
-def bucket_frame(tensor):
-    return json.dumps(
-        {"v": 1, "type": "bucket", "update_id": "u", "id": 0, "slot": 0, "tensors": [tensor]}
-    ).encode()
-
-
-GOOD_SLOT = {"name": "a", "dtype": "F32", "shape": [2], "offset": 0, "nbytes": 8}
+def manifest_frame(**overrides):
+    doc = json.loads(wire.encode(MESSAGES[0]))
+    for key, value in overrides.items():
+        target = doc["layout"] if key in ("counts", "offsets") else doc["manifest"]
+        target[key] = value
+    return json.dumps(doc).encode()
 
 
 @pytest.mark.parametrize(
@@ -84,7 +83,8 @@ GOOD_SLOT = {"name": "a", "dtype": "F32", "shape": [2], "offset": 0, "nbytes": 8
     [
         (b"\x80\x04\x95pickle", "not JSON"),
         (b"[1]", "expected an object"),
-        (frame(v=2), "version 2"),
+        (frame(v=1), "version 1"),
+        (frame(v=3), "version 3"),
         (frame(v=KeyError), "version None"),
         (frame(type="exec"), "unknown message type 'exec'"),
         (frame(rank=KeyError), "missing field 'rank'"),
@@ -92,18 +92,27 @@ GOOD_SLOT = {"name": "a", "dtype": "F32", "shape": [2], "offset": 0, "nbytes": 8
         (frame(rank=-1), "'rank' must be a non-negative integer"),
         (frame(recv_timeout_s=0), "positive number"),
         (frame(update_id=7), "'update_id' must be a string"),
-        (frame(manifest={}), "'manifest' must be a list"),
+        (frame(manifest=[]), "expected an object"),
+        (frame(layout=KeyError), "missing field 'layout'"),
         (frame(buffer={"kind": "pickle"}), "unknown buffer kind"),
         (
             frame(buffer={**json.loads(wire.encode(MESSAGES[0]))["buffer"], "handle": "!!"}),
             "base64",
         ),
-        (bucket_frame({**GOOD_SLOT, "dtype": "F4"}), "unknown dtype"),
-        (bucket_frame({**GOOD_SLOT, "shape": [2.5]}), "shape"),
-        (bucket_frame([1]), "expected an object"),
+        (manifest_frame(dtypes=["BF16", "F4", "F32"]), "unknown dtype 'F4'"),
+        (manifest_frame(shapes=[[2.5], [], [1]]), "shape"),
+        (manifest_frame(shapes=[[True], [], [1]]), "shape"),
+        (manifest_frame(shapes=[[-1], [], [1]]), "shape"),
+        (manifest_frame(shapes=[3, [], [1]]), "every element of 'shapes' must be a list"),
+        (manifest_frame(names=["a", 1, "e"]), "every element of 'names' must be a str"),
+        (manifest_frame(names=["a", "s"]), "differ in length"),
+        (manifest_frame(counts=[1, 1]), "do not match 2 buckets and 3 manifest tensors"),
+        (manifest_frame(counts=[3]), "do not match 2 buckets"),
+        (manifest_frame(offsets=[0, 0]), "2 offsets for 3 manifest tensors"),
+        (manifest_frame(offsets=[0, -8, 0]), "negative"),
         (
             json.dumps(
-                {"v": 1, "type": "ack", "update_id": "u", "of": "everything", "id": None}
+                {"v": wire.VERSION, "type": "ack", "update_id": "u", "of": "everything", "id": None}
             ).encode(),
             "unknown stage",
         ),
@@ -112,6 +121,18 @@ GOOD_SLOT = {"name": "a", "dtype": "F32", "shape": [2], "offset": 0, "nbytes": 8
 def test_malformed_frames(data, problem):
     with pytest.raises(ProtocolError, match=problem):
         wire.decode(data)
+
+
+def test_columns_are_encoded_once_and_spliced():
+    plan = MESSAGES[0]
+    first = wire.encode(plan)
+    assert plan.manifest.json in first.decode() and wire.encode(plan) == first
+    assert plan.manifest.specs() == [
+        wire.TensorSpec("a", "BF16", (2, 3)),
+        wire.TensorSpec("s", "F32", ()),
+        wire.TensorSpec("e", "F8_E4M3", (4, 0)),
+    ]
+    assert wire.Manifest.of(plan.manifest.specs()) == plan.manifest
 
 
 def test_size_cap_both_ways():

@@ -1,22 +1,25 @@
 """The worker primitive against a scripted parameter server (same process, CPU)."""
 
+import math
 import threading
 
 import pytest
 import torch
 import zmq
 
-from ckpt_engine import UpdateAborted, update_weights_from_ipc, wire
+from ckpt_engine import UpdateAborted, dtypes, update_weights_from_ipc, wire
 from ckpt_engine.ipc import IpcBuffer
 
 SLOT = 1024
 A = torch.arange(4, dtype=torch.float32)
 B = torch.tensor([-1, 0, 1], dtype=torch.int8)
-MANIFEST = (
+SPECS = [
     wire.TensorSpec("a", "F32", (4,)),
     wire.TensorSpec("b", "I8", (3,)),
     wire.TensorSpec("s", "BF16", ()),
-)
+]
+MANIFEST = wire.Manifest.of(SPECS)
+LAYOUT = wire.Layout(counts=(1, 2), offsets=(0, 256, 512))
 
 
 def private_dir(tmp_path):
@@ -51,21 +54,13 @@ class FakePS:
             num_buckets=2,
             recv_timeout_s=5.0,
             manifest=MANIFEST,
+            layout=LAYOUT,
         )
         fields.update(overrides)
         return wire.Plan(**fields)
 
-    def bucket(self, i, tensors=None):
-        if tensors is None:
-            tensors = (
-                [wire.TensorSlot("a", "F32", (4,), 0, 16)]
-                if i == 0
-                else [
-                    wire.TensorSlot("b", "I8", (3,), 256, 3),
-                    wire.TensorSlot("s", "BF16", (), 512, 2),
-                ]
-            )
-        return wire.Bucket(update_id="u", id=i, slot=i % 2, tensors=tuple(tensors))
+    def bucket(self, i, slot=None):
+        return wire.Bucket(update_id="u", id=i, slot=i % 2 if slot is None else slot)
 
     def request(self, msg):
         self.sock.send(msg if isinstance(msg, bytes) else wire.encode(msg))
@@ -119,7 +114,7 @@ def test_full_update(ps):
     seen = []
     w = Worker(ps.address, validate=lambda manifest: seen.extend(manifest))
     assert ps.request(ps.plan()) == wire.Ack("u", "plan")
-    assert seen == list(MANIFEST)
+    assert seen == SPECS
     assert ps.request(ps.bucket(0)) == wire.Ack("u", "bucket", 0)
     assert ps.request(ps.bucket(1)) == wire.Ack("u", "bucket", 1)
     assert ps.request(wire.Done("u")) == wire.Ack("u", "done")
@@ -178,9 +173,7 @@ def test_run_raising_reports_bucket_and_message(ps):
     ("bad", "problem"),
     [
         ("order", "expected bucket 0"),
-        ("unknown", "not in the manifest"),
-        ("overrun", "overruns its slot"),
-        ("size", "bad size"),
+        ("slot", "slot 2 out of range"),
         ("garbage", "not JSON"),
         ("commit_early", "unexpected commit"),
         ("missing", "never delivered"),
@@ -191,9 +184,7 @@ def test_protocol_violations_are_errors(ps, bad, problem):
     ps.request(ps.plan())
     msg = {
         "order": ps.bucket(1),
-        "unknown": ps.bucket(0, [wire.TensorSlot("zzz", "F32", (4,), 0, 16)]),
-        "overrun": ps.bucket(0, [wire.TensorSlot("a", "F32", (4,), SLOT - 8, 16)]),
-        "size": ps.bucket(0, [wire.TensorSlot("a", "F32", (4,), 0, 12)]),
+        "slot": ps.bucket(0, slot=2),
         "garbage": b"\x80\x04not json",
         "commit_early": wire.Commit("u"),
         "missing": wire.Done("u"),
@@ -201,6 +192,58 @@ def test_protocol_violations_are_errors(ps, bad, problem):
     reply = ps.request(msg)
     assert isinstance(reply, wire.Error) and problem in reply.message
     expect_abort(ps, w)
+
+
+@pytest.mark.parametrize(
+    ("plan", "problem"),
+    [
+        ({"layout": wire.Layout((1, 2), (SLOT - 8, 256, 512))}, "overrun the slot"),
+        ({"layout": wire.Layout((1, 2), (2, 256, 512))}, "misaligned for F32"),
+        ({"manifest": wire.Manifest.of([*SPECS[:2], SPECS[0]])}, "'a' appears twice"),
+        ({"slot_bytes": SLOT - 2, "num_slots": 1}, "not a multiple of F32's"),
+        ({"num_slots": 3}, "cannot hold 3 slots"),
+    ],
+)
+def test_bad_plans_are_refused_before_any_bucket(ps, plan, problem):
+    w = Worker(ps.address)
+    reply = ps.request(ps.plan(**plan))
+    assert isinstance(reply, wire.Error) and reply.stage == "plan" and problem in reply.message
+    assert ps.request(wire.Abort("u", "rank 3 failed")).of == "abort"
+    assert isinstance(w.result(), UpdateAborted) and w.calls == []
+
+
+def test_many_tensors_views_and_empty_tensors(ps):
+    """Views of many tensors of mixed dtypes in both slots, zero-size ones included."""
+    specs, offsets, counts = [], [], []
+    for b in range(2):
+        end = 0
+        for i in range(100):
+            dtype, shape = ("F32", (2,)) if i % 3 else ("BF16", (0, 4) if i % 5 == 0 else (3,))
+            size = 4 if dtype == "F32" else 2
+            end = (end + size - 1) // size * size
+            specs.append(wire.TensorSpec(f"t{b}.{i}", dtype, shape))
+            offsets.append(end)
+            end += size * math.prod(shape)
+        counts.append(100)
+    values = torch.arange(SLOT, dtype=torch.uint8)
+    ps.ipc.tensor[: 2 * SLOT] = torch.cat([values, values.flip(0)])
+    w = Worker(ps.address)
+    plan = ps.plan(
+        manifest=wire.Manifest.of(specs), layout=wire.Layout(tuple(counts), tuple(offsets))
+    )
+    assert ps.request(plan) == wire.Ack("u", "plan")
+    assert ps.request(ps.bucket(0, slot=1)) == wire.Ack("u", "bucket", 0)
+    assert ps.request(ps.bucket(1, slot=0)) == wire.Ack("u", "bucket", 1)
+    ps.request(wire.Done("u"))
+    ps.request(wire.Commit("u"))
+    assert w.result() is None
+    got = [pair for call in w.calls for pair in call]
+    assert [n for n, _ in got] == [s.name for s in specs]
+    for (name, t), spec, off, k in zip(got, specs, offsets, [1] * 100 + [0] * 100):
+        slot = ps.ipc.tensor[k * SLOT : (k + 1) * SLOT]
+        raw = slot[off : off + t.numel() * t.element_size()]
+        assert t.dtype == dtypes.to_torch(spec.dtype) and tuple(t.shape) == spec.shape, name
+        assert torch.equal(t.reshape(-1).view(torch.uint8), raw), name
 
 
 def test_no_message_times_out(ps):
