@@ -162,11 +162,11 @@ class Channel:
 
     def send(self, msg: wire.Message) -> None:
         """Send without blocking; zmq.Again if no peer can take it now."""
-        self.sock.send(wire.encode(msg, max_bytes=self.max_bytes), zmq.NOBLOCK)
+        self.sock.send_multipart(wire.encode_frames(msg, max_bytes=self.max_bytes), zmq.NOBLOCK)
 
     def recv(self) -> wire.Message:
         """Receive one waiting message (call after wait() returned READY for POLLIN)."""
-        return wire.decode(self.sock.recv(zmq.NOBLOCK), max_bytes=self.max_bytes)
+        return wire.decode_frames(self.sock.recv_multipart(zmq.NOBLOCK), max_bytes=self.max_bytes)
 
     def close(self) -> None:
         with contextlib.suppress(zmq.ZMQError):

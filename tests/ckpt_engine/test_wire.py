@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -141,3 +142,43 @@ def test_size_cap_both_ways():
         wire.encode(big, max_bytes=4096)
     with pytest.raises(ProtocolError, match="exceeds the cap"):
         wire.decode(wire.encode(big), max_bytes=4096)
+
+
+def test_plan_in_two_frames_reuses_a_repeated_columns_frame():
+    plan = MESSAGES[0]
+    frames = wire.encode_frames(plan)
+    assert len(frames) == 2 and b"manifest" not in frames[0]
+    first = wire.decode_frames(frames)
+    assert first == plan
+    again = wire.decode_frames([frames[0], bytes(frames[1])])  # equal bytes, another object
+    assert again.manifest is first.manifest and again.layout is first.layout
+    other = dataclasses.replace(
+        plan, manifest=dataclasses.replace(plan.manifest, names=("x", "s", "e"))
+    )
+    changed = wire.decode_frames(wire.encode_frames(other))
+    assert changed.manifest.names == ("x", "s", "e") and changed.manifest is not first.manifest
+    assert [len(f) for f in wire.encode_frames(MESSAGES[2])] == [len(wire.encode(MESSAGES[2]))]
+
+
+@pytest.mark.parametrize(
+    ("frames", "problem"),
+    [
+        (lambda f: [f[0], b"{not json"], "columns frame is not JSON"),
+        (lambda f: [f[0], b'{"manifest": {}}'], "missing field 'names'"),
+        (lambda f: [f[0], f[1], f[1]], "plan message of 3 frames"),
+        (lambda f: [wire.encode(wire.Done("u")), f[1]], "done message of 2 frames"),
+        (lambda f: [f[0].replace(b'"next-frame"', b'"inline"'), f[1]], "of 2 frames"),
+    ],
+)
+def test_malformed_plan_frames(frames, problem):
+    with pytest.raises(ProtocolError, match=problem):
+        wire.decode_frames(frames(wire.encode_frames(MESSAGES[0])))
+
+
+def test_two_frame_size_cap():
+    frames = wire.encode_frames(MESSAGES[0])
+    cap = sum(map(len, frames)) - 1
+    with pytest.raises(ProtocolError, match="exceeds the cap"):
+        wire.encode_frames(MESSAGES[0], max_bytes=cap)
+    with pytest.raises(ProtocolError, match="exceeds the cap"):
+        wire.decode_frames(frames, max_bytes=cap)

@@ -246,6 +246,27 @@ def test_many_tensors_views_and_empty_tensors(ps):
         assert torch.equal(t.reshape(-1).view(torch.uint8), raw), name
 
 
+def test_a_repeated_plan_is_recognised_and_its_views_stay_right(ps):
+    """The second update of the same plan (two frames, the same columns) reuses the parsed and
+    checked columns; every tensor still arrives right."""
+    import ckpt_engine.worker as worker_module
+
+    accepted = []
+    for update in ("u", "u"):
+        w = Worker(ps.address)
+        ps.sock.send_multipart(wire.encode_frames(ps.plan(update_id=update)))
+        assert ps.sock.poll(10_000) and wire.decode(ps.sock.recv()) == wire.Ack("u", "plan")
+        accepted.append(worker_module._accepted)
+        for k in range(2):
+            assert ps.request(ps.bucket(k)) == wire.Ack("u", "bucket", k)
+        ps.request(wire.Done("u"))
+        ps.request(wire.Commit("u"))
+        assert w.result() is None
+        (a,), (b, s) = w.calls
+        assert torch.equal(a[1], A) and torch.equal(b[1], B) and s[1].item() == 2.5
+    assert accepted[0] is accepted[1]
+
+
 def test_no_message_times_out(ps):
     w = Worker(ps.address, timeout_s=0.3)
     error = w.result()
