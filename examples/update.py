@@ -32,6 +32,10 @@ registers nothing (step 2 loads the metas file instead; no gather), and every ra
 job pulls its buckets straight from the owners' host memory (``ParameterServer.update(...,
 ranks=all ranks of this job)``), then hands them to its servers as in broadcast. F carries the
 owners' addresses and secret tokens: protect it like a key (it is written mode 0600).
+With Redis, the metas travel through the registry instead of a file: ``--metas-registry
+redis://... --publish-metas NAME`` on the running job, ``--metas-registry redis://...
+--find-metas NAME --update-method p2p`` on the new one (it waits for them up to
+``--ready-timeout``); the Redis key is as secret as the file (updater/metas_registry.py).
 ``all`` (broadcast, then P2P in one job) is not supported: run the two commands above.
 """
 
@@ -41,6 +45,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -63,6 +68,7 @@ if _HERE not in sys.path:  # loaded by file path (the tests), not run as a scrip
 
 from updater.client import InferenceClient, InferenceError  # noqa: E402
 from updater.config import ConfigError, UpdateArgs  # noqa: E402
+from updater.metas_registry import MetasPublisher, find_metas  # noqa: E402
 from updater.split import greedy_split, register_share, split_checkpoint  # noqa: E402
 
 # re-exported: the tests load this file and reach the parts through it
@@ -204,20 +210,28 @@ def pick_endpoint(endpoints: list[str], denv: ce_env.DistEnv, ips: int) -> str:
     )
 
 
+def owners_metas(args: UpdateArgs) -> CheckpointMetas:
+    """A joining job's metas: from the file, or from the registry once published."""
+    if args.load_metas_file is not None:
+        return CheckpointMetas.load(args.load_metas_file)
+    return find_metas(args.metas_registry, args.find_metas, timeout_s=args.ready_timeout)
+
+
 def run(args: UpdateArgs) -> dict[str, Any]:
     preflight(args)
     denv = ce_env.dist_env()
     ips = args.inference_parallel_size
     endpoint = pick_endpoint(args.endpoints, denv, ips)
     ps = ParameterServer(device_type=resolve_device_type(args.device))
+    publisher = None
     try:
         control = init_distributed(ps)
         client = InferenceClient(endpoint, uds=args.uds, api_key=args.api_key)
         job = Job(args=args, ps=ps, control=control, client=client)
         metas: list[CheckpointMetas] = []
-        if args.load_metas_file is not None:  # P2P join: the owners' metas instead of a share
+        if args.load_metas_file is not None or args.find_metas is not None:  # P2P join
             mode = "p2p"
-            job.step("register", lambda: metas.append(CheckpointMetas.load(args.load_metas_file)))
+            job.step("register", lambda: metas.append(owners_metas(args)))
             ps.load_metas(metas[0])
             job.args = dataclasses.replace(args, checkpoint_name=metas[0].name)
         else:
@@ -233,6 +247,8 @@ def run(args: UpdateArgs) -> dict[str, Any]:
             job.step("gather", lambda: metas.append(ps.gather_metas(args.checkpoint_name)))
         if args.save_metas_file is not None and ps.rank == 0:
             metas[0].save(args.save_metas_file)
+        if args.publish_metas is not None and ps.rank == 0:
+            publisher = MetasPublisher(args.metas_registry, args.publish_metas, metas[0])
         time.sleep(args.sleep_time)
         job.step("update", lambda: UPDATE_DISPATCH[args.update_method](job))
         nbytes = metas[0].nbytes
@@ -248,6 +264,8 @@ def run(args: UpdateArgs) -> dict[str, Any]:
             "update_gb_s": nbytes / job.timings["update"] / 1e9,
         }
     finally:
+        if publisher is not None:
+            publisher.stop()
         ps.close()
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -284,4 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM (torchrun's stop) becomes SystemExit: `run`'s cleanup runs (published metas are
+    # withdrawn, host memory released).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.exit(main())

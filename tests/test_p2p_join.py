@@ -1,7 +1,9 @@
 """End to end, P2P join (issue 9): job A (`torchrun` 2 ranks, examples/update.py) registers a
 checkpoint, saves its metas and stays up serving its host memory; job B (2 new ranks) joins with
 `--load-metas-file --update-method p2p` and fills a fresh reference server (`--tp 2 --load-format
-dummy --wait-for-initial-weights`), whose /weights_info then equals a disk-loaded server's.
+dummy --wait-for-initial-weights`), whose /weights_info then equals a disk-loaded server's. The
+same with the metas published to and found in a real Redis (`--metas-registry`), job B started
+before job A publishes them.
 (Refused tokens and owners killed mid-pull: tests/ckpt_engine/test_p2p_update.py.)
 """
 
@@ -37,7 +39,8 @@ def updater(*args: str, log: Path) -> subprocess.Popen:
         )
 
 
-def test_new_instance_joins_over_p2p(tmp_path):
+@pytest.mark.parametrize("through", ["file", "registry"])
+def test_new_instance_joins_over_p2p(tmp_path, through, request):
     ckpt = save_checkpoint(make_hf_model("qwen3", seed=5), tmp_path / "ckpt", tokenizer=True)
     common = ["--tp", "2", "--device", "cpu", "--api-key", "secret"]
     disk = start_server(ckpt, *common, log=tmp_path / "disk.log")
@@ -50,20 +53,34 @@ def test_new_instance_joins_over_p2p(tmp_path):
     try:
         wait_until_up(disk)
         wait_until_up(new)
-        owners = updater(
-            "--checkpoint-path", str(ckpt), "--endpoint", disk.url,
-            "--save-metas-file", str(metas), "--sleep-time", "600", log=tmp_path / "A.log",
-        )  # fmt: skip
-        procs.append(owners)
-        poll(lambda: metas.exists() or owners.poll() is not None, 120, "job A's metas file")
-        assert owners.poll() is None, (tmp_path / "A.log").read_text()
-        assert metas.stat().st_mode & 0o777 == 0o600
-        joiner = updater(
-            "--load-metas-file", str(metas), "--update-method", "p2p", "--endpoint", new.url,
-            "--timeout", "60", log=tmp_path / "B.log",
-        )  # fmt: skip
-        procs.append(joiner)
-        assert joiner.wait(timeout=180) == 0, (tmp_path / "B.log").read_text()
+        if through == "file":
+            owners = updater(
+                "--checkpoint-path", str(ckpt), "--endpoint", disk.url,
+                "--save-metas-file", str(metas), "--sleep-time", "600", log=tmp_path / "A.log",
+            )  # fmt: skip
+            procs.append(owners)
+            poll(lambda: metas.exists() or owners.poll() is not None, 120, "job A's metas file")
+            assert owners.poll() is None, (tmp_path / "A.log").read_text()
+            assert metas.stat().st_mode & 0o777 == 0o600
+            joiner = updater(
+                "--load-metas-file", str(metas), "--update-method", "p2p", "--endpoint", new.url,
+                "--timeout", "60", log=tmp_path / "B.log",
+            )  # fmt: skip
+            procs.append(joiner)
+        else:  # B waits for the metas A publishes in Redis
+            url = request.getfixturevalue("redis_server").url
+            joiner = updater(
+                "--metas-registry", url, "--find-metas", "job-a", "--update-method", "p2p",
+                "--endpoint", new.url, "--timeout", "60", "--ready-timeout", "150",
+                log=tmp_path / "B.log",
+            )  # fmt: skip
+            procs.append(joiner)
+            owners = updater(
+                "--checkpoint-path", str(ckpt), "--endpoint", disk.url, "--metas-registry", url,
+                "--publish-metas", "job-a", "--sleep-time", "600", log=tmp_path / "A.log",
+            )  # fmt: skip
+            procs.append(owners)
+        assert joiner.wait(timeout=240) == 0, (tmp_path / "B.log").read_text()
         assert "GB/s" in (tmp_path / "B.log").read_text()
         assert owners.poll() is None  # A still serving
         assert new.get("/health").status_code == 200
@@ -78,3 +95,8 @@ def test_new_instance_joins_over_p2p(tmp_path):
             stop_group(proc)
         disk.stop()
         new.stop()
+    if through == "registry":  # the owners withdrew their metas when they stopped
+        from ckpt_engine.registry.redis_store import RedisRegistry
+
+        registry = RedisRegistry(request.getfixturevalue("redis_server").url)
+        assert registry.get_document("p2p-metas/job-a") is None

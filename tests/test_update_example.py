@@ -103,6 +103,9 @@ def test_bad_flags_exit_2(argv, message, capsys):
         (["--update-method", "p2p"], "--update-method p2p and --load-metas-file go together"),
         (["--load-metas-file", "m"], "--update-method p2p and --load-metas-file go together"),
         (["--update-method", "all"], "--update-method all is not supported"),
+        (["--publish-metas", "a"], "--metas-registry and --publish-metas / --find-metas go"),
+        (["--metas-registry", "grpc://mx:1", "--publish-metas", "a"], "only Redis is supported"),
+        (["--metas-registry", "redis://r", "--find-metas", "a"], "--load-metas-file go together"),
     ],
 )
 def test_p2p_flags_refused(extra, message, capsys):

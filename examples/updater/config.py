@@ -69,6 +69,24 @@ class UpdateArgs:
         default=None,
         metadata=_opt("join running instances: their --save-metas-file (with --update-method p2p)"),
     )
+    metas_registry: str | None = field(
+        default=None,
+        metadata=_opt(
+            "Redis (redis://[user:password@]host:port/db, rediss:// for TLS) that carries the "
+            "P2P metas instead of a file (--publish-metas / --find-metas)"
+        ),
+    )
+    publish_metas: str | None = field(
+        default=None,
+        metadata=_opt("rank 0 publishes the gathered metas under this name in --metas-registry"),
+    )
+    find_metas: str | None = field(
+        default=None,
+        metadata=_opt(
+            "join running instances: the metas they published under this name in "
+            "--metas-registry (with --update-method p2p)"
+        ),
+    )
     weight_version: str | None = field(
         default=None, metadata=_opt("version the server reports after the update")
     )
@@ -92,15 +110,35 @@ class UpdateArgs:
     def __post_init__(self) -> None:
         if self.inference_parallel_size < 1:
             raise ConfigError("--inference-parallel-size must be >= 1")
-        if self.checkpoint_path is None and self.load_metas_file is None:
-            raise ConfigError("give --checkpoint-path (or --load-metas-file)")
-        if (self.update_method == "p2p") != (self.load_metas_file is not None):
-            raise ConfigError("--update-method p2p and --load-metas-file go together")
+        joins = self.load_metas_file is not None or self.find_metas is not None
+        if self.load_metas_file is not None and self.find_metas is not None:
+            raise ConfigError("give --load-metas-file or --find-metas, not both")
+        if self.checkpoint_path is None and not joins:
+            raise ConfigError("give --checkpoint-path (or --load-metas-file / --find-metas)")
+        if (self.update_method == "p2p") != joins:
+            raise ConfigError(
+                "--update-method p2p and --load-metas-file go together (or --find-metas)"
+            )
+        if (self.publish_metas is not None or self.find_metas is not None) != (
+            self.metas_registry is not None
+        ):
+            raise ConfigError("--metas-registry and --publish-metas / --find-metas go together")
+        if self.metas_registry is not None:
+            from ckpt_engine.errors import RegistryError
+            from ckpt_engine.registry.redis_store import check_url
+
+            try:
+                check_url(self.metas_registry)
+            except RegistryError as e:
+                raise ConfigError(f"--metas-registry: {e}") from None
+        if self.publish_metas is not None and joins:
+            raise ConfigError("--publish-metas publishes the owners' metas: not on a joining job")
         if self.wire != "ckpt-engine" and self.update_method != "broadcast":
             raise ConfigError("--wire upstream works with --update-method broadcast only")
-        if self.checkpoint_path is not None and self.load_metas_file is not None:
+        if self.checkpoint_path is not None and joins:
             raise ConfigError(
-                "--load-metas-file joins with the owners' checkpoint: no --checkpoint-path"
+                "--load-metas-file / --find-metas join with the owners' checkpoint: no "
+                "--checkpoint-path"
             )
         if self.weight_version is not None and self.inference_api != "update_weights_from_ipc":
             raise ConfigError(
