@@ -17,6 +17,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 TIMEOUT_S = 20.0
 MiB = 1 << 20
+SEED, BIG_BYTES, TINY = 1234, 100_000, 40  # the tensors of every rank (_tensors.rank_tensors)
 
 pytestmark = pytest.mark.slow
 
@@ -41,10 +42,14 @@ def flat_then_failures(last_rank: int) -> list[dict]:
 
 
 def check_flat_then_failures(records, ranks) -> None:
+    sys.path.insert(0, str(HERE))
+    import _tensors
+
     last = len(ranks) - 1
+    held = len(_tensors.all_expected(SEED, len(ranks), big_bytes=BIG_BYTES, tiny=TINY))
     for r in ranks:
         reg = records[r][0]
-        assert reg["op"] == "register" and reg["ok"] and reg["tensors"] > 100
+        assert reg["op"] == "register" and reg["ok"] and reg["tensors"] == held, (reg, held)
         flat = updates(records[r], "flat")
         assert len(flat) == 10 and all(u["ok"] for u in flat), flat
         assert_flat([u["usage"] for u in flat], [u["worker"] for u in flat])
@@ -80,7 +85,7 @@ def run_ranks(
     """Start ``world`` rank processes (``per_node`` per emulated host); return records, codes."""
     shm_data = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="ckpt-engine-test-"))
     spec = {
-        "seed": 1234, "world_size": world, "big_bytes": 100_000, "tiny": 40,
+        "seed": SEED, "world_size": world, "big_bytes": BIG_BYTES, "tiny": TINY,
         "bucket_bytes": 64 * 1024, "timeout_s": TIMEOUT_S, "out_dir": str(tmp_path),
         "data_dir": str(tmp_path), "shm_data_dir": str(shm_data), "steps": steps, "wire": wire,
     }  # fmt: skip
