@@ -20,6 +20,14 @@ GPU (2 GPUs, about 3 minutes; the checkpoint is kept in --dir for the next run):
     .venv/bin/python bench/fork.py --dir /tmp/ckpt-engine-fork --results bench/RESULTS.md
 CPU smoke test (tiny shapes, gloo):
     .venv/bin/python bench/fork.py --cpu --small
+
+`--backend transfer_engine` forks one-sided through Mooncake instead (the seed started with
+`--remote-instance-weight-loader-start-seed-via-transfer-engine`; protocol: RDMA where a device
+is listed, else TCP): first one client, then `--clients N` at once (each reads on its own; the
+table gives each one's GB/s and their aggregate). The seed's cost per client is what its ranks
+do for one: two info requests (timed here, median of 5), no transfer work. `--same-gpu` puts the
+clients on the seed's GPU (for a one-GPU machine: Mooncake then copies GPU memory through its
+TCP protocol on one device; NCCL cannot pair two processes on one GPU).
 """
 
 from __future__ import annotations
@@ -189,10 +197,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 comparison")
     parser.add_argument("--results", type=Path, default=None, help="append the table here")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--backend", default="nccl", choices=("nccl", "transfer_engine"))
+    parser.add_argument("--clients", type=int, default=2, help="transfer_engine: clients at once")
+    parser.add_argument("--same-gpu", action="store_true", help="transfer_engine: clients on GPU 0")
     args = parser.parse_args(argv)
     device = "cpu" if args.cpu else "cuda"
-    if device == "cuda" and torch.cuda.device_count() < 2:
+    gpus_needed = 1 if args.same_gpu else 2
+    if device == "cuda" and torch.cuda.device_count() < gpus_needed:
         raise SystemExit("needs 2 CUDA GPUs (seed on GPU 0, client on GPU 1); or pass --cpu")
+    if args.backend == "transfer_engine":
+        return one_sided(args, device)
 
     tmp = Path(tempfile.mkdtemp(prefix="ckpt-engine-fork-"))
     ckpt = args.dir if args.dir is not None else tmp / "ckpt"
@@ -265,6 +279,94 @@ def main(argv: list[str] | None = None) -> int:
         gpu = torch.cuda.get_device_name(0) if not args.cpu else "cpu"
         with open(args.results, "a") as f:
             f.write(f"\n## Fork vs disk ({stamp}, {gpu}, bench/fork.py)\n\n{table}\n\n{note}\n")
+    return 0
+
+
+def one_sided(args, device: str) -> int:
+    """The transfer_engine fork: one client alone, then `--clients` at once."""
+    tmp = Path(tempfile.mkdtemp(prefix="ckpt-engine-fork-te-"))
+    ckpt = args.dir if args.dir is not None else tmp / "ckpt"
+    nbytes = write_checkpoint(ckpt, model_shape(args), "cuda" if device == "cuda" else "cpu")
+    gb = nbytes / 1e9
+    common = ["--device", device, "--tp", "1"]
+    seed = Server(
+        "seed",
+        ckpt,
+        [
+            *common,
+            "--base-gpu-id",
+            "0",
+            "--remote-instance-weight-loader-start-seed-via-transfer-engine",
+        ],
+        tmp,
+    )
+    clients: list[Server] = []
+    auth = {"Authorization": f"Bearer {KEY}"}
+    rows, note = [], ""
+    pattern = r"forked ([\d.]+) GB one-sided \(transfer_engine\) from \S+ \(TP \d+\) in ([\d.]+) s"
+    try:
+        seed.wait_healthy(args.timeout)
+        info_s = []
+        for _ in range(5):
+            t = time.perf_counter()
+            r = requests.get(seed.url + "/get_remote_instance_transfer_engine_info", headers=auth)
+            r.raise_for_status()
+            info_s.append(time.perf_counter() - t)
+        info = sorted(info_s)[2]
+        gpu = "0" if (args.cpu or args.same_gpu) else "1"
+
+        def client(name: str) -> Server:
+            fork = [*common, "--base-gpu-id", gpu, "--load-format", "remote_instance"]
+            fork += ["--remote-instance-weight-loader-backend", "transfer_engine"]
+            fork += ["--remote-instance-weight-loader-seed-instance-ip", "127.0.0.1"]
+            fork += ["--remote-instance-weight-loader-seed-instance-service-port", str(seed.port)]
+            return Server(name, ckpt, fork, tmp)
+
+        for round_, count in (("alone", 1), ("at once", args.clients)):
+            batch = [client(f"client-{round_.replace(' ', '-')}-{i}") for i in range(count)]
+            clients += batch
+            totals = [c.wait_healthy(args.timeout) for c in batch]
+            for i, c in enumerate(batch):
+                found = re.findall(pattern, c.output())
+                if not found:
+                    raise SystemExit(f"no transfer line in {c.log}:\n{c.output()[-3000:]}")
+                seconds = float(found[-1][1])
+                rows.append((f"{count} client(s) {round_}, #{i}: transfer", seconds))
+                rows.append((f"{count} client(s) {round_}, #{i}: spawn to healthy", totals[i]))
+            if not args.no_verify:
+                a = requests.get(seed.url + "/weights_info", headers=auth, timeout=args.timeout)
+                for c in batch:
+                    b = requests.get(c.url + "/weights_info", headers=auth, timeout=args.timeout)
+                    if a.json()["tensors"] != b.json()["tensors"]:
+                        raise SystemExit(f"FAILED: {c.log.name}'s sha256 differ from the seed's")
+            for c in batch:
+                c.stop()
+        protocol = re.findall(r"mooncake transfer engine on \S+ \((\w+)\)", seed.output())
+        note = (
+            f"{gb:.2f} GB; Mooncake protocol {protocol[-1] if protocol else '?'}; "
+            f"clients on {'cpu' if args.cpu else 'GPU ' + gpu}; the seed's cost per client: 2 info requests of "
+            f"{info * 1000:.1f} ms each (median of 5), no transfer work; verification: "
+            + ("skipped" if args.no_verify else "sha256 of every tensor matches the seed's")
+        )
+    finally:
+        for s in (*clients, seed):
+            s.stop()
+        if args.dir is None:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        print(f"server logs: {tmp}")
+    lines = ["| what | bytes | seconds | GB/s |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {name} | {nbytes} | {s:.3f} | {gb / s:.2f} |" for name, s in rows]
+    table = "\n".join(lines)
+    print(table)
+    print(note)
+    if args.results is not None:
+        stamp = time.strftime("%Y-%m-%d %H:%M")
+        gpu_name = torch.cuda.get_device_name(0) if not args.cpu else "cpu"
+        with open(args.results, "a") as f:
+            f.write(
+                f"\n## Fork, transfer_engine ({stamp}, {gpu_name}, bench/fork.py --backend "
+                f"transfer_engine)\n\n{table}\n\n{note}\n"
+            )
     return 0
 
 
