@@ -3,12 +3,14 @@ checkpoint, saves its metas and stays up serving its host memory; job B (2 new r
 `--load-metas-file --update-method p2p` and fills a fresh reference server (`--tp 2 --load-format
 dummy --wait-for-initial-weights`), whose /weights_info then equals a disk-loaded server's. The
 same with the metas published to and found in a real Redis (`--metas-registry`), job B started
-before job A publishes them.
+before job A publishes them, both jobs on the Mooncake transport (named, so over its TCP
+protocol here): new ranks read the owners' memory one-sided.
 (Refused tokens and owners killed mid-pull: tests/ckpt_engine/test_p2p_update.py.)
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,11 +33,16 @@ TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 COMMON = ["--inference-parallel-size", "2", "--api-key", "secret", "--device", "cpu"]
 
 
-def updater(*args: str, log: Path) -> subprocess.Popen:
+def updater(*args: str, log: Path, env: dict | None = None) -> subprocess.Popen:
     cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", "examples/update.py", *COMMON]
     with open(log, "wb") as out:
         return subprocess.Popen(
-            [*cmd, *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            [*cmd, *args],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
 
 
@@ -67,17 +74,22 @@ def test_new_instance_joins_over_p2p(tmp_path, through, request):
                 "--timeout", "60", log=tmp_path / "B.log",
             )  # fmt: skip
             procs.append(joiner)
-        else:  # B waits for the metas A publishes in Redis
+        else:  # B waits for the metas A publishes in Redis; both over Mooncake
             url = request.getfixturevalue("redis_server").url
+            mooncake = {
+                "CKPT_ENGINE_P2P_TRANSPORT": "mooncake",
+                "CKPT_ENGINE_MOONCAKE_PROTOCOL": "tcp",
+            }
             joiner = updater(
                 "--metas-registry", url, "--find-metas", "job-a", "--update-method", "p2p",
                 "--endpoint", new.url, "--timeout", "60", "--ready-timeout", "150",
-                log=tmp_path / "B.log",
+                log=tmp_path / "B.log", env=mooncake,
             )  # fmt: skip
             procs.append(joiner)
             owners = updater(
                 "--checkpoint-path", str(ckpt), "--endpoint", disk.url, "--metas-registry", url,
                 "--publish-metas", "job-a", "--sleep-time", "600", log=tmp_path / "A.log",
+                env=mooncake,
             )  # fmt: skip
             procs.append(owners)
         assert joiner.wait(timeout=240) == 0, (tmp_path / "B.log").read_text()
@@ -95,7 +107,9 @@ def test_new_instance_joins_over_p2p(tmp_path, through, request):
             stop_group(proc)
         disk.stop()
         new.stop()
-    if through == "registry":  # the owners withdrew their metas when they stopped
+    if through == "registry":
+        # the owners served Mooncake only (named), and withdrew their metas when they stopped
+        assert "mooncake transfer engine on 127.0.0.1:" in (tmp_path / "A.log").read_text()
         from ckpt_engine.registry.redis_store import RedisRegistry
 
         registry = RedisRegistry(request.getfixturevalue("redis_server").url)
