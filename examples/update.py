@@ -60,13 +60,14 @@ import torch.distributed as dist
 from ckpt_engine import CheckpointMetas, ParameterServer
 from ckpt_engine import env as ce_env
 from ckpt_engine.device import resolve_device_type
+from ckpt_engine.errors import UpdateError
 from ckpt_engine.ps.collectives import ControlGroup
 
 _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:  # loaded by file path (the tests), not run as a script: find updater/
     sys.path.insert(0, _HERE)
 
-from updater.client import InferenceClient, InferenceError  # noqa: E402
+from updater.client import InferenceClient, InferenceError, refused_before_write  # noqa: E402
 from updater.config import ConfigError, UpdateArgs  # noqa: E402
 from updater.metas_registry import MetasPublisher, find_metas  # noqa: E402
 from updater.split import greedy_split, register_share, split_checkpoint  # noqa: E402
@@ -135,9 +136,26 @@ class Job:
 
 
 def broadcast_update(job: Job) -> None:
-    job.ps.update(
-        job.args.checkpoint_name, job.req_func, timeout=job.args.timeout, wire=job.args.wire
-    )
+    try:
+        job.ps.update(
+            job.args.checkpoint_name, job.req_func, timeout=job.args.timeout, wire=job.args.wire
+        )
+    except UpdateError as e:
+        if job.args.inference_api == "weight_transfer" and job.is_instance_head:
+            raise UpdateError(weight_transfer_failed(job.client, e)) from e
+        raise
+
+
+def weight_transfer_failed(client: InferenceClient, e: UpdateError) -> str:
+    """vLLM's weight-transfer API after a failed update: resume it when nothing was written
+    (it serves its previous weights), else leave it paused (workers.vllm.engine)."""
+    if refused_before_write(e):
+        try:
+            client.resume()
+        except InferenceError as r:
+            return f"{e}; refused before any write, but /resume failed: {r}"
+        return f"{e}; refused before any write: vLLM resumed with its previous weights"
+    return f"{e}; vLLM left paused (weights partly written): a complete update resumes it"
 
 
 def p2p_update(job: Job) -> None:
@@ -250,7 +268,26 @@ def run(args: UpdateArgs) -> dict[str, Any]:
         if args.publish_metas is not None and ps.rank == 0:
             publisher = MetasPublisher(args.metas_registry, args.publish_metas, metas[0])
         time.sleep(args.sleep_time)
+        head = job.is_instance_head
+        transfer = args.inference_api == "weight_transfer"
+        if transfer:  # vLLM's RL endpoints: pause and open a session first
+            job.step(
+                "pause",
+                lambda: (
+                    head and client.begin_weight_transfer(wire=args.wire, timeout_s=args.timeout)
+                ),
+            )
         job.step("update", lambda: UPDATE_DISPATCH[args.update_method](job))
+        if transfer:
+            job.step(
+                "resume",
+                lambda: (
+                    head
+                    and client.finish_weight_transfer(
+                        version=args.weight_version, timeout_s=args.timeout
+                    )
+                ),
+            )
         nbytes = metas[0].nbytes
         return {
             "bytes": nbytes,

@@ -68,12 +68,20 @@ class InferenceClient:
         if api == "collective_rpc":
             path = "/collective_rpc"
             body = {"method": "update_weights_from_ipc", "args": [handles], "timeout": timeout_s}
+        elif api == "weight_transfer":
+            path, body = "/update_weights", {"update_info": {"zmq_handles": handles}}
         else:
             path = "/update_weights_from_ipc"
             body = {"zmq_handles": handles, "flush_cache": True, "weight_version": version}
+        self.post(path, body, timeout_s=timeout_s + 60)
+
+    def post(self, path: str, body: dict | None = None, *, timeout_s: float = 60) -> dict:
+        """POST and check the answer (200, no ``success: false``); raise InferenceError."""
         url = f"{self.endpoint}{path}"
-        try:
-            r = self.session.post(url, json=body, timeout=timeout_s + 60)
+        try:  # a connection per call: vLLM's server drops the one a 500 went out on
+            r = self.session.post(
+                url, json=body, headers={"Connection": "close"}, timeout=timeout_s
+            )
         except requests.RequestException as e:
             raise InferenceError(f"POST {url}: {e}") from e
         try:
@@ -83,3 +91,42 @@ class InferenceClient:
         if r.status_code != 200 or (isinstance(answer, dict) and answer.get("success") is False):
             message = answer.get("message", answer) if isinstance(answer, dict) else answer
             raise InferenceError(f"POST {url}: HTTP {r.status_code}: {message}")
+        return answer if isinstance(answer, dict) else {"answer": answer}
+
+    # -- vLLM's RL weight-transfer endpoints (--inference-api weight_transfer) -----------------
+    def begin_weight_transfer(self, *, wire: str, timeout_s: float) -> None:
+        """Pause vLLM (running requests finish on the old weights, new ones wait), then open a
+        weight-update session of the ``ckpt_engine`` backend. A session a killed updater left
+        open is closed first (vLLM refuses a second start; the model holds complete weights at
+        that point, see workers.vllm.engine); the answer of that close is not checked (vLLM
+        answers 500 when no session is open)."""
+        try:
+            self.session.post(
+                f"{self.endpoint}/finish_weight_update",
+                json={},
+                headers={"Connection": "close"},
+                timeout=timeout_s,
+            )
+        except requests.RequestException as e:
+            raise InferenceError(f"POST {self.endpoint}/finish_weight_update: {e}") from e
+        self.post("/pause?mode=wait", timeout_s=timeout_s)
+        try:
+            self.post("/init_weight_transfer_engine", {"init_info": {"wire": wire}})
+            self.post("/start_weight_update", timeout_s=timeout_s)
+        except InferenceError:
+            self.resume()  # nothing was written
+            raise
+
+    def finish_weight_transfer(self, *, version: str | None, timeout_s: float) -> None:
+        self.post("/finish_weight_update", {"weight_version": version}, timeout_s=timeout_s)
+        self.resume()
+
+    def resume(self) -> None:
+        self.post("/resume")
+
+
+def refused_before_write(error: Exception) -> bool:
+    """True when a failed update (``ckpt_engine.UpdateError``) ended before any worker got a
+    bucket: in the parameter server's prepare or handshake stage (e.g. the manifest refused)."""
+    errors = getattr(error, "errors", None) or []
+    return bool(errors) and all(e.get("stage") in ("prepare", "handshake") for e in errors)

@@ -14,7 +14,7 @@ from ckpt_engine.compat import WIRES
 
 DESCRIPTION = "Push a safetensors checkpoint into running inference servers: one parameter-server rank per GPU."
 UPDATE_METHODS = ("broadcast", "p2p", "all")
-INFERENCE_APIS = ("collective_rpc", "update_weights_from_ipc")
+INFERENCE_APIS = ("collective_rpc", "update_weights_from_ipc", "weight_transfer")
 
 
 class ConfigError(ValueError):
@@ -50,7 +50,10 @@ class UpdateArgs:
     inference_api: str = field(
         default="collective_rpc",
         metadata=_opt(
-            "collective_rpc: vLLM's POST /collective_rpc; update_weights_from_ipc: SGLang's",
+            "collective_rpc: vLLM's POST /collective_rpc (worker extension); "
+            "update_weights_from_ipc: SGLang's; weight_transfer: vLLM's RL endpoints (/pause, "
+            "/start_weight_update, /update_weights, /finish_weight_update, /resume) with "
+            '--weight-transfer-config \'{"backend": "ckpt_engine"}\'',
             choices=INFERENCE_APIS,
         ),
     )
@@ -140,10 +143,10 @@ class UpdateArgs:
                 "--load-metas-file / --find-metas join with the owners' checkpoint: no "
                 "--checkpoint-path"
             )
-        if self.weight_version is not None and self.inference_api != "update_weights_from_ipc":
+        if self.weight_version is not None and self.inference_api == "collective_rpc":
             raise ConfigError(
-                "--weight-version needs --inference-api update_weights_from_ipc "
-                "(vLLM's /collective_rpc carries no version)"
+                "--weight-version needs --inference-api update_weights_from_ipc or "
+                "weight_transfer (vLLM's /collective_rpc carries no version)"
             )
         for name in ("timeout", "ready_timeout"):
             if not getattr(self, name) > 0:

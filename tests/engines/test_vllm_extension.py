@@ -5,21 +5,16 @@ the weights it starts from.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 from vllm_testutil import (
     EXTENSION,
     expected_checksums,
+    kill_updater_mid_update,
     make_checkpoints,
     push,
     require_vllm,
     start_vllm,
 )
-from workers_testutil import REPO, poll, stop_group
 
 pytestmark = pytest.mark.slow
 
@@ -87,27 +82,8 @@ def test_bad_checkpoint_is_refused_before_any_write(vllm, ckpts, bad):
 
 
 def test_killed_updater_is_reported_and_the_next_update_recovers(vllm, ckpts, tmp_path):
-    vllm.delay_file.write_text("0.5")
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone"]
-    cmd += ["--nproc-per-node", "1", "examples/update.py", "--device", "cpu"]
-    cmd += ["--checkpoint-path", str(ckpts["B"].path), "--endpoint", vllm.url]
-    cmd += ["--inference-parallel-size", "1", "--timeout", "120"]
-    log = tmp_path / "updater.log"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, **SMALL_BUCKETS},
-        )
-    try:
-        poll(lambda: "test delay: bucket 2 loaded" in vllm.output(), 120, "bucket 2 loaded")
-    finally:
-        stop_group(proc)
-        vllm.delay_file.unlink()
-    info = poll(lambda: status(vllm) if status(vllm)["status"] != "updating" else None, 60, "end")
+    kill_updater_mid_update(vllm, ckpts["B"], log=tmp_path / "updater.log")  # from A
+    info = status(vllm)  # answered once the update's RPC has ended
     assert info["status"] == "weights_inconsistent", info
     assert "failed after writing weights" in info["detail"] and "disconnected" in info["detail"]
     vllm.greedy()  # servable (no meta tensors left), if a mix of A and B

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from workers_testutil import (
     free_port,
     hf_greedy,
     make_hf_model,
+    poll,
     run_updater,
     save_checkpoint,
     stop_group,
@@ -180,3 +182,29 @@ def start_vllm(
 def push(server: VllmServer, checkpoint: Checkpoint, *extra: str, tp: int = 1, env=None):
     """The updater (`tp` CPU ranks, one instance) into `server`: (returncode, output)."""
     return run_updater(server.url, checkpoint.path, *extra, nproc=tp, device="cpu", env=env)
+
+
+def kill_updater_mid_update(server: VllmServer, checkpoint: Checkpoint, *extra: str, log: Path):
+    """Start the updater (small buckets) while ``server`` sleeps after each bucket it loads
+    (CKPT_ENGINE_TEST_BUCKET_DELAY_FILE, which its fixture set), kill the updater's process
+    group once the server has loaded 3 buckets, and return."""
+    seen = len(server.output())
+    server.delay_file.write_text("0.5")
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "1", "examples/update.py"]
+    cmd += ["--device", "cpu", "--checkpoint-path", str(checkpoint.path), "--endpoint", server.url]
+    cmd += ["--inference-parallel-size", "1", "--timeout", "120", *extra]
+    env = {**os.environ, "CKPT_ENGINE_BUCKET_BYTES": "4096"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
+    try:
+        poll(
+            lambda: "test delay: bucket 2 loaded" in server.output()[seen:],
+            120,
+            f"the server loading bucket 2 (updater log: {log})",
+        )
+    finally:
+        stop_group(proc)
+        server.delay_file.unlink()

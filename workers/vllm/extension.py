@@ -88,6 +88,7 @@ def receive_update(
     status: UpdateStatus,
     *,
     timeout_s: float | None = None,
+    wire: str | None = None,
 ) -> None:
     """One update from the parameter server into ``reloads``' models; ``status`` follows it.
 
@@ -125,6 +126,7 @@ def receive_update(
             post_hook=post_hook,
             validate=validate,
             timeout_s=timeout_s,
+            wire=wire,
         )
     except BaseException as e:
         wrote = any(reload.started for reload in reloads)
