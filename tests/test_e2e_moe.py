@@ -45,6 +45,8 @@ MANY_EXPERTS = dict(num_experts=384, num_experts_per_tok=4, moe_intermediate_siz
 GENERATE = {"input_ids": PROMPT, "max_new_tokens": NEW_TOKENS, "sampling_params": {"ignore_eos": True}}  # fmt: skip
 COMMON = ["--tp", "2", "--device", "cpu", "--dtype", "float32", "--api-key", "secret"]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+TE_SEED = "--remote-instance-weight-loader-start-seed-via-transfer-engine"
+TE_ENV = {"CKPT_ENGINE_MOONCAKE_PROTOCOL": "tcp"}  # no RDMA device on the CI machine
 
 
 def file_digests(path: Path) -> dict:
@@ -72,8 +74,8 @@ def fleet(ckpts, tmp_path_factory):
     servers = {
         "disk": start_server(path, *COMMON, log=tmp / "disk.log"),
         "target": start_server(
-            path, *COMMON, "--load-format", "dummy", "--wait-for-initial-weights",
-            log=tmp / "target.log",
+            path, *COMMON, "--load-format", "dummy", "--wait-for-initial-weights", TE_SEED,
+            log=tmp / "target.log", env=TE_ENV,
         ),
     }  # fmt: skip
     try:
@@ -147,17 +149,28 @@ def test_p2p_join_moves_checkpoint_b(fleet, ckpts):
     assert tokens(fleet["disk"]) == hf_greedy(hf, PROMPT, NEW_TOKENS)[0]
 
 
-def test_tp1_client_forks_every_expert_from_the_tp2_seed(fleet, ckpts):
+@pytest.mark.parametrize(
+    "backend, said",
+    [("gloo", "full mode"), ("transfer_engine", "one-sided (transfer_engine)")],
+)
+def test_tp1_client_forks_every_expert_from_the_tp2_seed(fleet, ckpts, backend, said):
+    """gloo: the seed unshards every expert tensor and sends it; transfer_engine (Mooncake over
+    TCP): the client reads the rows it keeps of each expert (~100k ranges)."""
     seed = fleet["target"]
     args = ["--tp", "1", "--device", "cpu", "--dtype", "float32", "--api-key", "secret"]
     args += ["--load-format", "remote_instance", "--remote-instance-weight-loader-verify-checksums"]
     args += ["--remote-instance-weight-loader-seed-instance-ip", "127.0.0.1"]
     args += ["--remote-instance-weight-loader-seed-instance-service-port", seed.url.split(":")[-1]]
-    args += ["--remote-instance-weight-loader-send-weights-group-ports", json.dumps([free_port()])]
-    client = start_server(ckpts["A"][0], *args, log=fleet["tmp"] / "fork.log")
+    if backend == "gloo":
+        ports = json.dumps([free_port()])
+        args += ["--remote-instance-weight-loader-send-weights-group-ports", ports]
+    else:
+        args += ["--remote-instance-weight-loader-backend", backend]
+    log = fleet["tmp"] / f"fork-{backend}.log"
+    client = start_server(ckpts["A"][0], *args, log=log, env=TE_ENV)
     try:
         wait_until_up(client, deadline_s=180)
-        assert "full mode" in client.output() and "sha256 matches the seed's" in client.output()
+        assert said in client.output() and "sha256 matches the seed's" in client.output()
         assert weights(client)["tensors"] == weights(seed)["tensors"]
         assert tokens(client) == tokens(seed)
     finally:

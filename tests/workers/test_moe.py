@@ -198,3 +198,41 @@ def test_moe_intermediate_must_divide_by_tp():
     )
     with pytest.raises(ConfigError, match="moe_intermediate_size 7 does not divide"):
         build_model(config, tp=_NoReduce(0, 2), dtype=torch.float32, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("seed_tp, client_tp", [(1, 2), (2, 1), (2, 4), (4, 2), (2, 2)])
+def test_one_sided_read_plan_rebuilds_every_experts_shard(seed_tp, client_tp):
+    """`remote_instance.reads` (the transfer-engine fork) on fused experts: executing the plan
+    on the seed ranks' bytes gives the client rank's parameters; equal TP: one range each."""
+    from workers.remote_instance.reads import layout_from_json, layout_to_json, plan_parameter
+
+    experts, hidden, inter = 3, 4, 8
+    torch.manual_seed(0)
+    full = {(e, p): torch.randn(4, 8) if p == "down_proj" else torch.randn(8, 4)
+            for e in range(experts) for p in EXPERT_WEIGHTS}  # fmt: skip
+
+    def build(rank, size):
+        layer = FusedExperts(hidden, inter, experts, tp=_NoReduce(rank, size))
+        for (e, proj), tensor in full.items():
+            fused, sid = EXPERT_WEIGHTS[proj]
+            param = getattr(layer, fused)
+            param.weight_loader(param, tensor, (e, sid))
+        return layer
+
+    seeds = [build(i, seed_tp) for i in range(seed_tp)]
+    for j in range(client_tp):
+        client = build(j, client_tp)
+        for fused in ("gate_up_proj", "down_proj"):
+            want = getattr(client, fused)
+            layouts = [
+                layout_from_json(layout_to_json(getattr(s, fused).shard_layout)) for s in seeds
+            ]
+            plan = plan_parameter(fused, want.shard_layout, layouts, itemsize=4, client_rank=j)
+            got = torch.full_like(want.data, float("nan"))
+            flat = got.view(torch.uint8).view(-1)
+            for r in plan.reads:
+                src = getattr(seeds[r.seed_rank], fused).data.view(torch.uint8).view(-1)
+                flat[r.local : r.local + r.nbytes] = src[r.remote : r.remote + r.nbytes]
+            assert torch.equal(got, want.data), (fused, j)
+            if seed_tp == client_tp:
+                assert len(plan.reads) == 1

@@ -17,6 +17,10 @@ rank by rank), `plan_parameter` derives, for any pair of TP sizes, the exact ran
 Everything is in bytes relative to the parameter's start on each side; the caller adds the
 registered addresses. A layout pair that does not correspond (other parts, other dim) raises
 `LayoutMismatch` naming the parameter.
+
+Fused MoE experts (`StackedLayout`: one inner layout per expert, stacked along dim 0) are planned
+as their inner layout, the reads repeated per expert at that expert's offset on each side (and
+merged where contiguous, so equal TP sizes still read one range).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from workers.layers.sharding import Part, ShardLayout
+from workers.layers.sharding import Part, ShardLayout, StackedLayout
 
 
 class LayoutMismatch(ValueError):
@@ -57,7 +61,9 @@ class ParamPlan:
         return sum(r.nbytes for r in self.reads)
 
 
-def layout_to_json(layout: ShardLayout) -> dict[str, Any]:
+def layout_to_json(layout: ShardLayout | StackedLayout) -> dict[str, Any]:
+    if isinstance(layout, StackedLayout):
+        return {"stacked": layout.count, "inner": layout_to_json(layout.inner)}
     return {
         "dim": layout.dim,
         "parts": [[p.shard_id, list(p.full_shape), p.chunks] for p in layout.parts],
@@ -66,7 +72,12 @@ def layout_to_json(layout: ShardLayout) -> dict[str, Any]:
     }
 
 
-def layout_from_json(raw: Any) -> ShardLayout:
+def layout_from_json(raw: Any) -> ShardLayout | StackedLayout:
+    if isinstance(raw, dict) and "stacked" in raw:
+        try:
+            return StackedLayout(int(raw["stacked"]), layout_from_json(raw["inner"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise LayoutMismatch(f"malformed layout {raw!r}: {e}") from None
     try:
         parts = tuple(
             Part(sid, tuple(int(x) for x in shape), int(c)) for sid, shape, c in raw["parts"]
@@ -109,6 +120,8 @@ def plan_parameter(
 ) -> ParamPlan:
     """The reads (and local zero fills) that give client TP rank `client_rank` its parameter
     `name` from the seed ranks (`seed_layouts[i]`: seed rank i's layout of it)."""
+    if isinstance(client, StackedLayout) or isinstance(seed_layouts[0], StackedLayout):
+        return _plan_stacked(name, client, seed_layouts, itemsize=itemsize, client_rank=client_rank)
     s, c, j = len(seed_layouts), client.size, client_rank
     seed = seed_layouts[0]
     _check(name, client, seed)
@@ -146,6 +159,31 @@ def plan_parameter(
             remote = (t * rows_s + seed_row) * unit
             reads.append(Read(rank, remote, (t * rows_c + client_row) * unit, rows * unit))
     return ParamPlan(tuple(_merge(reads)), tuple(zeros))
+
+
+def _plan_stacked(name, client, seed_layouts, *, itemsize: int, client_rank: int) -> ParamPlan:
+    if not all(isinstance(x, StackedLayout) for x in (client, *seed_layouts)):
+        raise LayoutMismatch(f"{name}: stacked (experts) on one side only")
+    if any(x.count != client.count for x in seed_layouts):
+        raise LayoutMismatch(
+            f"{name}: {seed_layouts[0].count} rows on the seed, {client.count} here"
+        )
+    inner = plan_parameter(
+        name,
+        client.inner,
+        [x.inner for x in seed_layouts],
+        itemsize=itemsize,
+        client_rank=client_rank,
+    )
+    row_c = math.prod(client.inner.local_shape()) * itemsize
+    row_s = math.prod(seed_layouts[0].inner.local_shape()) * itemsize
+    reads = [
+        Read(r.seed_rank, e * row_s + r.remote, e * row_c + r.local, r.nbytes)
+        for e in range(client.count)
+        for r in inner.reads
+    ]
+    zeros = tuple(Zero(z.dim + 1, z.start, z.length) for z in inner.zeros)
+    return ParamPlan(tuple(_merge(reads)), zeros)
 
 
 def _merge(reads: list[Read]) -> list[Read]:
