@@ -46,7 +46,7 @@ def test_client_first_then_seed_found_in_the_registry(checkpoints, tmp_path, mon
     monkeypatch.setenv("CKPT_ENGINE_MOONCAKE_PROTOCOL", "tcp")
     redis_server = start_redis(tmp_path / "redis", password="s3cret-pw")
     try:
-        client = start_mx_client(path, redis_server.url, tmp_path / "client.log")
+        client = start_mx_client(path, redis_server.url, tmp_path / "client.log", tp=2)
         wrong = start_mx_client(
             path, redis_server.url_with("wrong-password"), tmp_path / "wrong.log", timeout=30
         )

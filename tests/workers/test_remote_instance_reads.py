@@ -121,3 +121,25 @@ def test_layout_json_round_trip_and_mismatch():
         )
     with pytest.raises(LayoutMismatch, match="malformed layout"):
         layout_from_json({"dim": 0})
+
+
+class _T:
+    def __init__(self, ptr, n):
+        self.ptr, self.n = ptr, n
+
+    def data_ptr(self):
+        return self.ptr
+
+    def numel(self):
+        return self.n
+
+    def element_size(self):
+        return 1
+
+
+def test_registered_regions_merge_adjacent_parameters():
+    from workers.remote_instance.transfer_engine import regions
+
+    params = {"c": _T(300, 10), "a": _T(100, 50), "b": _T(150, 50), "empty": _T(999, 0)}
+    assert regions(params) == [(100, 100), (300, 10)]
+    assert regions({"x": _T(100, 50), "view": _T(110, 10)}) == [(100, 50)]  # views of one storage
