@@ -2,8 +2,9 @@
 A TP=2 seed registers its parameters once; a TP=2 client (equal TP: whole parameters) and a
 TP=1 client (different TP: the rows it keeps) read them one-sided at the same time while the
 seed keeps answering /generate; both serve the seed's weights (checksums) and tokens. The info
-endpoint answers SGLang's one-rank shape; a weight update on the seed changes its generation;
-a seed without the flag refuses clearly."""
+endpoint answers SGLang's one-rank shape; a weight update on the seed changes its generation,
+and one that lands while a client reads makes that client read again; a seed without the flag
+refuses clearly."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import threading
 
 import pytest
 from test_remote_instance_server import GENERATE, VERSION, same_weights_and_tokens, start_seed
-from workers_testutil import start_server, wait_until_up
+from workers_testutil import poll, start_server, wait_until_up
 
 pytestmark = pytest.mark.slow
 
@@ -21,13 +22,13 @@ INFO = "/get_remote_instance_transfer_engine_info"
 KEY = {"Authorization": "Bearer secret"}
 
 
-def start_te_client(path, seed, *, tp: int, log, extra=()):
+def start_te_client(path, seed, *, tp: int, log, extra=(), env=None):
     args = ["--tp", str(tp), "--device", "cpu", "--dtype", "float32", "--api-key", "secret"]
     args += ["--load-format", "remote_instance"]
     args += ["--remote-instance-weight-loader-backend", "transfer_engine"]
     args += ["--remote-instance-weight-loader-seed-instance-ip", "127.0.0.1"]
     args += ["--remote-instance-weight-loader-seed-instance-service-port", seed.url.split(":")[-1]]
-    return start_server(path, *args, *extra, log=log, env=TE_ENV)
+    return start_server(path, *args, *extra, log=log, env={**TE_ENV, **(env or {})})
 
 
 def test_transfer_engine_fork_equal_and_different_tp_at_once(checkpoints, tmp_path, monkeypatch):
@@ -75,6 +76,22 @@ def test_transfer_engine_fork_equal_and_different_tp_at_once(checkpoints, tmp_pa
         assert seed.post("/collective_rpc", body, headers=KEY).status_code == 200
         assert seed.get(INFO, headers=KEY).json()["generation"] > before
         assert seed.get(INFO, headers=KEY).json()["weight_version"] == VERSION
+
+        # An update landing while a client reads: the client reads again, then serves.
+        slow = start_te_client(
+            path,
+            seed,
+            tp=1,
+            log=tmp_path / "slow.log",
+            env={"CKPT_ENGINE_TEST_READ_DELAY_S": "0.2"},
+        )
+        clients.append(slow)
+        poll(lambda: "range(s) from" in slow.output(), 120, "the client to start reading")
+        assert seed.post("/collective_rpc", body, headers=KEY).status_code == 200
+        wait_until_up(slow, deadline_s=180)
+        assert "changed its weights during the read (attempt 1 of 3)" in slow.output()
+        assert "attempt 2)" in slow.output()
+        same_weights_and_tokens(seed, slow)
 
         # A seed started without the flag says how to start it.
         wait_until_up(plain)
