@@ -118,3 +118,52 @@ def test_modelexpress_config_parsed(model):
 def test_refused(model, argv, error):
     with pytest.raises(ConfigError, match=error):
         settings(model, *argv)
+
+
+def test_seed_publisher_follows_the_fronts_weight_changes(redis_server):
+    """The seed's registry entry (real Redis): ready with its version; not ready while a weight
+    update runs, then ready with the new version (republished by the front's weight listeners,
+    not by the 30 s heartbeat); withdrawn on stop."""
+    import time
+    from types import SimpleNamespace
+
+    from ckpt_engine.registry.redis_store import RedisRegistry
+    from workers.remote_instance.coordination import ModelExpressConfig, SeedPublisher
+
+    front = SimpleNamespace(
+        state=SimpleNamespace(servable=True, version="v1"),
+        changing_weights=False,
+        weight_listeners=[],
+    )
+    config = ModelExpressConfig(
+        url=redis_server.url, model_name="m", source=True, heartbeat_s=30, ttl_s=60
+    )
+    publisher = SeedPublisher(
+        config, front=front, url="http://10.0.0.1:30000", tp_size=2, digest="sha256:x"
+    )
+    registry = RedisRegistry(redis_server.url)
+
+    def entry_becomes(ready: bool, version: str):
+        deadline = time.monotonic() + 10
+        while True:
+            (r,) = registry.sources("m")
+            if (r.ready, r.weight_version) == (ready, version):
+                return r
+            assert time.monotonic() < deadline, r
+            time.sleep(0.02)
+
+    try:
+        r = entry_becomes(True, "v1")
+        assert r.instance == "10.0.0.1:30000" and r.tp_size == 2 and r.digest == "sha256:x"
+        assert r.backends == {"transfer_engine": {"url": "http://10.0.0.1:30000"}}
+        front.changing_weights = True
+        for listener in front.weight_listeners:
+            listener()
+        entry_becomes(False, "v1")
+        front.changing_weights, front.state.version = False, "v2"
+        for listener in front.weight_listeners:
+            listener()
+        entry_becomes(True, "v2")
+    finally:
+        publisher.stop()
+    assert registry.sources("m") == []

@@ -9,7 +9,8 @@ entry), `heartbeat_s` (2), `ttl_s` (10: a seed that stops beating disappears aft
 
 Seed (`source: true`): after start-up the front publishes, and republishes every `heartbeat_s`
 (`SeedPublisher`): instance id, model name, weight version, TP size, manifest digest, ready (the
-weights are servable) and the backend it offers (`transfer_engine`: its HTTP URL, from which a
+weights are servable, HTTP is up and no weight update is running: the front's weight listeners
+republish at an update's start and end) and the backend it offers (`transfer_engine`: its HTTP URL, from which a
 client gets the Mooncake session and addresses). Stopping withdraws the entry.
 
 Client (`--load-format remote_instance --remote-instance-weight-loader-backend modelexpress`):
@@ -150,6 +151,9 @@ class SeedPublisher:
         self.instance = config.instance_id or f"{host.hostname}:{host.port}"
         self.registry = RedisRegistry(config.url)
         self.heartbeat = Heartbeat(self.registry, self.record, interval_s=config.heartbeat_s)
+        listeners = getattr(front, "weight_listeners", None)
+        if listeners is not None:  # an update: republish at its start (not ready) and end
+            listeners.append(self.heartbeat.poke)
         logger.info(
             "published %s as a source of %r in the registry at %s (every %g s, ttl %g s)",
             self.instance,
@@ -168,7 +172,9 @@ class SeedPublisher:
             instance=self.instance,
             digest=self.digest,
             tp_size=self.tp_size,
-            ready=bool(state.servable) and bool(self.started()),
+            ready=bool(state.servable)
+            and bool(self.started())
+            and not getattr(self.front, "changing_weights", False),
             weight_version=state.version,
             backends={"transfer_engine": {"url": self.url}},
             heartbeat_at=time.time(),

@@ -61,6 +61,11 @@ class Frontend:
         self._weights_generation = 0  # bumped by every weight-changing command
         self._weights_info: tuple[int, dict[str, Any]] | None = None  # (generation, info)
         self._lock = asyncio.Lock()
+        # A weight change is under way (set and cleared under the lock); `weight_listeners` are
+        # called (no arguments, must not block) when it starts and ends: the registry's publisher
+        # republishes this seed as not ready, then ready with the new version.
+        self.changing_weights = False
+        self.weight_listeners: list = []
 
     async def _run(self, method: str, args: list, kwargs: dict, timeout: float) -> list[Any]:
         """One command on every rank; the caller holds the lock."""
@@ -178,17 +183,27 @@ class Frontend:
         """A weight-changing method on every rank: commit on success, fail closed otherwise."""
         async with self._lock:
             self._weights_generation += 1  # whatever happens, the cached checksums are stale
+            self._weights_changing(True)
             try:
-                values = await self._run(method, args, kwargs, timeout)
-            except RankError as e:
-                if e.weights_modified or isinstance(e, RankTimeoutError | RankDeadError):
-                    self.state.mark_inconsistent(
-                        f"{method} failed mid-way; nothing is served until an update "
-                        f"succeeds (last committed weight version: {self.state.version!r}): {e}"
-                    )
-                raise
-            self.state.commit(version)
-            return values
+                try:
+                    values = await self._run(method, args, kwargs, timeout)
+                except RankError as e:
+                    if e.weights_modified or isinstance(e, RankTimeoutError | RankDeadError):
+                        self.state.mark_inconsistent(
+                            f"{method} failed mid-way; nothing is served until an update "
+                            f"succeeds (last committed weight version: {self.state.version!r}): "
+                            f"{e}"
+                        )
+                    raise
+                self.state.commit(version)
+                return values
+            finally:
+                self._weights_changing(False)  # after the commit: listeners see the outcome
+
+    def _weights_changing(self, changing: bool) -> None:
+        self.changing_weights = changing
+        for listener in self.weight_listeners:
+            listener()
 
     async def update_weights_from_ipc(
         self, zmq_handles: dict[str, str], version: str | None
