@@ -143,3 +143,6 @@ def test_registered_regions_merge_adjacent_parameters():
     params = {"c": _T(300, 10), "a": _T(100, 50), "b": _T(150, 50), "empty": _T(999, 0)}
     assert regions(params) == [(100, 100), (300, 10)]
     assert regions({"x": _T(100, 50), "view": _T(110, 10)}) == [(100, 50)]  # views of one storage
+    # CUDA: adjacent parameters of two allocator segments stay two regions
+    segments = [(100, 50), (150, 200)]
+    assert regions(params, segments) == [(100, 50), (150, 50), (300, 10)]

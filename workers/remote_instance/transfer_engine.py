@@ -25,6 +25,7 @@ region); run seeds with this backend on a trusted fabric only.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -64,19 +65,53 @@ def _engine(host: str):
         raise WorkersError(f"the transfer_engine backend: {e}") from e
 
 
-def regions(params: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
-    """(address, bytes) of the parameters' memory, adjacent ones merged (pure)."""
+def regions(
+    params: dict[str, torch.Tensor], segments: list[tuple[int, int]] | None = None
+) -> list[tuple[int, int]]:
+    """(address, bytes) of the parameters' memory, adjacent ones merged (pure). With `segments`
+    (the allocator's (start, bytes) blocks, on CUDA), a region never spans two of them: an RDMA
+    registration must lie inside one allocation."""
+    starts = sorted(segments or [])
+
+    def segment_of(ptr: int) -> int:
+        i = bisect.bisect_right(starts, (ptr, float("inf"))) - 1
+        return i if i >= 0 and ptr < starts[i][0] + starts[i][1] else -1
+
     spans = sorted((t.data_ptr(), t.numel() * t.element_size()) for t in params.values())
     out: list[tuple[int, int]] = []
+    last_segment = None
     for ptr, n in spans:
         if n == 0:
             continue
-        if out and out[-1][0] + out[-1][1] >= ptr:
+        seg = segment_of(ptr) if starts else None
+        if out and out[-1][0] + out[-1][1] >= ptr and seg == last_segment:
             start = out[-1][0]
             out[-1] = (start, max(out[-1][1], ptr + n - start))
         else:
             out.append((ptr, n))
+        last_segment = seg
     return out
+
+
+def cuda_segments(device: torch.device) -> list[tuple[int, int]] | None:
+    """The CUDA caching allocator's segments on `device` (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        return [
+            (seg["address"], seg["total_size"])
+            for seg in torch.cuda.memory_snapshot()
+            if seg.get("device") == index
+        ]
+    except (RuntimeError, KeyError, TypeError) as e:  # then regions merge across segments
+        logger.warning("no CUDA allocator snapshot (%s): regions may span segments", e)
+        return None
+
+
+def param_regions(params: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+    device = next(iter(params.values())).device if params else torch.device("cpu")
+    return regions(params, cuda_segments(device))
 
 
 class Registration:
@@ -119,7 +154,7 @@ class TransferEngineSeed:
         self.transport, engine = _engine(host)
         self.registration = Registration(engine)
         self.start = time.perf_counter()
-        self.registration.ensure(regions(self._params()))
+        self.registration.ensure(param_regions(self._params()))
         logger.info(
             "rank %d: transfer_engine seed: %d region(s), %.3f GB registered on %s in %.3f s",
             tp.rank,
@@ -134,7 +169,7 @@ class TransferEngineSeed:
 
     def info(self) -> dict[str, Any]:
         params = self._params()
-        if self.registration.ensure(regions(params)):
+        if self.registration.ensure(param_regions(params)):
             logger.info("rank %d: parameter storage moved: registered again", self.tp.rank)
         weights = {n: [t.data_ptr(), t.numel(), t.element_size()] for n, t in params.items()}
         layouts = {n: layout_to_json(p.shard_layout) for n, p in self.model.named_parameters()}
@@ -196,7 +231,7 @@ def fork_one_sided(model, seeds, *, host_of, timeout: float, attempts: int = 3) 
                 try:
                     if registration is None:
                         registration = Registration(_engine(host_of(seed))[1])
-                        registration.ensure(regions({n: p.data for n, p in params.items()}))
+                        registration.ensure(param_regions({n: p.data for n, p in params.items()}))
                     stats = _read_once(model, params, seed, registration.engine, timeout, device)
                     gen = stats["generation"]
                     state = OK if stats["generation_after"] == gen else CHANGED
@@ -290,6 +325,11 @@ def _read_all(model, params, info, engine, url: str, timeout: float) -> int:
         local = param.data.data_ptr()
         for r in plan.reads:
             ptr, numel, size = weights[r.seed_rank][name]
+            if size != param.element_size():
+                raise RemoteInstanceError(
+                    f"seed {url}: {name} has {size}-byte elements on seed rank {r.seed_rank}, "
+                    f"{param.element_size()} here"
+                )
             if r.remote + r.nbytes > numel * size:
                 raise RemoteInstanceError(
                     f"seed {url}: {name} on seed rank {r.seed_rank} holds {numel * size} bytes, "
