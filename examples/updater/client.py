@@ -10,6 +10,9 @@ from requests.adapters import HTTPAdapter
 from urllib3 import HTTPConnectionPool
 from urllib3.connection import HTTPConnection
 
+# workers.vllm.engine.SESSIONS_LEFT_OPEN (the updater does not import the inference side)
+SESSIONS_LEFT_OPEN = "ckpt_engine: weight update sessions left open"
+
 
 class InferenceError(RuntimeError):
     """The inference server refused or failed the update, or never answered."""
@@ -96,24 +99,26 @@ class InferenceClient:
     # -- vLLM's RL weight-transfer endpoints (--inference-api weight_transfer) -----------------
     def begin_weight_transfer(self, *, wire: str, timeout_s: float) -> None:
         """Pause vLLM (running requests finish on the old weights, new ones wait), then open a
-        weight-update session of the ``ckpt_engine`` backend. A session a killed updater left
-        open is closed first (vLLM refuses a second start; the model holds complete weights at
-        that point, see workers.vllm.engine); the answer of that close is not checked (vLLM
-        answers 500 when no session is open)."""
-        try:
-            self.session.post(
-                f"{self.endpoint}/finish_weight_update",
-                json={},
-                headers={"Connection": "close"},
-                timeout=timeout_s,
-            )
-        except requests.RequestException as e:
-            raise InferenceError(f"POST {self.endpoint}/finish_weight_update: {e}") from e
+        weight-update session of the ``ckpt_engine`` backend."""
         self.post("/pause?mode=wait", timeout_s=timeout_s)
+        init = ("/init_weight_transfer_engine", {"init_info": {"wire": wire}})
         try:
-            self.post("/init_weight_transfer_engine", {"init_info": {"wire": wire}})
+            try:
+                self.post(*init)
+            except InferenceError as e:
+                if SESSIONS_LEFT_OPEN not in str(e):
+                    raise
+                # a failed update at TP > 1 left vLLM's session open on all ranks but the last
+                # (workers.vllm.engine): close them (the last rank's refusal is expected)
+                self.session.post(
+                    f"{self.endpoint}/finish_weight_update",
+                    json={},
+                    headers={"Connection": "close"},
+                    timeout=timeout_s,
+                )
+                self.post(*init)
             self.post("/start_weight_update", timeout_s=timeout_s)
-        except InferenceError:
+        except (InferenceError, requests.RequestException):
             self.resume()  # nothing was written
             raise
 

@@ -26,6 +26,14 @@ back (no meta tensors are left, so vLLM stays servable and a new start/update/fi
 the updater leaves vLLM paused: ``/is_paused`` stays true, with the cause in vLLM's log and the
 updater's exit message, until a complete update resumes it. ``finish_weight_update`` after a
 session in which nothing landed does nothing: the model still holds its previous weights.
+
+TP > 1: a failure raises on the instance's last rank only (``extension.reports_failures``:
+vLLM 0.32's multiprocess executor misreads the replies after a failure raised by an earlier
+rank). vLLM then ends the session on that rank only; the others keep it open. The last rank's
+engine remembers it, and the next ``/init_weight_transfer_engine`` fails (on that rank alone)
+with ``SESSIONS_LEFT_OPEN``: the updater then posts ``/finish_weight_update`` (closes the open
+sessions; fails on the last rank only) and initializes again. So a failed or killed updater
+never blocks the next one.
 """
 
 from __future__ import annotations
@@ -42,10 +50,12 @@ from vllm.distributed.weight_transfer.base import (
 
 from ckpt_engine import device_key
 from ckpt_engine.compat import WIRES
-from workers.vllm.extension import UpdateStatus, receive_update
+from workers.vllm.extension import UpdateStatus, receive_update, reports_failures
 from workers.vllm.reload import ModelReload
 
 logger = logging.getLogger(__name__)
+
+SESSIONS_LEFT_OPEN = "ckpt_engine: weight update sessions left open"
 
 
 @dataclass
@@ -90,9 +100,17 @@ class CkptEngineWeightTransferEngine(
         self.init_info = CkptEngineInitInfo()
         self.status = UpdateStatus()
         self.landed = False  # a complete update since start_weight_update
+        self.sessions_left_open = False  # the last rank: a failure left the others' open
         self._zmq_ctx = None
 
     def init_transfer_engine(self, init_info: CkptEngineInitInfo) -> None:
+        if self.sessions_left_open:
+            self.sessions_left_open = False
+            raise RuntimeError(
+                f"{SESSIONS_LEFT_OPEN}: the last update failed, and vLLM still holds its weight "
+                "update open on the other ranks: POST /finish_weight_update (it fails on this "
+                "rank only), then initialize again"
+            )
         self.init_info = init_info
 
     def start_weight_update(self) -> None:
@@ -132,8 +150,11 @@ class CkptEngineWeightTransferEngine(
                 timeout_s=self.init_info.timeout_s,
                 wire=self.init_info.wire,
             )
-        except BaseException:
+        except Exception:
             logger.error("ckpt_engine weight update failed: %s", self.status.detail)
+            if not reports_failures():
+                return  # vLLM's session stays open here; the last rank reports (see above)
+            self.sessions_left_open = self.parallel_config.world_size > 1
             raise
         self.landed = True
 

@@ -59,6 +59,23 @@ def _test_delay(bucket: int) -> None:
     time.sleep(delay)
 
 
+def reports_failures() -> bool:
+    """Whether this worker raises the failures of an update: only the last rank of the vLLM
+    instance does. vLLM 0.32's multiprocess executor (TP > 1) raises at the first failed
+    rank's reply of a collective call and leaves the other ranks' replies queued, where the next
+    call reads them (it then fails with the old error, and those ranks stay one reply behind);
+    the replies are read in rank order, so a failure raised by the last rank alone leaves
+    nothing queued. Every rank fails an update together (the parameter server aborts all), so
+    the last rank's error carries the cause. True outside vLLM's workers (one rank)."""
+    try:
+        from vllm.distributed.parallel_state import get_world_group
+
+        group = get_world_group()
+    except Exception:  # vLLM absent or its groups not built: a single worker
+        return True
+    return group.rank_in_group == group.world_size - 1
+
+
 class UpdateStatus:
     """What the last update left: ``ready`` (weights of the last successful update, or the
     initial ones), ``updating``, or ``weights_inconsistent`` (a failure after writes)."""
@@ -188,7 +205,16 @@ class CkptEngineWorkerExtension:
         return device_key(self.local_rank, device_type="cpu"), self.local_rank
 
     def update_weights_from_ipc(self, zmq_handles: dict[str, str]) -> None:
-        """Receive one update from the parameter-server rank on this worker's device."""
+        """Receive one update from the parameter-server rank on this worker's device; a failure
+        raises on the instance's last rank only (``reports_failures``)."""
+        try:
+            self._ckpt_engine_update(zmq_handles)
+        except Exception as e:
+            if reports_failures():
+                raise
+            logger.error("ckpt-engine update failed (the last rank reports it): %s", e)
+
+    def _ckpt_engine_update(self, zmq_handles: dict[str, str]) -> None:
         key, device_id = self._ckpt_engine_device()
         if key not in zmq_handles:
             raise ValueError(
