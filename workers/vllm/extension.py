@@ -13,7 +13,8 @@ untouched); the first bucket starts vLLM's layerwise reload; each bucket is copi
 the target model and, in the same pass, the drafter; after the last bucket of every rank,
 ``finalize_layerwise_reload`` once per model. A failure after the reload started puts the
 previous weights back into every layer not yet complete (servable, no meta tensors; the model is
-then a mix of old and new layers), raises to the caller, and ``ckpt_engine_status`` reports
+then a mix of old and new layers), raises to the caller (on the instance's last rank only:
+``reports_failures``), and ``ckpt_engine_status`` reports
 ``weights_inconsistent`` with the cause until an update succeeds. vLLM keeps serving meanwhile:
 it has no notion of unservable weights on this path (the native backend, ``workers.vllm.engine``,
 keeps vLLM paused instead).
