@@ -70,6 +70,7 @@ if _HERE not in sys.path:  # loaded by file path (the tests), not run as a scrip
 from updater.client import InferenceClient, InferenceError, refused_before_write  # noqa: E402
 from updater.config import ConfigError, UpdateArgs  # noqa: E402
 from updater.metas_registry import MetasPublisher, find_metas  # noqa: E402
+from updater.report import update_record, write_json_line  # noqa: E402
 from updater.split import greedy_split, register_share, split_checkpoint  # noqa: E402
 
 # re-exported: the tests load this file and reach the parts through it
@@ -88,6 +89,7 @@ class Job:
     control: ControlGroup
     client: InferenceClient
     timings: dict[str, float] = field(default_factory=dict)
+    own_timings: dict[str, float] = field(default_factory=dict)  # this rank's, for --json-out
 
     @property
     def rank(self) -> int:
@@ -120,6 +122,7 @@ class Job:
             logger.debug("rank %d: %s failed", self.rank, what, exc_info=True)
             error = f"{type(e).__name__}: {e}"
         seconds = time.perf_counter() - start
+        self.own_timings[what] = seconds
         limit = max(self.ps.config.init_timeout_s, self.args.timeout, self.args.ready_timeout)
         votes = self.control.all_gather_json(
             {"error": error, "seconds": seconds}, timeout_s=limit, what=what
@@ -242,6 +245,7 @@ def run(args: UpdateArgs) -> dict[str, Any]:
     endpoint = pick_endpoint(args.endpoints, denv, ips)
     ps = ParameterServer(device_type=resolve_device_type(args.device))
     publisher = None
+    job: Job | None = None
     try:
         control = init_distributed(ps)
         client = InferenceClient(endpoint, uds=args.uds, api_key=args.api_key)
@@ -289,7 +293,7 @@ def run(args: UpdateArgs) -> dict[str, Any]:
                 ),
             )
         nbytes = metas[0].nbytes
-        return {
+        result = {
             "bytes": nbytes,
             "tensors": metas[0].num_tensors,
             "ranks": ps.world_size,
@@ -300,12 +304,44 @@ def run(args: UpdateArgs) -> dict[str, Any]:
             "update_s": job.timings["update"],
             "update_gb_s": nbytes / job.timings["update"] / 1e9,
         }
+        own = None if mode == "p2p" else sum(metas[0].ranks[ps.rank].buffer_bytes)
+        json_line(job, endpoint, result=result, rank_bytes=own, error=None)
+        return result
+    except Exception as e:
+        json_line(job, endpoint, result=None, rank_bytes=None, error=e)
+        raise
     finally:
         if publisher is not None:
             publisher.stop()
         ps.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def json_line(
+    job: Job | None,
+    endpoint: str,
+    *,
+    result: dict[str, Any] | None,
+    rank_bytes: int | None,
+    error: Exception | None,
+) -> None:
+    """--json-out: this rank's line for this update (updater/report.py)."""
+    if job is None or job.args.json_out is None:
+        return
+    record = update_record(
+        args=job.args,
+        rank=job.rank,
+        world_size=job.ps.world_size,
+        endpoint=endpoint,
+        seconds=job.own_timings,
+        slowest=job.timings,
+        result=result,
+        rank_bytes=rank_bytes,
+        update_timings=job.ps.last_update_timings,
+        error=error,
+    )
+    write_json_line(job.args.json_out, record)
 
 
 def format_result(r: dict[str, Any]) -> str:

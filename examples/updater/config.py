@@ -109,6 +109,13 @@ class UpdateArgs:
     result_file: str | None = field(
         default=None, metadata=_opt("rank 0 writes the timings here (JSON)")
     )
+    json_out: str | None = field(
+        default=None,
+        metadata=_opt(
+            "every rank appends one JSON line per update to this file (- for stdout): phase "
+            "seconds, bytes, tensors, buckets, result; for RL orchestrators (see report.py)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.inference_parallel_size < 1:

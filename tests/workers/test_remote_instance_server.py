@@ -10,6 +10,7 @@ import json
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from workers_testutil import (
     KEY,
     NEW_TOKENS,
@@ -83,6 +84,13 @@ def test_two_clients_fork_at_once_then_a_client_seeds_another(seed, tmp_path):
         third = start_client(path, tp1, tp=1, log=tmp_path / "third.log")
         wait_until_up(third)
         same_weights_and_tokens(seed_server, third)
+        fork = {  # tp1 served one send (to third): /metrics counts it and its bytes
+            (s.name, tuple(s.labels.values())): s.value
+            for f in text_string_to_metric_families(tp1.get("/metrics").text)
+            for s in f.samples
+        }
+        assert fork[("ckpt_engine_fork_sends_total", ("ok",))] == 1
+        assert fork[("ckpt_engine_fork_sent_bytes_total", ())] > 0
     finally:
         for server in (tp2, tp1, third):
             if server is not None:

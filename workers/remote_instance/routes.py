@@ -126,8 +126,10 @@ def add_seed_routes(app: FastAPI, front, require_key) -> None:
                 "send_weights_to_remote_instance", req.model_dump(), servable=True
             )
         except RankError as e:
+            front.metrics.fork_sent(None)
             return failed(e)
         sent = sum(v["bytes"] for v in values)
+        front.metrics.fork_sent(sent)
         seconds = max(v["seconds"] for v in values)
         body = {
             "success": True,

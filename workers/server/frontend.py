@@ -25,6 +25,7 @@ from typing import Any
 from workers.config import ServerArgs
 from workers.errors import NotReadyError, RankDeadError, RankError, RankTimeoutError, RequestError
 from workers.models import ModelConfig
+from workers.server.metrics import ServerMetrics
 from workers.server.ranks import RankGroup
 from workers.server.schemas import GenerateRequest
 from workers.server.state import READY, WeightState
@@ -66,6 +67,17 @@ class Frontend:
         # republishes this seed as not ready, then ready with the new version.
         self.changing_weights = False
         self.weight_listeners: list = []
+        now = time.monotonic()
+        self._last_good: float | None = now if self.state.servable else None
+        self.metrics = ServerMetrics(self._live_figures)
+
+    def _live_figures(self) -> tuple[str, str, float | None]:
+        """(version, health status, seconds since the last good update) for /metrics: no
+        lock, no rank call."""
+        _, body = self._health()
+        now = time.monotonic()
+        since = None if self._last_good is None else now - self._last_good
+        return self.state.version, body["status"], since
 
     async def _run(self, method: str, args: list, kwargs: dict, timeout: float) -> list[Any]:
         """One command on every rank; the caller holds the lock."""
@@ -110,6 +122,23 @@ class Frontend:
             raise NotReadyError(f"no servable weights ({status}){detail}")
 
     async def generate(self, req: GenerateRequest) -> dict[str, Any]:
+        start = time.perf_counter()
+        try:
+            result = await self._generate(req)
+        except RequestError:
+            self.metrics.generate_requests.labels("bad_request").inc()
+            raise
+        except (NotReadyError, RankDeadError):
+            self.metrics.generate_requests.labels("not_servable").inc()
+            raise
+        except Exception:
+            self.metrics.generate_requests.labels("failed").inc()
+            raise
+        self.metrics.generate_requests.labels("ok").inc()
+        self.metrics.generate_latency.observe(time.perf_counter() - start)
+        return result
+
+    async def _generate(self, req: GenerateRequest) -> dict[str, Any]:
         input_ids = self._input_ids(req)
         new_tokens = req.new_tokens(DEFAULT_MAX_NEW_TOKENS)
         if len(input_ids) + new_tokens > self.model.max_position_embeddings:
@@ -184,10 +213,12 @@ class Frontend:
         async with self._lock:
             self._weights_generation += 1  # whatever happens, the cached checksums are stale
             self._weights_changing(True)
+            start = self.metrics.update_started(method)
             try:
                 try:
                     values = await self._run(method, args, kwargs, timeout)
                 except RankError as e:
+                    self.metrics.update_failed(method, e)
                     if e.weights_modified or isinstance(e, RankTimeoutError | RankDeadError):
                         self.state.mark_inconsistent(
                             f"{method} failed mid-way; nothing is served until an update "
@@ -195,7 +226,12 @@ class Frontend:
                             f"{e}"
                         )
                     raise
+                except Exception as e:
+                    self.metrics.update_failed(method, e)
+                    raise
                 self.state.commit(version)
+                self._last_good = time.monotonic()
+                self.metrics.update_succeeded(method, start, values)
                 return values
             finally:
                 self._weights_changing(False)  # after the commit: listeners see the outcome

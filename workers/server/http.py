@@ -9,6 +9,8 @@
 | POST /update_weights_from_ipc  | yes | 200 / 400 {success, message}                              |
 | GET  /weights_info             | yes | 200 {weight_version, status, checksum, tensors} (cached   |
 |                                |     | per weight change: the model is hashed once per version)  |
+| GET  /metrics                  |     | Prometheus text (metrics.py): counters of the front, no   |
+|                                |     | lock, no rank call, no hashing                            |
 | remote-instance (fork) seed routes: `workers.remote_instance.routes`                        |
 
 Errors: 400 bad request or a failed weight update, 401 missing/wrong API key, 413 a body over
@@ -23,7 +25,7 @@ import logging
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from workers.errors import (
     NotReadyError,
@@ -35,6 +37,7 @@ from workers.errors import (
 )
 from workers.server.body_limit import BodySizeLimit
 from workers.server.frontend import Frontend
+from workers.server.metrics import CONTENT_TYPE
 from workers.server.schemas import (
     CollectiveRpcRequest,
     GenerateRequest,
@@ -95,6 +98,10 @@ def create_app(
     @app.get("/ping")
     async def ping() -> dict:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(front.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/health")
     async def health() -> JSONResponse:

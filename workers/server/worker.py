@@ -36,7 +36,7 @@ RPC_METHODS: dict[str, str] = {
     "get_weights_info": "() -> {tensors: {name: {dtype, shape, sha256}}, checksum} (rank 0)",
     "check_weights": "(metas: [[name, dtype, shape], ...]) -> problems of an update, write nothing",
     "update_weights_from_disk": "(model_path=None) -> loaded names count: reload safetensors",
-    "update_weights_from_ipc": "(zmq_handles: {device_key: zmq_address}) -> tensors written",
+    "update_weights_from_ipc": "(zmq_handles: {device_key: zmq_address}) -> {tensors, bytes}",
 }
 WEIGHT_CHANGING_METHODS = frozenset({"update_weights_from_disk", "update_weights_from_ipc"})
 FRONT_METHODS = frozenset(
@@ -217,8 +217,8 @@ class RankWorker:
           written reports `weights_modified` and the front stops serving (fail closed);
         - post_hook: `model.process_weights_after_loading()` (every module's, then the
           model's own), once, after every rank received every bucket.
-        Returns the number of tensors written; the front commits the weight version when every
-        rank returns."""
+        Returns {"tensors": written, "bytes": received}; the front commits the weight version
+        when every rank returns."""
         if not isinstance(zmq_handles, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in zmq_handles.items()
         ):
@@ -234,9 +234,12 @@ class RankWorker:
             )
         before = self.tensors_written
         buckets = itertools.count()
+        received = 0
 
         def run(weights: list[tuple[str, torch.Tensor]]) -> None:
+            nonlocal received
             self._maybe_inject_failure(next(buckets))
+            received += sum(t.numel() * t.element_size() for _, t in weights)
             self.load_weights(weights)
 
         receive(
@@ -247,7 +250,7 @@ class RankWorker:
             validate=self._validate_manifest,
             post_hook=self.model.process_weights_after_loading,
         )
-        return self.tensors_written - before
+        return {"tensors": self.tensors_written - before, "bytes": received}
 
     @functools.cached_property
     def _zmq_ctx(self):

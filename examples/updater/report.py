@@ -1,0 +1,77 @@
+"""``--json-out FILE``: one JSON line per update per rank, for RL orchestrators.
+
+Every rank appends its own line (``O_APPEND``, one ``write`` per line, so the lines of several
+ranks on one host never interleave; ``-`` prints to stdout instead), on success and on failure:
+
+    {"schema": "ckpt-engine.update/v1", "time": <unix s>, "rank": 0, "world_size": 2,
+     "result": "ok" | "failed", "error": null | "<cause, naming the failed rank(s)>",
+     "checkpoint_name": ..., "weight_version": ..., "update_method": "broadcast" | "p2p",
+     "inference_api": ..., "endpoint": <this rank's server>,
+     "bytes": <whole checkpoint>, "tensors": <whole checkpoint>, "rank_bytes": <this rank's share>,
+     "buckets": <buckets of the update, null for p2p>, "split": "files" | "tensors" | "p2p",
+     "seconds": {phase: this rank's seconds}, "slowest_seconds": {phase: the slowest rank's},
+     "update_phases": {phase: seconds inside the parameter server's update (broadcast)}}
+
+Phases are the updater's steps (register, ready, gather, [pause], update, [resume]); a failed
+update has the phases that ran, and figures it did not reach are null.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+SCHEMA = "ckpt-engine.update/v1"
+
+
+def update_record(
+    *,
+    args: Any,
+    rank: int,
+    world_size: int,
+    endpoint: str,
+    seconds: dict[str, float],
+    slowest: dict[str, float],
+    result: dict[str, Any] | None,
+    rank_bytes: int | None,
+    update_timings: dict[str, float | int],
+    error: BaseException | None,
+) -> dict[str, Any]:
+    result = result or {}
+    return {
+        "schema": SCHEMA,
+        "time": time.time(),
+        "rank": rank,
+        "world_size": world_size,
+        "result": "ok" if error is None else "failed",
+        "error": None if error is None else f"{type(error).__name__}: {error}",
+        "checkpoint_name": args.checkpoint_name,
+        "weight_version": args.weight_version,
+        "update_method": args.update_method,
+        "inference_api": args.inference_api,
+        "endpoint": endpoint,
+        "bytes": result.get("bytes"),
+        "tensors": result.get("tensors"),
+        "rank_bytes": rank_bytes,
+        "buckets": update_timings.get("buckets_n"),
+        "split": result.get("split"),
+        "seconds": dict(seconds),
+        "slowest_seconds": dict(slowest),
+        "update_phases": {k: v for k, v in update_timings.items() if isinstance(v, float)},
+    }
+
+
+def write_json_line(path: str, record: dict[str, Any]) -> None:
+    line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    if path == "-":
+        sys.stdout.buffer.write(line)
+        sys.stdout.flush()
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
