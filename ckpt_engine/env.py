@@ -14,6 +14,8 @@ Our own knobs (all optional):
 - CKPT_ENGINE_BUCKET_BYTES: default bucket size of an update.
 - CKPT_ENGINE_TIMEOUT_S: default timeout of one wait during an update.
 - CKPT_ENGINE_READ_THREADS: threads reading checkpoint files.
+- CKPT_ENGINE_HOST_POOL_BYTES: bytes of host buffers a rank keeps for its next registration
+  (``PSConfig.host_pool_bytes``; 0 turns the pool off).
 - CKPT_ENGINE_MAX_MESSAGE_BYTES: size cap of one wire message (both sides).
 - CKPT_ENGINE_WORKER_TIMEOUT_S: how long a worker waits for the parameter server's first message.
 - CKPT_ENGINE_WIRE: default wire of ``update_weights_from_ipc`` (the inference side, which cannot
@@ -158,6 +160,10 @@ def timeout_s() -> float | None:
 
 def read_threads() -> int | None:
     return _int("CKPT_ENGINE_READ_THREADS")
+
+
+def host_pool_bytes() -> int | None:
+    return _int("CKPT_ENGINE_HOST_POOL_BYTES")
 
 
 def max_message_bytes() -> int | None:

@@ -39,6 +39,10 @@ class PSConfig:
     - pin_in_place: map checkpoint files that already live in the shm directory instead of
       copying them (they must not change while registered).
     - read_threads: threads reading checkpoint files.
+    - host_pool_bytes: bytes of host buffers kept after an unregister for the next register
+      (ckpt_engine.pool: a new checkpoint of the same shapes reuses mapped, pinned memory);
+      buffers handed back past this bound are freed at once; 0 turns the pool off. Default
+      64 GiB per rank (it only ever holds what was registered before).
     - connect_poll_s: while waiting for workers to connect, ranks compare notes this often, so a
       failure on one rank (e.g. req_func raising) ends the wait everywhere.
     - max_message_bytes: size cap of one wire message.
@@ -61,6 +65,7 @@ class PSConfig:
     read_threads: int = field(
         default_factory=lambda: _env_or(env.read_threads(), min(16, os.cpu_count() or 1))
     )
+    host_pool_bytes: int = field(default_factory=lambda: _env_or(env.host_pool_bytes(), 64 * GiB))
     connect_poll_s: float = 0.5
     max_message_bytes: int = field(
         default_factory=lambda: _env_or(env.max_message_bytes(), wire.DEFAULT_MAX_MESSAGE_BYTES)
@@ -86,6 +91,8 @@ class PSConfig:
             raise ValueError(
                 f"host_memory must be one of {', '.join(HOST_MEMORY_KINDS)}, got {self.host_memory!r}"
             )
+        if self.host_pool_bytes < 0:
+            raise ValueError(f"host_pool_bytes must be >= 0, got {self.host_pool_bytes}")
         if self.read_threads < 1:
             raise ValueError(f"read_threads must be >= 1, got {self.read_threads}")
         if self.p2p_transport not in P2P_TRANSPORTS:

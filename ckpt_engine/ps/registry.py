@@ -21,6 +21,7 @@ from ckpt_engine import dtypes, host_memory
 from ckpt_engine.errors import CheckpointError, CheckpointFileError
 from ckpt_engine.metas import TensorMeta
 from ckpt_engine.planner import ALIGN, align_up
+from ckpt_engine.pool import HostPool
 from ckpt_engine.safetensors_io import ReadJob, SafetensorsHeader, read_header, read_parallel
 
 logger = logging.getLogger(__name__)
@@ -98,8 +99,11 @@ class Registry:
         pin_in_place: bool,
         read_threads: int,
         label: str,
+        pool_bytes: int = 0,
     ) -> None:
         self._kind = host_memory_kind
+        # buffers handed back by unregister, taken again by the next register (ckpt_engine.pool)
+        self.pool = HostPool(kind=host_memory_kind, shm_dir=shm_dir, max_bytes=pool_bytes)
         self._shm_dir = shm_dir
         self._pin = pin
         self._pin_in_place = pin_in_place
@@ -163,6 +167,7 @@ class Registry:
     def close(self) -> None:
         for name in list(self._checkpoints):
             self.unregister(name)
+        self.pool.close()
 
     @staticmethod
     def _check_unique(headers: list[SafetensorsHeader], named: Mapping[str, torch.Tensor]) -> None:
@@ -217,13 +222,7 @@ class Registry:
         def make(header: SafetensorsHeader) -> tuple[host_memory.HostBuffer, int]:
             if self._pin_in_place and host_memory.in_shm_dir(header.path, self._shm_dir):
                 return host_memory.map_in_place(header.path, pin=False), header.data_start
-            buf = host_memory.allocate(
-                header.data_bytes,
-                kind=self._kind,
-                shm_dir=self._shm_dir,
-                label=f"{self._label}-{label}",
-                pin=False,
-            )
+            buf = self.pool.take(header.data_bytes, label=f"{self._label}-{label}")
             return buf, 0
 
         jobs: list[ReadJob] = []
@@ -300,13 +299,7 @@ class Registry:
             placed.append((tname, tensor, len(chunks) - 1, offset))
 
         def make(nbytes: int) -> host_memory.HostBuffer:
-            return host_memory.allocate(
-                nbytes,
-                kind=self._kind,
-                shm_dir=self._shm_dir,
-                label=f"{self._label}-{label}",
-                pin=False,
-            )
+            return self.pool.take(nbytes, label=f"{self._label}-{label}")
 
         first = len(ckpt.buffers)
         for buf in self._parallel(make, chunks):

@@ -88,6 +88,7 @@ class ParameterServer:
             pin_in_place=self.config.pin_in_place,
             read_threads=self.config.read_threads,
             label=f"{self.run_id}-r{self.rank}",
+            pool_bytes=self.config.host_pool_bytes,
         )
         self._metas: dict[str, CheckpointMetas] = {}
         self._plans: dict = {}  # the last plan per checkpoint (ps.context.choose_plan)
