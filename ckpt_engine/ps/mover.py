@@ -96,7 +96,11 @@ class SlotMover:
             return False
         if self.checkpoint is None:
             raise RuntimeError(f"rank {self.rank} owns bucket {bucket.id} but holds no checkpoint")
+        reads = self.checkpoint.reads  # register_and_update: reads may still be running
+        deadline = time.monotonic() + self.timeout_s
         for c in bucket.copies:
+            if reads is not None:
+                reads.wait_range(c.buffer, c.src, c.src + c.nbytes, deadline)
             src = self.checkpoint.buffers[c.buffer].tensor[c.src : c.src + c.nbytes]
             view[c.dst : c.dst + c.nbytes].copy_(src, non_blocking=non_blocking)
         return True

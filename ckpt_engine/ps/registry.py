@@ -22,6 +22,7 @@ from ckpt_engine.errors import CheckpointError, CheckpointFileError
 from ckpt_engine.metas import TensorMeta
 from ckpt_engine.planner import ALIGN, align_up
 from ckpt_engine.pool import HostPool
+from ckpt_engine.ps.staging import StagedReads
 from ckpt_engine.safetensors_io import ReadJob, SafetensorsHeader, read_header, read_parallel
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class RegisteredCheckpoint:
     tensors: tuple[TensorMeta, ...] = ()
     # The CheckpointMetas object last found to describe this checkpoint (update's local check).
     checked_metas: object = field(default=None, repr=False, compare=False)
+    # File reads still running (register(..., defer_reads=True)); None once registered whole.
+    reads: StagedReads | None = field(default=None, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -62,6 +65,8 @@ class RegisteredCheckpoint:
         raise KeyError(name)
 
     def close(self) -> None:
+        if self.reads is not None:
+            self.reads.close()  # no read may still write into a buffer handed back
         for buf in self.buffers:
             buf.close()
         self.buffers = []
@@ -131,7 +136,11 @@ class Registry:
         *,
         files: Sequence[str | os.PathLike] = (),
         named_tensors: Mapping[str, torch.Tensor] | None = None,
+        defer_reads: bool = False,
     ) -> RegisteredCheckpoint:
+        """``defer_reads``: return once the buffers are ready, with the file reads running in
+        the background (``ckpt.reads``; see ckpt_engine.ps.staging); files are then always
+        copied into host buffers, never mapped in place."""
         if not isinstance(name, str) or not name:
             raise CheckpointError(f"checkpoint name must be a non-empty string, got {name!r}")
         if name in self._checkpoints:
@@ -144,7 +153,7 @@ class Registry:
         self._check_unique(headers, named)
         ckpt = RegisteredCheckpoint(name=name)
         try:
-            metas = self._load_files(ckpt, headers, label=_label(name))
+            metas = self._load_files(ckpt, headers, label=_label(name), defer=defer_reads)
             metas += self._load_named(ckpt, named, label=_label(name))
             ckpt.tensors = tuple(metas)
         except BaseException:
@@ -217,15 +226,23 @@ class Registry:
         )
 
     def _load_files(
-        self, ckpt: RegisteredCheckpoint, headers: list[SafetensorsHeader], *, label: str
+        self,
+        ckpt: RegisteredCheckpoint,
+        headers: list[SafetensorsHeader],
+        *,
+        label: str,
+        defer: bool = False,
     ) -> list[TensorMeta]:
+        in_place = self._pin_in_place and not defer
+
         def make(header: SafetensorsHeader) -> tuple[host_memory.HostBuffer, int]:
-            if self._pin_in_place and host_memory.in_shm_dir(header.path, self._shm_dir):
+            if in_place and host_memory.in_shm_dir(header.path, self._shm_dir):
                 return host_memory.map_in_place(header.path, pin=False), header.data_start
             buf = self.pool.take(header.data_bytes, label=f"{self._label}-{label}")
             return buf, 0
 
         jobs: list[ReadJob] = []
+        job_buffers: list[int] = []
         metas: list[TensorMeta] = []
         made = self._parallel(make, headers)
         first = len(ckpt.buffers)
@@ -237,6 +254,7 @@ class Registry:
         for index, (header, (buf, base)) in enumerate(zip(headers, made), start=first):
             if base == 0 and header.data_bytes:
                 jobs.append(ReadJob(header.path, header.data_start, buf.memoryview()))
+                job_buffers.append(index)
             metas.extend(
                 TensorMeta(
                     name=t.name,
@@ -248,7 +266,10 @@ class Registry:
                 )
                 for t in header.tensors
             )
-        read_parallel(jobs, threads=self._threads)
+        if defer:
+            ckpt.reads = StagedReads(jobs, job_buffers, threads=self._threads)
+        else:
+            read_parallel(jobs, threads=self._threads)
         return metas
 
     def _copy_host(self, jobs: list[tuple[int, int, int]]) -> None:

@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 
@@ -141,6 +142,58 @@ class ParameterServer:
         self._metas.pop(name, None)
         self._plans.pop(name, None)
 
+    def register_and_update(
+        self,
+        name: str,
+        req_func: ReqFunc,
+        *,
+        files: Sequence[str | os.PathLike] | None = None,
+        named_tensors: Mapping[str, torch.Tensor] | None = None,
+        timeout: float | timedelta | None = None,
+        wire: str = "ckpt-engine",
+    ) -> None:
+        """Collective: register ``name`` and push it to every rank's worker in one pass.
+
+        A training step's new files go to the GPUs while they are read: the buffers come from
+        the host pool (ckpt_engine.pool; pinned already when the last step's checkpoint was
+        the same size and has been unregistered), the reads run on the read threads
+        (ckpt_engine.ps.staging), and each bucket moves host-to-device and is broadcast as soon
+        as its bytes are read, so the step costs about max(read, transfer). Files are copied
+        into host memory, never mapped in place (the trainer may overwrite them next step).
+        Returns when every worker applied the update and the host copy is complete (serving
+        P2P readers from the next ``gather_metas``).
+
+        Any failure (a bad or truncated file, named in the CheckpointFileError or UpdateError;
+        a worker's refusal; a timeout) raises on every rank and leaves ``name`` unregistered,
+        its buffers back in the pool; other checkpoints stay registered and the workers keep
+        the weights of their last complete update.
+        """
+        if isinstance(timeout, timedelta):
+            timeout = timeout.total_seconds()
+        timeout_s = float(timeout) if timeout is not None else self.config.timeout_s
+        error: BaseException | None = None
+        try:
+            self._registry.register(
+                name, files=files or (), named_tensors=named_tensors, defer_reads=True
+            )
+        except Exception as e:  # join the gather anyway, so every rank fails the same way
+            error = e
+        try:
+            self.gather_metas(name)
+            if error is not None:
+                raise error
+            self.update(name, req_func, timeout=timeout_s, wire=wire)
+            ckpt = self._registry.get(name)
+            ckpt.reads.wait_all(time.monotonic() + timeout_s)
+            ckpt.reads.close()
+            ckpt.reads = None
+        except BaseException as e:
+            if name in self._registry:
+                self.unregister_checkpoint(name)
+            if error is not None and e is not error:
+                raise error from e
+            raise
+
     def registered_checkpoints(self) -> list[str]:
         return self._registry.names()
 
@@ -150,15 +203,17 @@ class ParameterServer:
     # -- metas -----------------------------------------------------------------------------------
     def local_metas(self, name: str) -> RankMetas:
         """What this rank holds of ``name``; with ``config.p2p_serve`` this starts serving it to
-        P2P readers (until unregistered) and the record says how to reach it, token included."""
+        P2P readers (until unregistered) and the record says how to reach it, token included;
+        not while its file reads still run (``register_and_update``: from the next call)."""
         ckpt = self._registry.get(name)
+        publish = self.config.p2p_serve and ckpt.reads is None
         return RankMetas(
             rank=self.rank,
             device_key=self.device_key,
             host=env.hostname(),
             buffer_bytes=tuple(b.nbytes for b in ckpt.buffers),
             tensors=ckpt.tensors,
-            p2p=self._p2p_publish(name, ckpt) if self.config.p2p_serve else None,
+            p2p=self._p2p_publish(name, ckpt) if publish else None,
         )
 
     def _p2p_publish(self, name: str, ckpt: RegisteredCheckpoint) -> dict:
