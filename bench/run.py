@@ -6,6 +6,11 @@ GPU (the upstream wheels installed offline, see ../shared/bench/README.md; PYTHO
     python bench/run.py --gib 16 --repeat 3 --gpus 2
 CPU (no target; shows the code path: gloo, shared-memory IPC buffers, no upstream):
     python bench/run.py --cpu --gpus 2     # 0.25 GiB of 1/8-size tensors, 16 MiB buckets
+Training steps (issue 18; bench/steps.py): N steps, new bytes written to the files before each,
+timed from files complete to the update applied; ours (one pass, and register + update on the
+pool) against upstream (registering each step) and instanttensor loading the same files:
+    python bench/run.py --steps 6 --gib 16     # --systems ours,ours-2pass,upstream,instanttensor
+    python bench/run.py --cpu --steps 4        # ours only
 Many tensors (issue 17; bench/workload.py's ``moe``: experts as separate tensors):
     python bench/run.py --workload moe --tensors 50000 --gib 16 --gpus 1
     python bench/run.py --workload moe --tensors 150000 --gib 16 --gpus 1 --worker-copy foreach
@@ -38,6 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.harness import free_port  # noqa: E402
 from bench.report import summarize, table  # noqa: E402
+from bench.steps_report import steps_table, summarize_steps  # noqa: E402
 from bench.workload import WORKLOADS, workload_spec  # noqa: E402
 
 
@@ -112,6 +118,61 @@ def shm_or_tmp(env: dict, spec: list, host_memory: str) -> tuple[str, str]:
     return "anonymous", tempfile.gettempdir()
 
 
+def probe_import(env: dict, module: str) -> str | None:
+    """None if ``module`` imports in the child environment, else the last line of why not."""
+    probe = subprocess.run(
+        [sys.executable, "-c", f"import {module}"], env=env, capture_output=True, text=True
+    )
+    return None if probe.returncode == 0 else (probe.stderr.strip().splitlines() or ["?"])[-1]
+
+
+def run_steps(a, gib: float, env: dict, out: Path, stamp: str) -> int:
+    """``--steps N``: each system in its own torchrun (one rank), one after the other."""
+    systems = a.systems.split(",") if a.systems else ["ours", "ours-2pass"]
+    if not a.systems and not a.cpu:
+        systems += ["upstream", "instanttensor"]
+    spec = workload_spec(a.workload, gib, a.shrink, a.tensors)
+    from bench.workload import total_bytes
+
+    work = Path(tempfile.mkdtemp(prefix="ckpt-bench-"))
+    data_root = env.get("CKPT_ENGINE_SHM_DIR", "/dev/shm")
+    data = Path(tempfile.mkdtemp(prefix="ckpt-bench-data-", dir=data_root))
+    records: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "date": stamp}
+    records.update(gib=gib, workload=a.workload, tensors=len(spec), results={}, skipped={})
+    try:
+        for system in systems:
+            module = {"upstream": "checkpoint_engine.ps", "instanttensor": "instanttensor"}
+            if system in module and (why := probe_import(env, module[system])) is not None:
+                records["skipped"][system] = f"not importable: {why}"
+                print(f"!! {system} skipped: {why}", flush=True)
+                continue
+            args = ["--system", system, "--steps", str(a.steps), "--gib", str(gib)]
+            args += ["--shrink", str(a.shrink), "--workload", a.workload]
+            args += ["--tensors", str(a.tensors), "--bucket-mib", str(a.bucket_mib or 0)]
+            args += ["--data-dir", str(data), "--result-dir", str(work)]
+            log = work / f"{system}.log"
+            rc = launch("bench/steps.py", 1, args, env, log, a.limit_s)
+            got = collect(work, system, 1)
+            records["results"][system] = got[0] if got else None
+            if rc != 0 or not got or "error" in got[0]:
+                print(f"!! {system} failed (exit {rc}); log tail:\n{tail(log)}", flush=True)
+        results = records["results"]
+        records["summary"] = {k: summarize_steps(v) for k, v in results.items() if v}
+        device = next((v.get("device") for v in results.values() if v and "device" in v), "CPU")
+        text = steps_table(results, total_bytes(spec), device)
+        for system, why in records["skipped"].items():
+            text += f"\n{system}: skipped ({why})"
+        out.write_text(json.dumps(records, indent=1))
+        out.with_suffix(".md").write_text(text + "\n")
+        print(f"results: {out}")
+        print(text)
+        ours = records["summary"].get("ours", {})
+        return 0 if ours.get("exact") else 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -155,6 +216,15 @@ def main() -> int:
     )
     ap.add_argument("--skip-upstream", action="store_true")
     ap.add_argument(
+        "--steps", type=int, default=0, help="training steps instead (bench/steps.py); N >= 1"
+    )
+    ap.add_argument(
+        "--systems",
+        default=None,
+        help="--steps: comma list of ours, ours-2pass, upstream, instanttensor (default: all; "
+        "CPU: ours, ours-2pass)",
+    )
+    ap.add_argument(
         "--limit-s", type=float, default=200, help="time limit of ours (upstream: 3/4 of it)"
     )
     ap.add_argument("--out", default=None, help="JSON results path (the table: same name .md)")
@@ -187,6 +257,8 @@ def main() -> int:
                 file=sys.stderr,
             )
             return 2
+    if a.steps:
+        return run_steps(a, gib, env, out.with_name(out.name.replace("bench-", "steps-")), stamp)
     spec = workload_spec(a.workload, gib, a.shrink, a.tensors)
     host_memory, data_root = shm_or_tmp(env, spec, a.host_memory)
     work = Path(tempfile.mkdtemp(prefix="ckpt-bench-"))

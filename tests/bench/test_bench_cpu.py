@@ -71,3 +71,20 @@ def test_moe_workload_shapes():
     assert len(small) >= 3000 and all(min(s) >= 1 for _, s in small)
     with pytest.raises(ValueError, match="unknown workload"):
         workload_spec("sparse", 1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_bench_cpu_steps(tmp_path):
+    """--steps: new bytes every step through register_and_update, the worker checking them."""
+    out = tmp_path / "steps.json"
+    cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--cpu", "--steps", "3"]
+    cmd += ["--systems", "ours", "--gib", "0.005", "--shrink", "16", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=140)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| ours | 3 |" in proc.stdout
+    records = json.loads(out.read_text())
+    steps = records["results"]["ours"]["steps"]
+    assert [s["step"] for s in steps] == [1, 2, 3] and all(s["exact"] for s in steps)
+    # two steps' buffers (the last good one and the new one), then only reuse
+    assert [s["pool"]["allocated"] for s in steps][1:] == [2 * steps[0]["pool"]["allocated"]] * 2
