@@ -32,6 +32,9 @@ Our own knobs (all optional):
   ``tcp``, ``nvlink``; default ``rdma`` where an RDMA device is present, else ``tcp``) and RDMA
   device names (default: Mooncake's auto-discovery).
 - CKPT_ENGINE_RDMA_DEVICES_DIR: where RDMA devices are listed (default ``/sys/class/infiniband``).
+- CKPT_ENGINE_PROGRESS: progress of long work on rank 0 (ckpt_engine.progress): ``auto``
+  (default: a tqdm bar when stderr is a terminal, else log lines), ``bar``, ``log``, ``off``.
+- CKPT_ENGINE_PROGRESS_INTERVAL_S: seconds between two progress log lines (default 10).
 """
 
 from __future__ import annotations
@@ -221,3 +224,11 @@ def mooncake_protocol() -> str | None:
 
 def mooncake_device() -> str | None:
     return _get("CKPT_ENGINE_MOONCAKE_DEVICE")
+
+
+def progress_mode() -> str | None:
+    return _get("CKPT_ENGINE_PROGRESS")
+
+
+def progress_interval_s() -> float | None:
+    return _float("CKPT_ENGINE_PROGRESS_INTERVAL_S")

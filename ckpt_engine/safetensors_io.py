@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import struct
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -213,8 +214,11 @@ class ReadJob:
     dest: memoryview
 
 
-def read_parallel(jobs: list[ReadJob], *, threads: int) -> None:
-    """Run read jobs on a thread pool, splitting large ones into chunks; first error wins."""
+def read_parallel(
+    jobs: list[ReadJob], *, threads: int, on_read: Callable[[int], None] | None = None
+) -> None:
+    """Run read jobs on a thread pool, splitting large ones into chunks; first error wins.
+    ``on_read(nbytes)`` runs after each chunk (progress; from the read threads)."""
     fds: dict[str, int] = {}
     try:
         for job in jobs:
@@ -235,6 +239,8 @@ def read_parallel(jobs: list[ReadJob], *, threads: int) -> None:
                 _pread_exact(fds[path], path, dest, offset)
             except OSError as e:
                 raise CheckpointFileError(path, f"read failed at byte {offset}: {e}") from e
+            if on_read is not None:
+                on_read(dest.nbytes)
 
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             for future in [pool.submit(work, c) for c in chunks]:

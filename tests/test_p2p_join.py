@@ -31,6 +31,7 @@ pytestmark = pytest.mark.slow
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 COMMON = ["--inference-parallel-size", "2", "--api-key", "secret", "--device", "cpu"]
+PROGRESS_LINES = {"CKPT_ENGINE_PROGRESS": "log", "CKPT_ENGINE_PROGRESS_INTERVAL_S": "1e-9"}
 
 
 def updater(*args: str, log: Path, env: dict | None = None) -> subprocess.Popen:
@@ -71,7 +72,7 @@ def test_new_instance_joins_over_p2p(tmp_path, through, request):
             assert metas.stat().st_mode & 0o777 == 0o600
             joiner = updater(
                 "--load-metas-file", str(metas), "--update-method", "p2p", "--endpoint", new.url,
-                "--timeout", "60", log=tmp_path / "B.log",
+                "--timeout", "60", log=tmp_path / "B.log", env=PROGRESS_LINES,
             )  # fmt: skip
             procs.append(joiner)
         else:  # B waits for the metas A publishes in Redis; both over Mooncake
@@ -94,6 +95,8 @@ def test_new_instance_joins_over_p2p(tmp_path, through, request):
             procs.append(owners)
         assert joiner.wait(timeout=240) == 0, (tmp_path / "B.log").read_text()
         assert "GB/s" in (tmp_path / "B.log").read_text()
+        if through == "file":  # rank 0 logged the pull's progress (not a terminal: lines)
+            assert "p2p pull 'my-checkpoint-iter-0': " in (tmp_path / "B.log").read_text()
         assert owners.poll() is None  # A still serving
         assert new.get("/health").status_code == 200
         got, want = (

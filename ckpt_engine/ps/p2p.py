@@ -35,6 +35,7 @@ from ckpt_engine.p2p.assign import assign
 from ckpt_engine.p2p.prefetch import Fetch, Prefetcher
 from ckpt_engine.p2p.service import open_reader
 from ckpt_engine.planner import Bucket, BucketPlan
+from ckpt_engine.progress import Progress
 from ckpt_engine.ps.broadcast import BroadcastUpdate
 from ckpt_engine.ps.context import UpdateContext, choose_plan
 from ckpt_engine.ps.mover import Launched, await_landing, drain_moves, finish_move
@@ -115,6 +116,8 @@ class P2PMover:
             raise
         self.prefetch = Prefetcher(mine, self.staging, open_reader, rank=global_rank)
         self._drained = True
+        total = sum(b.nbytes for b in plan.buckets)  # every receiver lands every bucket
+        self.progress = Progress(f"p2p pull {ctx.name!r}", total, rank=ctx.rank)
 
     def launch(self, bucket: Bucket, slot: int) -> P2PLaunched:
         start = slot * self.slot_bytes
@@ -155,6 +158,7 @@ class P2PMover:
         await_landing(launched, self.rank, timeout_s)
         self._release(launched)
         finish_move(launched, self.rank, timeout_s)
+        self.progress.advance(launched.bucket.nbytes)
 
     def drain(self, launched: list[P2PLaunched], timeout_s: float) -> bool:
         if drain_moves(launched, self.rank, timeout_s, on_landed=self._release):
@@ -164,6 +168,7 @@ class P2PMover:
 
     def close(self, timeout_s: float) -> None:
         """Stop the prefetch thread and free the staging buffers (kept if still in use)."""
+        self.progress.close()
         stopped = self.prefetch.stop(timeout_s)
         if stopped and self._drained:
             self._free()

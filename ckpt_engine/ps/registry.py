@@ -22,6 +22,7 @@ from ckpt_engine.errors import CheckpointError, CheckpointFileError
 from ckpt_engine.metas import TensorMeta
 from ckpt_engine.planner import ALIGN, align_up
 from ckpt_engine.pool import HostPool
+from ckpt_engine.progress import Progress
 from ckpt_engine.ps.staging import StagedReads
 from ckpt_engine.safetensors_io import ReadJob, SafetensorsHeader, read_header, read_parallel
 
@@ -105,6 +106,7 @@ class Registry:
         read_threads: int,
         label: str,
         pool_bytes: int = 0,
+        rank: int = 0,
     ) -> None:
         self._kind = host_memory_kind
         # buffers handed back by unregister, taken again by the next register (ckpt_engine.pool)
@@ -114,6 +116,7 @@ class Registry:
         self._pin_in_place = pin_in_place
         self._threads = read_threads
         self._label = label
+        self._rank = rank  # rank 0 shows the progress of registrations (ckpt_engine.progress)
         self._checkpoints: dict[str, RegisteredCheckpoint] = {}
 
     def names(self) -> list[str]:
@@ -269,10 +272,12 @@ class Registry:
         if defer:
             ckpt.reads = StagedReads(jobs, job_buffers, threads=self._threads)
         else:
-            read_parallel(jobs, threads=self._threads)
+            total = sum(job.dest.nbytes for job in jobs)
+            with Progress(f"register {label!r}", total, rank=self._rank) as progress:
+                read_parallel(jobs, threads=self._threads, on_read=progress.advance)
         return metas
 
-    def _copy_host(self, jobs: list[tuple[int, int, int]]) -> None:
+    def _copy_host(self, jobs: list[tuple[int, int, int]], *, label: str = "") -> None:
         """memcpy each (dst, src, nbytes) on the read threads, in runs of about equal bytes.
 
         One torch ``copy_`` per tensor costs a dispatch and a parallel region each: 10^5
@@ -290,15 +295,19 @@ class Registry:
             runs[-1].append(job)
             acc += job[2]
 
+        progress = Progress(f"register {label!r}", total, rank=self._rank)
+
         def copy(run: list[tuple[int, int, int]]) -> None:
             for dst, src, nbytes in run:
                 ctypes.memmove(dst, src, nbytes)
+                progress.advance(nbytes)
 
-        if len(runs) == 1:
-            copy(runs[0])
-            return
-        with ThreadPoolExecutor(max_workers=len(runs)) as pool:
-            list(pool.map(copy, runs))
+        with progress:
+            if len(runs) == 1:
+                copy(runs[0])
+                return
+            with ThreadPoolExecutor(max_workers=len(runs)) as pool:
+                list(pool.map(copy, runs))
 
     def _load_named(
         self, ckpt: RegisteredCheckpoint, named: Mapping[str, torch.Tensor], *, label: str
@@ -348,5 +357,5 @@ class Registry:
                     offset=offset,
                 )
             )
-        self._copy_host(host_jobs)
+        self._copy_host(host_jobs, label=label)
         return metas

@@ -90,6 +90,7 @@ class ParameterServer:
             read_threads=self.config.read_threads,
             label=f"{self.run_id}-r{self.rank}",
             pool_bytes=self.config.host_pool_bytes,
+            rank=self.rank,
         )
         self._metas: dict[str, CheckpointMetas] = {}
         self._plans: dict = {}  # the last plan per checkpoint (ps.context.choose_plan)

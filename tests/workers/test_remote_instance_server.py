@@ -33,14 +33,14 @@ def start_seed(path, log, *extra, device="cpu"):
     return start_server(path, *args, "--weight-version", VERSION, *extra, log=log)
 
 
-def start_client(path, seed, *, tp: int, log, extra=(), device="cpu"):
+def start_client(path, seed, *, tp: int, log, extra=(), device="cpu", env=None):
     args = ["--tp", str(tp), "--device", device, "--dtype", "float32", "--api-key", "secret"]
     args += ["--load-format", "remote_instance"]
     args += ["--remote-instance-weight-loader-seed-instance-ip", "127.0.0.1"]
     args += ["--remote-instance-weight-loader-seed-instance-service-port", seed.url.split(":")[-1]]
     ports = json.dumps([free_port() for _ in range(tp)])
     args += ["--remote-instance-weight-loader-send-weights-group-ports", ports]
-    return start_server(path, *args, *extra, log=log)
+    return start_server(path, *args, *extra, log=log, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +81,11 @@ def test_two_clients_fork_at_once_then_a_client_seeds_another(seed, tmp_path):
         same_weights_and_tokens(seed_server, tp1)
         assert seed_server.get("/health").status_code == 200
         # A client that finished loading is a seed in its turn (TP=1 -> TP=1: shard mode).
-        third = start_client(path, tp1, tp=1, log=tmp_path / "third.log")
+        progress = {"CKPT_ENGINE_PROGRESS": "log", "CKPT_ENGINE_PROGRESS_INTERVAL_S": "1e-9"}
+        third = start_client(path, tp1, tp=1, log=tmp_path / "third.log", env=progress)
         wait_until_up(third)
         same_weights_and_tokens(seed_server, third)
+        assert f"fork from {tp1.url}: " in third.output()  # progress lines of its load
         fork = {  # tp1 served one send (to third): /metrics counts it and its bytes
             (s.name, tuple(s.labels.values())): s.value
             for f in text_string_to_metric_families(tp1.get("/metrics").text)

@@ -80,8 +80,12 @@ def test_metrics_and_json_lines_follow_updates(tmp_path):
         # a good update by the parameter server (2 ranks), with its JSON lines
         lines = tmp_path / "updates.jsonl"
         extra = ["--inference-api", method, "--weight-version", "v1", "--json-out", str(lines)]
-        rc, out = run_updater(server.url, good, *extra, nproc=2, device="cpu")
+        progress = {"CKPT_ENGINE_PROGRESS": "log", "CKPT_ENGINE_PROGRESS_INTERVAL_S": "1e-9"}
+        rc, out = run_updater(server.url, good, *extra, nproc=2, device="cpu", env=progress)
         assert rc == 0, out
+        # registration progress: plain lines (not a terminal), from rank 0 only
+        assert "[update rank 0] INFO register 'my-checkpoint-iter-0': " in out
+        assert "[update rank 1] INFO register 'my-checkpoint-iter-0': " not in out
         m = scrape(server)
         assert state(m) == "ready"
         assert value(m, "ckpt_engine_weight_version_info", version="v1") == 1

@@ -19,6 +19,7 @@ the rank reports `StartupFailed`, and the server exits 1 with it: never a fallba
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import secrets
 import threading
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ckpt_engine.progress import Progress
 from workers.errors import (
     ManifestMismatchError,
     RemoteInstanceError,
@@ -188,6 +190,8 @@ class RemoteInstanceFormat(LoadFormat):
             write = model.load_weights if write is None else write
             accounting = WeightAccounting(model.checkpoint_names(), f"seed {self.seed.url}")
             specs = seed.tensors
+        total = sum(params[s.name].nbytes if mode == SHARD else _nbytes(s) for s in specs)
+        progress = Progress(f"fork from {self.seed.url}", total, rank=model.tp.rank)
         for k, spec in enumerate(specs):
             try:
                 if mode == SHARD:
@@ -200,11 +204,14 @@ class RemoteInstanceFormat(LoadFormat):
                     group.recv(target)
                     accounting.add(write([(spec.name, target)]))
                 received += target.nbytes
+                progress.advance(target.nbytes)
             except (TransferError, RuntimeError) as e:
+                progress.close()
                 raise RemoteInstanceError(
                     f"fork from seed {self.seed.url} broke at {spec.name} ({k + 1} of "
                     f"{len(specs)}) on port {group.name}: {e}"
                 ) from e
+        progress.close()
         try:
             group.flush()
         except (TransferError, RuntimeError) as e:
@@ -233,6 +240,11 @@ class RemoteInstanceFormat(LoadFormat):
                 f"{theirs.get('weight_version')}): {len(bad)} tensor(s): {', '.join(bad[:20])}"
             )
         logger.info("rank 0: every tensor's sha256 matches the seed's")
+
+
+def _nbytes(spec) -> int:
+    """Bytes of a manifest tensor (full mode receives whole tensors)."""
+    return math.prod(spec.shape) * getattr(torch, spec.dtype).itemsize
 
 
 def _shared_token(tp, device: torch.device) -> str:
