@@ -151,11 +151,22 @@ def run_steps(a, gib: float, env: dict, out: Path, stamp: str) -> int:
             args += ["--tensors", str(a.tensors), "--bucket-mib", str(a.bucket_mib or 0)]
             args += ["--data-dir", str(data), "--result-dir", str(work)]
             log = work / f"{system}.log"
-            rc = launch("bench/steps.py", 1, args, env, log, a.limit_s)
+            # the trainer's writes (16 GB: several seconds a step) and the worker's start are
+            # outside the timed part but inside this limit
+            limit_s = a.limit_s if a.limit_s_set else 120 + 20 * a.steps * max(1.0, gib / 16)
+            rc = launch("bench/steps.py", 1, args, env, log, limit_s)
             got = collect(work, system, 1)
             records["results"][system] = got[0] if got else None
             if rc != 0 or not got or "error" in got[0]:
-                print(f"!! {system} failed (exit {rc}); log tail:\n{tail(log)}", flush=True)
+                lines = [
+                    ln
+                    for ln in tail(log, 20000).splitlines()
+                    if ln.startswith(("step", system, "worker"))
+                ]
+                print(
+                    f"!! {system} failed (exit {rc}); its progress:", *lines, sep="\n", flush=True
+                )
+                print(f"log tail:\n{tail(log)}", flush=True)
         results = records["results"]
         records["summary"] = {k: summarize_steps(v) for k, v in results.items() if v}
         device = next((v.get("device") for v in results.values() if v and "device" in v), "CPU")
@@ -225,11 +236,17 @@ def main() -> int:
         "CPU: ours, ours-2pass)",
     )
     ap.add_argument(
-        "--limit-s", type=float, default=200, help="time limit of ours (upstream: 3/4 of it)"
+        "--limit-s",
+        type=float,
+        default=None,
+        help="time limit of ours (upstream: 3/4 of it; default 200); --steps: of each system "
+        "(default 120 s + 20 s a step per 16 GiB)",
     )
     ap.add_argument("--out", default=None, help="JSON results path (the table: same name .md)")
     ap.add_argument("--results", default=None, help="also append the table to this markdown file")
     a = ap.parse_args()
+    a.limit_s_set = a.limit_s is not None
+    a.limit_s = a.limit_s if a.limit_s is not None else 200
     gib = a.gib if a.gib is not None else (0.25 if a.cpu else 16)
     soak = a.soak if a.soak is not None else (3 if a.cpu or a.workload == "moe" else 20)
     mode = "cpu" if a.cpu else "gpu"

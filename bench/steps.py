@@ -49,10 +49,14 @@ def step_bits(base: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def write_step(base: dict[str, torch.Tensor], k: int, directory: Path) -> list[str]:
-    """The trainer's write of step ``k``: every file rewritten with new bytes."""
-    return harness.write_rank_files(
-        {n: step_bits(t, k).cpu() for n, t in base.items()}, directory, 0
+    """The trainer's write of step ``k``: every file rewritten with new bytes (untimed; its
+    seconds are printed, to show where a run's time goes)."""
+    start = time.perf_counter()
+    files = harness.write_rank_files(
+        {n: step_bits(t, k).cpu() for n, t in base.items()}, directory, 0, threads=16
     )
+    print(f"step {k}: files written in {time.perf_counter() - start:.1f} s", flush=True)
+    return files
 
 
 def worker_main(kind, device_type, index, spec, q, res):
@@ -116,7 +120,9 @@ class Worker:
             target=worker_main, args=(kind, device_type, index, spec, self.q, self.res)
         )
         self.proc.start()
+        start = time.perf_counter()
         ready = self.res.get(timeout=600)
+        print(f"worker ready in {time.perf_counter() - start:.1f} s", flush=True)
         if ready != "ready":
             raise RuntimeError(f"worker failed to start: {ready}")
         self.step, self.sent = 0, False
@@ -226,6 +232,10 @@ def run_instanttensor(a, spec, base, data, index) -> list[dict]:
 
 
 def record(k, seconds, error, reply, dtype, index, parts) -> dict:
+    print(
+        f"step {k}: {seconds:.3f} s, exact {bool(reply.get('exact'))}, error {error}, {parts}",
+        flush=True,
+    )
     return {
         "step": k,
         "seconds": seconds,
@@ -259,7 +269,9 @@ def main() -> None:
         torch.cuda.set_device(index)
     spec = workload_spec(a.workload, a.gib, a.shrink, a.tensors)
     dev = harness.device_of(dtype, index)
+    start = time.perf_counter()
     base = {name: gen(i, shape, dev) for i, (name, shape) in enumerate(spec)}
+    print(f"{a.system}: workload generated in {time.perf_counter() - start:.1f} s", flush=True)
     data = Path(a.data_dir) / a.system
     out = {"system": a.system, "device_type": dtype, "tensors": len(spec)}
     out["checkpoint_bytes"] = total_bytes(spec)
