@@ -67,12 +67,16 @@ def test_many_small_buckets_give_exact_weights(vllm, ckpts):
     assert vllm.greedy() == ckpts["A"].greedy()
 
 
-@pytest.mark.parametrize("bad", ["unknown_name", "wrong_shape"])
+@pytest.mark.parametrize("bad", ["unknown_name", "wrong_shape", "missing_tensor"])
 def test_bad_checkpoint_is_refused_before_any_write(vllm, ckpts, bad):
     (before,) = vllm.rpc("ckpt_engine_checksums")  # A
     rc, out = push(vllm, ckpts[bad], env=SMALL_BUCKETS)
     assert rc != 0 and "(handshake)" in out and "WeightCheckError" in out, out
-    want = "extra_proj" if bad == "unknown_name" else "model.layers.0.mlp.gate_proj.weight"
+    want = {
+        "unknown_name": "extra_proj",
+        "wrong_shape": "model.layers.0.mlp.gate_proj.weight",
+        "missing_tensor": "model.layers.1.post_attention_layernorm.weight",
+    }[bad]
     assert want in out, out
     (after,) = vllm.rpc("ckpt_engine_checksums")
     assert after == before

@@ -60,7 +60,8 @@ class Checkpoint:
 
 def make_checkpoints(tmp: Path) -> dict[str, Checkpoint]:
     """ "A", "B": tiny Qwen3 models (head_dim 32: vLLM's CPU attention refuses 16);
-    "wrong_shape": an MLP of another width; "unknown_name": A plus a tensor the model lacks."""
+    "wrong_shape": an MLP of another width; "unknown_name": A plus a tensor the model lacks;
+    "missing_tensor": A without one norm."""
     from safetensors.torch import load_file, save_file
 
     out = {}
@@ -78,6 +79,12 @@ def make_checkpoints(tmp: Path) -> dict[str, Checkpoint]:
     tensors["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(8, 64)
     save_file(tensors, unknown / "model.safetensors", metadata={"format": "pt"})
     out["unknown_name"] = Checkpoint(unknown, None)
+    missing = tmp / "missing_tensor"
+    missing.mkdir()
+    tensors = load_file(out["A"].path / "model.safetensors")
+    del tensors["model.layers.1.post_attention_layernorm.weight"]
+    save_file(tensors, missing / "model.safetensors", metadata={"format": "pt"})
+    out["missing_tensor"] = Checkpoint(missing, None)
     return out
 
 

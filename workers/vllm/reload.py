@@ -62,26 +62,31 @@ class _Swap:
                 dict(layer._parameters),
                 dict(layer._buffers),
                 set(layer._non_persistent_buffers_set),
+                # tensors kept as plain attributes (some kernels' layout): vLLM's restore
+                # deletes them when they bear a recorded parameter's name
+                {k: v for k, v in vars(layer).items() if isinstance(v, torch.Tensor)},
             )
             for layer in model.modules()
         ]
 
     def put_back(self) -> None:
-        for layer, params, buffers, non_persistent in self.saved:
-            for name in list(layer._parameters) + list(layer._buffers):
-                if name not in params and name not in buffers:
-                    delattr(layer, name)
+        for layer, params, buffers, non_persistent, plain in self.saved:
             layer._parameters.clear()
             layer._parameters.update(params)
             layer._buffers.clear()
             layer._buffers.update(buffers)
             layer._non_persistent_buffers_set.clear()
             layer._non_persistent_buffers_set.update(non_persistent)
+            for name, tensor in plain.items():
+                if name not in vars(layer):
+                    object.__setattr__(layer, name, tensor)
 
 
 @torch.no_grad()
-def check_manifest(model: torch.nn.Module, manifest: Manifest) -> None:
-    """Raise WeightCheckError unless ``manifest`` loads into ``model`` (see the module doc)."""
+def check_manifest(model: torch.nn.Module, manifest: Manifest, *, complete: bool = True) -> None:
+    """Raise WeightCheckError unless ``manifest`` loads into ``model`` (see the module doc);
+    ``complete``: every model parameter must be loaded (vLLM's own loader checks this for
+    unquantized models only: quantized ones may hold parameters no checkpoint carries)."""
     from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
     from vllm.model_executor.model_loader.reload.meta import (
         restore_layer_on_meta,
@@ -113,7 +118,7 @@ def check_manifest(model: torch.nn.Module, manifest: Manifest) -> None:
             raise WeightCheckError(_name_problems(model, manifest) or [_text(e)]) from e
     finally:
         swap.put_back()
-    if loaded is not None:
+    if complete and loaded is not None:
         missing = sorted(expected - set(loaded))
         if missing:
             raise WeightCheckError(
@@ -145,7 +150,8 @@ class ModelReload:
         self.started = False
 
     def check(self, manifest: Manifest) -> None:
-        check_manifest(self.model, manifest)
+        quantized = getattr(self.model_config, "quantization", None) is not None
+        check_manifest(self.model, manifest, complete=not quantized)
 
     def load(self, weights: Weights) -> None:
         if not self.started:
