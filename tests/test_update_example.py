@@ -1,10 +1,11 @@
-"""examples/update.py without torchrun: the split, the flags, and the HTTP client (TCP and UDS)."""
+"""The updater (ckpt_engine.update; examples/update.py runs it) without torchrun: the split, the
+flags, and the HTTP client (TCP and UDS)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import socketserver
+import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler
@@ -14,20 +15,23 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from ckpt_engine import update as upd
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_example():
-    spec = importlib.util.spec_from_file_location(
-        "ckpt_update_example", REPO / "examples/update.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclass type hints resolve through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-upd = _load_example()
+def test_example_script_runs_the_packaged_updater():
+    """examples/update.py is a thin script over ckpt_engine.update: same flags, same checks."""
+    for cmd in (["examples/update.py"], ["-m", "ckpt_engine.update"]):
+        r = subprocess.run(
+            [sys.executable, *cmd, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+        )
+        assert r.returncode == 0 and "--inference-parallel-size" in r.stdout, r.stderr
+        r = subprocess.run(
+            [sys.executable, *cmd, "--inference-parallel-size", "0"],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert r.returncode == 2 and "--inference-parallel-size must be >= 1" in r.stderr
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ end to end, on this machine.
    and a word-level tokenizer;
 2. start the reference server on it, TP=2, with dummy weights and `--wait-for-initial-weights`
    (it answers /health 503 until real weights arrive);
-3. push the checkpoint with `torchrun --nproc-per-node 2 examples/update.py` (one
+3. push the checkpoint with `torchrun --nproc-per-node 2 -m ckpt_engine.update` (one
    parameter-server rank per server rank);
 4. verify: /health 200, every /weights_info sha256 equal to the checkpoint file's own tensor,
    /generate equal to transformers' greedy output;
@@ -32,8 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-UPDATER = REPO / "examples" / "update.py"
+REPO = Path(__file__).resolve().parents[1]  # the checkout (or site-packages, from a wheel)
 TP = 2
 PROMPT = "w11 w22 w33 w44 w55"
 NEW_TOKENS = 8
@@ -128,9 +127,9 @@ def wait_for_ping(url: str, server: subprocess.Popen, deadline_s: float) -> None
 
 
 def run_updater(work: Path, ckpt: Path, url: str, key: str, device: str, timeout_s: float):
-    torchrun = Path(sys.executable).with_name("torchrun")
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]  # torchrun, wherever torch is
     result_file = work / "update.json"
-    cmd = [str(torchrun), "--standalone", "--nproc-per-node", str(TP), str(UPDATER)]
+    cmd = [*torchrun, "--standalone", "--nproc-per-node", str(TP), "-m", "ckpt_engine.update"]
     cmd += ["--checkpoint-path", str(ckpt), "--endpoint", url, "--device", device]
     cmd += ["--inference-parallel-size", str(TP), "--api-key", key, "--checkpoint-name", "demo"]
     cmd += ["--inference-api", "update_weights_from_ipc", "--weight-version", "demo-1"]
@@ -217,7 +216,7 @@ def run(device: str, work: Path, timeout_s: float) -> str:
             wait_for_ping(url, server, timeout_s)
             status = http("GET", url + "/health")
             print(f"[demo] /health {status.status_code} {status.json()['status']}", flush=True)
-            print("[demo] torchrun --nproc-per-node 2 examples/update.py ...", flush=True)
+            print("[demo] torchrun --nproc-per-node 2 -m ckpt_engine.update ...", flush=True)
             result = run_updater(work, ckpt, url, key, device, timeout_s)
             checks = verify(url, ckpt, model, key)
         except DemoError as e:

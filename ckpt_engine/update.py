@@ -1,0 +1,382 @@
+"""Push a safetensors checkpoint into running inference servers: one parameter-server rank per GPU.
+
+    torchrun --nproc-per-node 8 examples/update.py --checkpoint-path /models/Qwen3-8B \\
+        --endpoint http://localhost:30000 --inference-parallel-size 8
+
+Steps, on every rank (each step ends with a vote over all ranks, so a failure anywhere makes
+every rank exit 1 naming the failed rank and its cause; bad flags exit 2):
+1. split: the checkpoint's safetensors files (through model.safetensors.index.json when
+   present) are shared across ranks balanced by bytes, deterministically (largest first, ties
+   by name, onto the least-loaded rank): whole files when there are at least as many files as
+   ranks and that split is within 10% of the tensor-level one, else single tensors;
+2. register: each rank reads its share into host memory (`ParameterServer.register_checkpoint`);
+3. ready: the first rank of each inference instance waits for the server's ``/ping``;
+4. gather: every rank learns what every rank holds (``gather_metas``; ``--save-metas-file``);
+5. update (``--update-method``): the parameter server streams the checkpoint into every GPU's
+   colocated worker; the first rank of each instance of ``--inference-parallel-size`` ranks
+   triggers its server with the socket addresses of that instance's GPUs, through
+   ``POST /collective_rpc {"method": "update_weights_from_ipc", "args": [{key: addr}]}`` (vLLM
+   shape, the default) or ``POST /update_weights_from_ipc {"zmq_handles", "weight_version"}``
+   (SGLang shape; the only one that carries ``--weight-version``). A server that answers with
+   an error fails the update on every rank.
+Rank 0 prints the timings (register and gather: the slowest rank) and GB/s of the update.
+
+``--wire upstream`` speaks the upstream checkpoint-engine 0.4.x protocol to the workers, for
+SGLang / vLLM servers that run upstream's ``checkpoint_engine.worker`` (pickled messages on a
+predictable abstract socket: use it only where every local process is trusted).
+
+P2P (new instances join running ones, issue 9): the running job saves its metas with
+``--save-metas-file F`` and stays up (``--sleep-time``) while its ranks serve their host memory;
+a new job runs ``--load-metas-file F --update-method p2p`` (no ``--checkpoint-path``): it
+registers nothing (step 2 loads the metas file instead; no gather), and every rank of the new
+job pulls its buckets straight from the owners' host memory (``ParameterServer.update(...,
+ranks=all ranks of this job)``), then hands them to its servers as in broadcast. F carries the
+owners' addresses and secret tokens: protect it like a key (it is written mode 0600).
+With Redis, the metas travel through the registry instead of a file: ``--metas-registry
+redis://... --publish-metas NAME`` on the running job, ``--metas-registry redis://...
+--find-metas NAME --update-method p2p`` on the new one (it waits for them up to
+``--ready-timeout``); the Redis key is as secret as the file (updater/metas_registry.py).
+``all`` (broadcast, then P2P in one job) is not supported: run the two commands above.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from ckpt_engine import CheckpointMetas, ParameterServer
+from ckpt_engine import env as ce_env
+from ckpt_engine.device import resolve_device_type
+from ckpt_engine.errors import UpdateError
+from ckpt_engine.ps.collectives import ControlGroup
+from ckpt_engine.updater.client import InferenceClient, InferenceError, refused_before_write
+from ckpt_engine.updater.config import ConfigError, UpdateArgs
+from ckpt_engine.updater.metas_registry import MetasPublisher, find_metas
+from ckpt_engine.updater.report import update_record, write_json_line
+from ckpt_engine.updater.split import greedy_split, register_share, split_checkpoint
+
+# re-exported: the tests load this file and reach the parts through it
+__all__ = ["ConfigError", "InferenceClient", "InferenceError", "UpdateArgs", "greedy_split"]
+
+logger = logging.getLogger("ckpt_engine.examples.update")
+
+
+# ---- the job ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    args: UpdateArgs
+    ps: ParameterServer
+    control: ControlGroup
+    client: InferenceClient
+    timings: dict[str, float] = field(default_factory=dict)
+    own_timings: dict[str, float] = field(default_factory=dict)  # this rank's, for --json-out
+
+    @property
+    def rank(self) -> int:
+        return self.ps.rank
+
+    @property
+    def is_instance_head(self) -> bool:
+        return self.rank % self.args.inference_parallel_size == 0
+
+    def req_func(self, socket_paths: list[tuple[str, str]]) -> None:
+        """Run by the parameter server on every rank; the first of each instance sends."""
+        if not self.is_instance_head:
+            return
+        ips = self.args.inference_parallel_size
+        handles = dict(socket_paths[self.rank : self.rank + ips])
+        self.client.update(
+            handles,
+            api=self.args.inference_api,
+            version=self.args.weight_version,
+            timeout_s=self.args.timeout,
+        )
+
+    def step(self, what: str, fn: Callable[[], object]) -> float:
+        """Run ``fn`` on every rank, then vote: the slowest rank's seconds, or raise everywhere."""
+        start = time.perf_counter()
+        error = None
+        try:
+            fn()
+        except Exception as e:
+            logger.debug("rank %d: %s failed", self.rank, what, exc_info=True)
+            error = f"{type(e).__name__}: {e}"
+        seconds = time.perf_counter() - start
+        self.own_timings[what] = seconds
+        limit = max(self.ps.config.init_timeout_s, self.args.timeout, self.args.ready_timeout)
+        votes = self.control.all_gather_json(
+            {"error": error, "seconds": seconds}, timeout_s=limit, what=what
+        )
+        by_error: dict[str, list[int]] = {}
+        for r, v in enumerate(votes):
+            if v["error"] is not None:
+                by_error.setdefault(v["error"], []).append(r)
+        if by_error:
+            causes = "; ".join(f"rank(s) {rs}: {e}" for e, rs in by_error.items())
+            raise RuntimeError(f"{what} failed on {causes}")
+        self.timings[what] = max(v["seconds"] for v in votes)
+        return self.timings[what]
+
+
+def broadcast_update(job: Job) -> None:
+    try:
+        job.ps.update(
+            job.args.checkpoint_name, job.req_func, timeout=job.args.timeout, wire=job.args.wire
+        )
+    except UpdateError as e:
+        if job.args.inference_api == "weight_transfer" and job.is_instance_head:
+            raise UpdateError(weight_transfer_failed(job.client, e)) from e
+        raise
+
+
+def weight_transfer_failed(client: InferenceClient, e: UpdateError) -> str:
+    """vLLM's weight-transfer API after a failed update: resume it when nothing was written
+    (it serves its previous weights), else leave it paused (workers.vllm.engine)."""
+    if refused_before_write(e):
+        try:
+            client.resume()
+        except InferenceError as r:
+            return f"{e}; refused before any write, but /resume failed: {r}"
+        return f"{e}; refused before any write: vLLM resumed with its previous weights"
+    return f"{e}; vLLM left paused (weights partly written): a complete update resumes it"
+
+
+def p2p_update(job: Job) -> None:
+    ranks = list(range(job.ps.world_size))  # every rank of this (new) job receives
+    job.ps.update(job.args.checkpoint_name, job.req_func, ranks=ranks, timeout=job.args.timeout)
+
+
+# The one place the update method is dispatched (`preflight` refuses what is not built yet).
+UPDATE_DISPATCH: dict[str, Callable[[Job], None]] = {
+    "broadcast": broadcast_update,
+    "p2p": p2p_update,
+    "all": lambda job: (broadcast_update(job), p2p_update(job)),  # refused by preflight
+}
+
+
+def preflight(args: UpdateArgs) -> None:
+    """Refuse, before any work, what this updater cannot do yet (exit 2)."""
+    if args.update_method == "all":
+        raise ConfigError(
+            "--update-method all is not supported: run broadcast (with --save-metas-file) on "
+            "the running instances and p2p (with --load-metas-file) on the new ones"
+        )
+
+
+def init_distributed(ps: ParameterServer) -> ControlGroup:
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if ps.device_type == "cuda" else "gloo"
+        port = ps.env.master_port
+        if port is None:
+            if ps.world_size > 1:
+                raise ConfigError("MASTER_PORT is not set: run under torchrun")
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{ps.env.master_addr}:{port}",
+            rank=ps.rank,
+            world_size=ps.world_size,
+            timeout=timedelta(seconds=ps.config.init_timeout_s),
+        )
+    group = dist.new_group(backend="gloo")
+    return ControlGroup(group, rank=ps.rank, world_size=ps.world_size)
+
+
+def pick_endpoint(endpoints: list[str], denv: ce_env.DistEnv, ips: int) -> str:
+    """This rank's server: instances are blocks of `ips` consecutive ranks, each on one node
+    (refused otherwise: IPC buffers and sockets are host-local). One endpoint serves every
+    instance; as many as instances: one per instance in rank order; as many as instances per
+    node: one per local instance (multi-node jobs, where c10d decides which node gets which
+    ranks, give each node its own servers)."""
+    if denv.world_size % ips:
+        raise ConfigError(f"{denv.world_size} ranks do not split into instances of {ips}")
+    if denv.local_world_size % ips:
+        raise ConfigError(
+            f"--inference-parallel-size {ips} does not divide the {denv.local_world_size} ranks "
+            "per node: each instance's ranks must be on its node (IPC buffers and sockets are "
+            "host-local)"
+        )
+    instances, local_instances = denv.world_size // ips, denv.local_world_size // ips
+    if len(endpoints) == 1:
+        return endpoints[0]
+    if len(endpoints) == instances:
+        return endpoints[denv.rank // ips]
+    if len(endpoints) == local_instances:
+        return endpoints[denv.local_rank // ips]
+    raise ConfigError(
+        f"{len(endpoints)} endpoints for {instances} instances ({local_instances} per node): "
+        "give one, one per instance, or one per instance of this node"
+    )
+
+
+def owners_metas(args: UpdateArgs) -> CheckpointMetas:
+    """A joining job's metas: from the file, or from the registry once published."""
+    if args.load_metas_file is not None:
+        return CheckpointMetas.load(args.load_metas_file)
+    return find_metas(args.metas_registry, args.find_metas, timeout_s=args.ready_timeout)
+
+
+def run(args: UpdateArgs) -> dict[str, Any]:
+    preflight(args)
+    denv = ce_env.dist_env()
+    ips = args.inference_parallel_size
+    endpoint = pick_endpoint(args.endpoints, denv, ips)
+    ps = ParameterServer(device_type=resolve_device_type(args.device))
+    publisher = None
+    job: Job | None = None
+    try:
+        control = init_distributed(ps)
+        client = InferenceClient(endpoint, uds=args.uds, api_key=args.api_key)
+        job = Job(args=args, ps=ps, control=control, client=client)
+        metas: list[CheckpointMetas] = []
+        if args.load_metas_file is not None or args.find_metas is not None:  # P2P join
+            mode = "p2p"
+            job.step("register", lambda: metas.append(owners_metas(args)))
+            ps.load_metas(metas[0])
+            job.args = dataclasses.replace(args, checkpoint_name=metas[0].name)
+        else:
+            mode, shares = split_checkpoint(args.checkpoint_path, ps.world_size)
+            share = shares[ps.rank]
+            job.step("register", lambda: register_share(ps, args.checkpoint_name, share))
+        if job.is_instance_head:
+            logger.info("rank %d: waiting for %s", ps.rank, endpoint)
+        job.step("ready", lambda: job.is_instance_head and client.wait_ready(args.ready_timeout))
+        if metas:
+            job.timings["gather"] = 0.0
+        else:
+            job.step("gather", lambda: metas.append(ps.gather_metas(args.checkpoint_name)))
+        if args.save_metas_file is not None and ps.rank == 0:
+            metas[0].save(args.save_metas_file)
+        if args.publish_metas is not None and ps.rank == 0:
+            publisher = MetasPublisher(args.metas_registry, args.publish_metas, metas[0])
+        time.sleep(args.sleep_time)
+        head = job.is_instance_head
+        transfer = args.inference_api == "weight_transfer"
+        if transfer:  # vLLM's RL endpoints: pause and open a session first
+            job.step(
+                "pause",
+                lambda: (
+                    head and client.begin_weight_transfer(wire=args.wire, timeout_s=args.timeout)
+                ),
+            )
+        job.step("update", lambda: UPDATE_DISPATCH[args.update_method](job))
+        if transfer:
+            job.step(
+                "resume",
+                lambda: (
+                    head
+                    and client.finish_weight_transfer(
+                        version=args.weight_version, timeout_s=args.timeout
+                    )
+                ),
+            )
+        nbytes = metas[0].nbytes
+        result = {
+            "bytes": nbytes,
+            "tensors": metas[0].num_tensors,
+            "ranks": ps.world_size,
+            "split": mode,
+            "device": ps.device_type,
+            "register_s": job.timings["register"],
+            "gather_s": job.timings["gather"],
+            "update_s": job.timings["update"],
+            "update_gb_s": nbytes / job.timings["update"] / 1e9,
+        }
+        own = None if mode == "p2p" else sum(metas[0].ranks[ps.rank].buffer_bytes)
+        json_line(job, endpoint, result=result, rank_bytes=own, error=None)
+        return result
+    except Exception as e:
+        json_line(job, endpoint, result=None, rank_bytes=None, error=e)
+        raise
+    finally:
+        if publisher is not None:
+            publisher.stop()
+        ps.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def json_line(
+    job: Job | None,
+    endpoint: str,
+    *,
+    result: dict[str, Any] | None,
+    rank_bytes: int | None,
+    error: Exception | None,
+) -> None:
+    """--json-out: this rank's line for this update (updater/report.py)."""
+    if job is None or job.args.json_out is None:
+        return
+    record = update_record(
+        args=job.args,
+        rank=job.rank,
+        world_size=job.ps.world_size,
+        endpoint=endpoint,
+        seconds=job.own_timings,
+        slowest=job.timings,
+        result=result,
+        rank_bytes=rank_bytes,
+        update_timings=job.ps.last_update_timings,
+        error=error,
+    )
+    write_json_line(job.args.json_out, record)
+
+
+def format_result(r: dict[str, Any]) -> str:
+    return (
+        f"ckpt-engine update: {r['bytes']} bytes ({r['tensors']} tensors, split by "
+        f"{r['split']} over {r['ranks']} {r['device']} ranks): register {r['register_s']:.3f} s, "
+        f"gather {r['gather_s']:.3f} s, update {r['update_s']:.3f} s "
+        f"({r['update_gb_s']:.3f} GB/s)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = UpdateArgs.from_cli(argv)
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s [update rank {rank}] %(levelname)s %(message)s"
+    )
+    try:
+        result = run(args)
+    except ConfigError as e:
+        print(f"update.py rank {rank}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        print(f"update.py rank {rank}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    if rank == "0":
+        print(format_result(result), flush=True)
+        if args.result_file is not None:
+            Path(args.result_file).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def cli() -> int:
+    """The command: ``ckpt-engine-update``, ``python -m ckpt_engine.update``, ``torchrun ... -m
+    ckpt_engine.update`` and ``examples/update.py``."""
+    # SIGTERM (torchrun's stop) becomes SystemExit: `run`'s cleanup runs (published metas are
+    # withdrawn, host memory released).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

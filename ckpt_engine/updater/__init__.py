@@ -1,0 +1,1 @@
+"""Parts of the updater (ckpt_engine.update): its flags (config), the checkpoint split (split), the HTTP client."""

@@ -1,1 +1,0 @@
-"""Parts of examples/update.py: its flags (config), the checkpoint split (split), the HTTP client."""
