@@ -239,6 +239,33 @@ class CkptEngineWorkerExtension:
             "device": self._ckpt_engine_device()[0],
         }
 
+    @functools.cached_property
+    def _ckpt_engine_seed(self):
+        from workers.vllm.seed import VllmSeed
+
+        return VllmSeed(self)
+
+    def ckpt_engine_fork_manifest(self) -> dict[str, Any]:
+        """Seed (``workers.vllm.seed``): this rank's fork manifest."""
+        from workers.vllm.seed import MANIFEST, answer
+
+        return answer(MANIFEST, self._ckpt_engine_seed.manifest)
+
+    def ckpt_engine_fork_init(self, **kwargs: str) -> dict[str, Any]:
+        """Seed: form this rank's pair groups with a forking client's ranks (vLLM PR #27417's
+        init_weights_send_group_for_remote_instance)."""
+        from workers.vllm.seed import INIT, answer
+
+        return answer(INIT, lambda: self._ckpt_engine_seed.init(**kwargs))
+
+    def ckpt_engine_fork_send(self, **kwargs: str) -> dict[str, Any]:
+        """Seed: send this rank's weights to the client of that group (PR #27417's
+        send_weights_to_remote_instance)."""
+        from workers.vllm.seed import SEND, answer
+
+        with _vllm_config_context(getattr(self, "vllm_config", None)):
+            return answer(SEND, lambda: self._ckpt_engine_seed.send(**kwargs))
+
     def ckpt_engine_checksums(self) -> dict[str, str]:
         """``checksums`` of this worker's models (its shard of each parameter)."""
         return checksums(self._ckpt_engine_models())

@@ -1,14 +1,17 @@
 """The ``vllm.general_plugins`` entry point of this package (setup.cfg): registers the
 ``ckpt_engine`` weight-transfer backend (``workers.vllm.engine``) with vLLM's
-``WeightTransferEngineFactory``. vLLM loads general plugins in every one of its processes, and a
-second registration of a name raises there, so this registers once per process; the engine's
-module (and vLLM's base class) is imported only when a worker builds the engine."""
+``WeightTransferEngineFactory``, and the ``remote_instance`` load format
+(``workers.vllm.fork.RemoteInstanceModelLoader``) with ``register_model_loader``. vLLM loads
+general plugins in every one of its processes, and a second registration of a name raises there
+(the factory) or warns (the loaders), so this registers once per process; the engine's module
+(and vLLM's base class) is imported only when a worker builds the engine."""
 
 from __future__ import annotations
 
 import contextlib
 
 BACKEND = "ckpt_engine"
+LOAD_FORMAT = "remote_instance"
 _registered = False
 
 
@@ -24,4 +27,9 @@ def register() -> None:
         WeightTransferEngineFactory.register_engine(
             BACKEND, "workers.vllm.engine", "CkptEngineWeightTransferEngine"
         )
+    from vllm.model_executor.model_loader import register_model_loader
+
+    from workers.vllm.fork import RemoteInstanceModelLoader
+
+    register_model_loader(LOAD_FORMAT)(RemoteInstanceModelLoader)
     _registered = True

@@ -205,19 +205,25 @@ class ModelReload:
 
 
 @torch.no_grad()
+def effective_weight(layer: torch.nn.Module, name: str, param: torch.Tensor) -> torch.Tensor:
+    """``layer``'s parameter ``name`` as the layer computes with it, on its device: a repacked
+    linear weight (``layer.weight`` empty) is recovered as its output for the identity matrix
+    (``quant_method.apply(layer, I) = W^T``; exact for unquantized weights), anything else is
+    the parameter itself (detached, no copy)."""
+    quant = getattr(layer, "quant_method", None)
+    if name == "weight" and param.numel() == 0 and hasattr(quant, "apply"):
+        size = getattr(layer, "input_size_per_partition", None)
+        eye = torch.eye(size, dtype=param.dtype, device=param.device)
+        return quant.apply(layer, eye).t().contiguous()
+    return param.detach()
+
+
+@torch.no_grad()
 def effective_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter as the model computes with it, on CPU: a repacked linear layer's weight
-    (``layer.weight`` empty) is recovered as its output for the identity matrix
-    (``quant_method.apply(layer, I) = W^T``; exact for unquantized weights)."""
+    """Every parameter as the model computes with it (``effective_weight``), on CPU."""
     out: dict[str, torch.Tensor] = {}
     for prefix, layer in model.named_modules():
         for name, param in layer.named_parameters(recurse=False):
             full = f"{prefix}.{name}" if prefix else name
-            quant = getattr(layer, "quant_method", None)
-            if name == "weight" and param.numel() == 0 and hasattr(quant, "apply"):
-                size = getattr(layer, "input_size_per_partition", None)
-                eye = torch.eye(size, dtype=param.dtype, device=param.device)
-                out[full] = quant.apply(layer, eye).t().contiguous().cpu()
-            else:
-                out[full] = param.detach().cpu()
+            out[full] = effective_weight(layer, name, param).cpu()
     return out
