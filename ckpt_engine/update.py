@@ -9,7 +9,10 @@ every rank exit 1 naming the failed rank and its cause; bad flags exit 2):
    present) are shared across ranks balanced by bytes, deterministically (largest first, ties
    by name, onto the least-loaded rank): whole files when there are at least as many files as
    ranks and that split is within 10% of the tensor-level one, else single tensors;
-2. register: each rank reads its share into host memory (`ParameterServer.register_checkpoint`);
+2. register: each rank reads its share into host memory (`ParameterServer.register_checkpoint`;
+   ``--register-mode overlap``: no separate step, the update registers, gathers and moves in one
+   pass, reading the files while the buckets already read go to the GPUs, see
+   ``ParameterServer.register_and_update``);
 3. ready: the first rank of each inference instance waits for the server's ``/ping``;
 4. gather: every rank learns what every rank holds (``gather_metas``; ``--save-metas-file``);
 5. update (``--update-method``): the parameter server streams the checkpoint into every GPU's
@@ -66,7 +69,13 @@ from ckpt_engine.updater.client import InferenceClient, InferenceError, refused_
 from ckpt_engine.updater.config import ConfigError, UpdateArgs
 from ckpt_engine.updater.metas_registry import MetasPublisher, find_metas
 from ckpt_engine.updater.report import update_record, write_json_line
-from ckpt_engine.updater.split import greedy_split, register_share, split_checkpoint
+from ckpt_engine.updater.split import (
+    Share,
+    greedy_split,
+    register_share,
+    share_inputs,
+    split_checkpoint,
+)
 
 # re-exported: the tests load this file and reach the parts through it
 __all__ = ["ConfigError", "InferenceClient", "InferenceError", "UpdateArgs", "greedy_split"]
@@ -133,11 +142,22 @@ class Job:
         return self.timings[what]
 
 
-def broadcast_update(job: Job) -> None:
+def broadcast_update(job: Job, share: Share | None = None) -> None:
+    """``share``: register it in the same pass (``--register-mode overlap``)."""
+    name, args = job.args.checkpoint_name, job.args
     try:
-        job.ps.update(
-            job.args.checkpoint_name, job.req_func, timeout=job.args.timeout, wire=job.args.wire
-        )
+        if share is not None:
+            files, named = share_inputs(share)
+            job.ps.register_and_update(
+                name,
+                job.req_func,
+                files=files,
+                named_tensors=named,
+                timeout=args.timeout,
+                wire=args.wire,
+            )
+        else:
+            job.ps.update(name, job.req_func, timeout=args.timeout, wire=args.wire)
     except UpdateError as e:
         if job.args.inference_api == "weight_transfer" and job.is_instance_head:
             raise UpdateError(weight_transfer_failed(job.client, e)) from e
@@ -254,11 +274,14 @@ def run(args: UpdateArgs) -> dict[str, Any]:
         else:
             mode, shares = split_checkpoint(args.checkpoint_path, ps.world_size)
             share = shares[ps.rank]
-            job.step("register", lambda: register_share(ps, args.checkpoint_name, share))
+            if args.register_mode == "overlap":  # registered by the update itself
+                job.timings["register"] = 0.0
+            else:
+                job.step("register", lambda: register_share(ps, args.checkpoint_name, share))
         if job.is_instance_head:
             logger.info("rank %d: waiting for %s", ps.rank, endpoint)
         job.step("ready", lambda: job.is_instance_head and client.wait_ready(args.ready_timeout))
-        if metas:
+        if metas or args.register_mode == "overlap":
             job.timings["gather"] = 0.0
         else:
             job.step("gather", lambda: metas.append(ps.gather_metas(args.checkpoint_name)))
@@ -276,7 +299,11 @@ def run(args: UpdateArgs) -> dict[str, Any]:
                     head and client.begin_weight_transfer(wire=args.wire, timeout_s=args.timeout)
                 ),
             )
-        job.step("update", lambda: UPDATE_DISPATCH[args.update_method](job))
+        if args.register_mode == "overlap":
+            job.step("update", lambda: broadcast_update(job, share))
+            metas.append(ps.get_metas(args.checkpoint_name))
+        else:
+            job.step("update", lambda: UPDATE_DISPATCH[args.update_method](job))
         if transfer:
             job.step(
                 "resume",

@@ -5,7 +5,8 @@ The tests run in file order on one module-scoped server (each states the weights
 from): the first update makes it healthy with the weights of a disk-loaded server and
 transformers' greedy output; a second update (under concurrent generation) switches it to another
 checkpoint; an update that does not fit is refused before any write (the server serves on); an
-update failing after bytes were written makes the server refuse to serve until a good one lands.
+update failing after bytes were written makes the server refuse to serve until a good one lands;
+B then A registered and pushed in one pass (`--register-mode overlap`).
 """
 
 from __future__ import annotations
@@ -181,6 +182,25 @@ def test_update_failing_midway_fails_closed_until_a_good_update(fleet, ckpts):
     rc, out = push(target, ckpts["A"][0], device=device, env=small_buckets)
     assert rc == 0, out
     assert target.get("/health").status_code == 200
+    got, want = (
+        target.get("/weights_info", headers=KEY).json(),
+        disk.get("/weights_info", headers=KEY).json(),
+    )
+    assert got["status"] == "ready" and got["checksum"] == want["checksum"]
+    assert generate(target)["output_ids"] == generate(disk)["output_ids"]
+
+
+def test_one_pass_register_and_update(fleet, ckpts):
+    """--register-mode overlap: files read while the buckets already read move (small buckets,
+    many of them), the same weights as a disk-loaded server."""
+    target, disk, device = fleet["target"], fleet["disk"], fleet["device"]
+    small_buckets = {"CKPT_ENGINE_BUCKET_BYTES": "65536"}
+    for name in ("B", "A"):
+        rc, out = push(
+            target, ckpts[name][0], "--register-mode", "overlap", device=device, env=small_buckets
+        )
+        assert rc == 0, out
+        assert "register 0.000 s" in out and "GB/s" in out
     got, want = (
         target.get("/weights_info", headers=KEY).json(),
         disk.get("/weights_info", headers=KEY).json(),

@@ -93,6 +93,10 @@ def test_split_refuses_a_tensor_in_two_files(tmp_path):
         (["--checkpoint-path", "x", "--inference-parallel-size", "0"], ">= 1"),
         (["--checkpoint-path", "x", "--update-method", "rdma"], "invalid choice"),
         (["--checkpoint-path", "x", "--surprise"], "unrecognized arguments"),
+        (
+            ["--checkpoint-path", "x", "--register-mode", "overlap", "--save-metas-file", "m"],
+            "overlap",
+        ),
     ],
 )
 def test_bad_flags_exit_2(argv, message, capsys):

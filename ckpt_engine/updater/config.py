@@ -15,6 +15,7 @@ from ckpt_engine.compat import WIRES
 DESCRIPTION = "Push a safetensors checkpoint into running inference servers: one parameter-server rank per GPU."
 UPDATE_METHODS = ("broadcast", "p2p", "all")
 INFERENCE_APIS = ("collective_rpc", "update_weights_from_ipc", "weight_transfer")
+REGISTER_MODES = ("separate", "overlap")
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,15 @@ class UpdateArgs:
     checkpoint_name: str = field(default="my-checkpoint-iter-0", metadata=_opt("checkpoint name"))
     update_method: str = field(
         default="broadcast", metadata=_opt("how weights move", choices=UPDATE_METHODS)
+    )
+    register_mode: str = field(
+        default="separate",
+        metadata=_opt(
+            "separate: register, gather, then update; overlap: one pass, the files read while "
+            "the buckets already read move to the GPUs (ParameterServer.register_and_update; "
+            "a training step's new files)",
+            choices=REGISTER_MODES,
+        ),
     )
     inference_api: str = field(
         default="collective_rpc",
@@ -143,6 +153,15 @@ class UpdateArgs:
                 raise ConfigError(f"--metas-registry: {e}") from None
         if self.publish_metas is not None and joins:
             raise ConfigError("--publish-metas publishes the owners' metas: not on a joining job")
+        if self.register_mode == "overlap" and (
+            self.update_method != "broadcast"
+            or self.save_metas_file is not None
+            or self.publish_metas is not None
+        ):
+            raise ConfigError(
+                "--register-mode overlap works with --update-method broadcast, without "
+                "--save-metas-file / --publish-metas (the metas are gathered inside the update)"
+            )
         if self.wire != "ckpt-engine" and self.update_method != "broadcast":
             raise ConfigError("--wire upstream works with --update-method broadcast only")
         if self.checkpoint_path is not None and joins:

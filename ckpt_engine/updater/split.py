@@ -73,7 +73,9 @@ def split_checkpoint(path: str | Path, world: int) -> tuple[str, list[Share]]:
     return "tensors", shares
 
 
-def register_share(ps: ParameterServer, name: str, share: Share) -> None:
+def share_inputs(share: Share) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """A share as ``register_checkpoint``'s ``files`` and ``named_tensors`` (single tensors
+    read here)."""
     named: dict[str, torch.Tensor] = {}
     by_file: dict[str, list[str]] = {}
     for file, tensor in share.tensors:
@@ -81,4 +83,9 @@ def register_share(ps: ParameterServer, name: str, share: Share) -> None:
     for file, names in by_file.items():
         with safe_open(file, framework="pt", device="cpu") as f:
             named.update((n, f.get_tensor(n)) for n in names)
-    ps.register_checkpoint(name, files=list(share.files), named_tensors=named)
+    return list(share.files), named
+
+
+def register_share(ps: ParameterServer, name: str, share: Share) -> None:
+    files, named = share_inputs(share)
+    ps.register_checkpoint(name, files=files, named_tensors=named)
