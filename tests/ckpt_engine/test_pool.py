@@ -2,6 +2,8 @@
 bound, release on close, bytes right after reuse. cudaHostRegister is replaced by a recorder so
 that the pinning bookkeeping runs on CPU."""
 
+import time
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -174,3 +176,18 @@ def test_config_and_environment(monkeypatch):
         PSConfig()
     with pytest.raises(ValueError, match="host_pool_bytes"):
         PSConfig(host_pool_bytes=-1)
+
+
+def test_deferred_reads_land_in_reused_pinned_buffers(tmp_path, pins):
+    """register_and_update's registration (reads in the background) on pooled buffers."""
+    reg = registry(tmp_path, 1 << 30)
+    for step in range(3):
+        files, expected = write(tmp_path, step)
+        ckpt = reg.register(f"s{step}", files=files, defer_reads=True)
+        ckpt.reads.wait_all(time.monotonic() + 30)
+        assert ckpt.reads.complete
+        check(ckpt, expected)
+        reg.unregister(f"s{step}")
+    assert len(pins["pin"]) == 3 and reg.pool.allocated == 3 and reg.pool.reused == 6
+    reg.close()
+    assert sorted(pins["unpin"]) == sorted(pins["pin"])
