@@ -151,12 +151,13 @@ def receive_update(
         for reload in reloads:
             reload.abandon()
         status.failures += 1
-        if wrote or previous == "weights_inconsistent":
+        cause = f"{type(e).__name__}: {e}"
+        if wrote:
             status.status = "weights_inconsistent"
-            status.detail = f"update failed after writing weights: {type(e).__name__}: {e}"
+            status.detail = f"update failed after writing weights: {cause}"
         else:
-            status.status = previous
-            status.detail = f"update refused before any write: {type(e).__name__}: {e}"
+            status.status = previous  # untouched: ready, or still inconsistent from before
+            status.detail = f"update refused before any write: {cause}"
         raise
     status.status, status.detail = "ready", ""
     status.updates += 1
