@@ -62,6 +62,11 @@ def from_torch(dtype: torch.dtype) -> str:
         ) from None
 
 
+def is_storable(dtype: torch.dtype) -> bool:
+    """Whether safetensors can store ``dtype`` (``from_torch`` would succeed)."""
+    return dtype in _FROM_TORCH
+
+
 def itemsize(name: str) -> int:
     return to_torch(name).itemsize
 

@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import chain
+from typing import NamedTuple
+
+import numpy as np
 
 from ckpt_engine import dtypes
 from ckpt_engine.errors import CheckpointFileError
@@ -28,8 +33,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 READ_CHUNK_BYTES = 64 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class TensorEntry:
+class TensorEntry(NamedTuple):
     """One tensor of a file; ``begin``/``end`` are byte offsets into the data section."""
 
     name: str
@@ -143,10 +147,100 @@ def _entry(path: str, name: str, info: object, data_size: int) -> TensorEntry:
     return TensorEntry(name=name, dtype=dtype, shape=tuple(shape), begin=begin, end=end)
 
 
+_ENTRY_KEYS = ('"dtype"', '"shape"', '"data_offsets"')
+
+
+def _metadata_has_duplicates(text: str) -> bool | None:
+    """Parse only the ``__metadata__`` object again, recording duplicate keys; None if it
+    cannot be located unambiguously."""
+    if text.count('"__metadata__"') != 1:
+        return None
+    i = text.index('"__metadata__"') + len('"__metadata__"')
+    while i < len(text) and text[i] in " \t\n\r":
+        i += 1
+    if i >= len(text) or text[i] != ":":
+        return None
+    i += 1
+    while i < len(text) and text[i] in " \t\n\r":
+        i += 1
+    duplicates = _DuplicateKeys()
+    try:
+        json.JSONDecoder(object_pairs_hook=duplicates).raw_decode(text, i)
+    except json.JSONDecodeError:
+        return None
+    return any(duplicates.per_object)
+
+
+def _fast_entries(text: str, obj: object, data_size: int) -> tuple[TensorEntry, ...] | None:
+    """The entries of a well-formed header, checked with whole-column operations (a file of an
+    MoE checkpoint holds thousands of tensors); None if anything is off, and the per-entry
+    path below then names the problem. ``obj``: ``text`` parsed as plain JSON. A duplicate key
+    (which plain parsing drops) shows as a count of entry keys in the text that differs from
+    the entries parsed."""
+    if not isinstance(obj, dict):
+        return None
+    items = [(k, v) for k, v in obj.items() if k != "__metadata__"]
+    if len(items) != len(obj) and (
+        not isinstance(obj["__metadata__"], dict) or _metadata_has_duplicates(text) is not False
+    ):
+        return None
+    if any(text.count(key) != len(items) for key in _ENTRY_KEYS):
+        return None
+    fields = [v for _, v in items]
+    if fields and (set(map(type, fields)) != {dict} or set(map(len, fields)) != {3}):
+        return None
+    try:
+        kinds = [f["dtype"] for f in fields]
+        shapes = [f["shape"] for f in fields]
+        offsets = [f["data_offsets"] for f in fields]
+    except KeyError:
+        return None
+    n = len(items)
+    if n == 0:
+        return ()
+    if set(map(type, kinds)) != {str} or not set(kinds) <= set(dtypes.SUPPORTED):
+        return None
+    if set(map(type, shapes)) != {list} or set(map(type, offsets)) != {list}:
+        return None
+    dims = list(chain.from_iterable(shapes))
+    if dims and (set(map(type, dims)) != {int} or min(dims) < 0):
+        return None
+    if set(map(len, offsets)) != {2}:
+        return None
+    flat = list(chain.from_iterable(offsets))
+    if set(map(type, flat)) != {int} or min(flat) < 0:
+        return None
+    sizes = {d: dtypes.itemsize(d) for d in set(kinds)}
+    need = np.fromiter((math.prod(sh) * sizes[d] for sh, d in zip(shapes, kinds)), np.int64, n)
+    bounds = np.asarray(flat, dtype=np.int64).reshape(n, 2)
+    begin, end = bounds[:, 0], bounds[:, 1]
+    if (begin > end).any() or (end > data_size).any() or (end - begin != need).any():
+        return None
+    order = np.lexsort((end, begin))
+    full = order[need[order] > 0]
+    if full.size > 1 and (begin[full[1:]] < end[full[:-1]]).any():
+        return None
+    names = [k for k, _ in items]
+    return tuple(
+        TensorEntry(names[i], kinds[i], tuple(shapes[i]), offsets[i][0], offsets[i][1])
+        for i in order.tolist()
+    )
+
+
 def parse_header(path: str, header: bytes, file_size: int) -> SafetensorsHeader:
     """Parse and validate the JSON header (``header`` excludes the 8-byte prefix). Pure."""
     data_start = 8 + len(header)
     data_size = file_size - data_start
+    try:
+        text = header.decode("utf-8")
+        fast = _fast_entries(text, json.loads(text), data_size)
+    except (ValueError, TypeError):  # bad UTF-8 or JSON included: named below
+        fast = None
+    if fast is not None:
+        data_bytes = max((e.end for e in fast), default=0)
+        return SafetensorsHeader(
+            path=path, data_start=data_start, data_bytes=data_bytes, tensors=fast
+        )
     try:
         text = header.decode("utf-8")
         duplicates = _DuplicateKeys()

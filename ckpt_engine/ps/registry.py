@@ -78,6 +78,16 @@ def _label(text: str) -> str:
 
 
 def _check_named(named: Mapping[str, torch.Tensor]) -> None:
+    # whole-collection checks first (10^5 expert tensors); the per-tensor loop only to name
+    # the offender
+    names, tensors = list(named), list(named.values())
+    if (
+        (not names or (set(map(type, names)) == {str} and all(names)))
+        and all(isinstance(t, torch.Tensor) for t in tensors)
+        and {t.layout for t in tensors} <= {torch.strided}
+        and all(map(dtypes.is_storable, {t.dtype for t in tensors}))
+    ):
+        return
     for name, tensor in named.items():
         if not isinstance(name, str) or not name:
             raise CheckpointError(f"named_tensors: key {name!r} is not a non-empty string")
@@ -259,14 +269,7 @@ class Registry:
                 jobs.append(ReadJob(header.path, header.data_start, buf.memoryview()))
                 job_buffers.append(index)
             metas.extend(
-                TensorMeta(
-                    name=t.name,
-                    dtype=t.dtype,
-                    shape=t.shape,
-                    nbytes=t.nbytes,
-                    buffer=index,
-                    offset=base + t.begin,
-                )
+                TensorMeta(t.name, t.dtype, t.shape, t.end - t.begin, index, base + t.begin)
                 for t in header.tensors
             )
         if defer:
@@ -277,7 +280,7 @@ class Registry:
                 read_parallel(jobs, threads=self._threads, on_read=progress.advance)
         return metas
 
-    def _copy_host(self, jobs: list[tuple[int, int, int]], *, label: str = "") -> None:
+    def _copy_host(self, jobs: list[list[int]], *, label: str = "") -> None:
         """memcpy each (dst, src, nbytes) on the read threads, in runs of about equal bytes.
 
         One torch ``copy_`` per tensor costs a dispatch and a parallel region each: 10^5
@@ -287,7 +290,7 @@ class Registry:
             return
         total = sum(n for _, _, n in jobs)
         parts = max(1, min(self._threads, len(jobs)))
-        runs: list[list[tuple[int, int, int]]] = [[]]
+        runs: list[list[list[int]]] = [[]]
         share, acc = total / parts, 0
         for job in jobs:
             if acc >= share * len(runs) and len(runs) < parts:
@@ -297,7 +300,7 @@ class Registry:
 
         progress = Progress(f"register {label!r}", total, rank=self._rank)
 
-        def copy(run: list[tuple[int, int, int]]) -> None:
+        def copy(run: list[list[int]]) -> None:
             for dst, src, nbytes in run:
                 ctypes.memmove(dst, src, nbytes)
                 progress.advance(nbytes)
@@ -317,16 +320,19 @@ class Registry:
         on the read threads, device tensors by torch)."""
         if not named:
             return []
+        names, tensors = list(named), list(named.values())
+        sizes = [t.nbytes for t in tensors]
         chunks: list[int] = []  # bytes of each buffer
-        placed = []  # (name, tensor, chunk, offset)
-        for tname, tensor in named.items():
-            nbytes = tensor.numel() * tensor.element_size()
+        where: list[int] = []  # buffer (relative) of each tensor
+        offsets: list[int] = []
+        for nbytes in sizes:
             offset = align_up(chunks[-1], ALIGN) if chunks else 0
             if not chunks or (offset + nbytes > NAMED_CHUNK_BYTES and chunks[-1] > 0):
                 chunks.append(0)
                 offset = 0
             chunks[-1] = offset + nbytes
-            placed.append((tname, tensor, len(chunks) - 1, offset))
+            where.append(len(chunks) - 1)
+            offsets.append(offset)
 
         def make(nbytes: int) -> host_memory.HostBuffer:
             return self.pool.take(nbytes, label=f"{self._label}-{label}")
@@ -337,25 +343,26 @@ class Registry:
             ckpt.sources.append(NAMED_TENSORS_SOURCE)
         if self._pin:
             self._pin_all(ckpt.buffers[first:])
-        metas = []
-        host_jobs = []  # (dst address, src address, bytes): contiguous CPU tensors
+        # (dst address, src address, bytes) of contiguous host tensors, merged where both
+        # sides continue (views into one flat buffer, e.g. a trainer's); others by torch
+        host_jobs: list[list[int]] = []
         bases = [b.tensor.data_ptr() for b in ckpt.buffers[first:]]
-        for tname, tensor, chunk, offset in placed:
-            nbytes = tensor.numel() * tensor.element_size()
-            if nbytes and tensor.is_cpu and tensor.is_contiguous():
-                host_jobs.append((bases[chunk] + offset, tensor.data_ptr(), nbytes))
-            elif nbytes:  # device memory or strided: torch's copy
+        for tensor, nbytes, chunk, offset in zip(tensors, sizes, where, offsets):
+            if not nbytes:
+                continue
+            if tensor.is_cpu and tensor.is_contiguous():
+                dst, src = bases[chunk] + offset, tensor.data_ptr()
+                last = host_jobs[-1] if host_jobs else None
+                if last is not None and last[0] + last[2] == dst and last[1] + last[2] == src:
+                    last[2] += nbytes
+                else:
+                    host_jobs.append([dst, src, nbytes])
+            else:  # device memory or strided: torch's copy
                 flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
                 ckpt.buffers[first + chunk].tensor[offset : offset + nbytes].copy_(flat)
-            metas.append(
-                TensorMeta(
-                    name=tname,
-                    dtype=dtypes.from_torch(tensor.dtype),
-                    shape=tuple(tensor.shape),
-                    nbytes=nbytes,
-                    buffer=first + chunk,
-                    offset=offset,
-                )
-            )
+        kinds = [dtypes.from_torch(t.dtype) for t in tensors]
+        shapes = [tuple(t.shape) for t in tensors]
+        buffers = [first + w for w in where]
+        metas = list(map(TensorMeta._make, zip(names, kinds, shapes, sizes, buffers, offsets)))
         self._copy_host(host_jobs, label=label)
         return metas

@@ -103,6 +103,8 @@ def test_many_named_tensors_copied_on_threads(shm):
     base = torch.arange(3000 * 7, dtype=torch.int32)
     named = {f"e{i}": base[i * 7 : i * 7 + 7 - i % 3] for i in range(3000)}  # offsets vary
     named["strided"] = base[::5]
+    flat = torch.arange(100 * 64, dtype=torch.int32)  # 256-byte views of one buffer: merged
+    named.update({f"flat{i}": flat[i * 64 : (i + 1) * 64].view(8, 8) for i in range(100)})
     named["bf16"] = torch.randn(33, 5).to(torch.bfloat16)
     try:
         ps.register_checkpoint("many", named_tensors=named)

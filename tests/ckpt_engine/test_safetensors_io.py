@@ -76,6 +76,13 @@ BAD_CASES = [
         "duplicate key 'dtype'",
     ),
     ({"__metadata__": [1], "x": entry()}, b"\0" * 8, None, "__metadata__"),
+    (
+        b'{"__metadata__": {"k": "a", "k": "b"}, '
+        b'"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}',
+        b"\0" * 8,
+        None,
+        "duplicate key 'k'",
+    ),
 ]
 
 
@@ -124,3 +131,48 @@ def test_read_past_end_is_truncation(tmp_path):
     dest = bytearray(20)
     with pytest.raises(CheckpointFileError, match="truncated"):
         sio.read_parallel([sio.ReadJob(str(path), 0, memoryview(dest))], threads=2)
+
+
+def test_column_checks_agree_with_the_per_entry_checks(monkeypatch):
+    """Thousands of entries in shuffled order, mixed dtypes, zero-size tensors and metadata:
+    the whole-column path gives exactly what the per-entry path gives."""
+    import random
+
+    rng = random.Random(7)
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for i in range(3000):
+        dtype, size = rng.choice([("BF16", 2), ("F32", 4), ("U8", 1)])
+        shape = [rng.randint(0, 3), rng.randint(1, 5)] if i % 7 else []
+        nbytes = size * (shape[0] * shape[1] if shape else 1)
+        header[f"layers.{i}.w"] = {
+            "dtype": dtype,
+            "shape": shape,
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    items = list(header.items())
+    rng.shuffle(items)
+    raw = json.dumps(dict(items)).encode()
+    fast = sio.parse_header("f", raw, 8 + len(raw) + offset)
+    monkeypatch.setattr(sio, "_fast_entries", lambda pairs, size: None)
+    slow = sio.parse_header("f", raw, 8 + len(raw) + offset)
+    assert fast == slow and len(fast.tensors) == 3000
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {
+            "__metadata__": {"dtype": 'a "data_offsets" b', "shape": "x"},
+            "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        },
+        {"dtype": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+        {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "extra": 1}},
+    ],
+)
+def test_unusual_but_valid_headers_still_parse(header):
+    """Keys that the column path counts appear elsewhere, or an entry has an extra key: the
+    per-entry path takes over and accepts them."""
+    raw = json.dumps(header).encode()
+    parsed = sio.parse_header("f", raw, 8 + len(raw) + 8)
+    assert [(t.begin, t.end) for t in parsed.tensors] == [(0, 8)]
