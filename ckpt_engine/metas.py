@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ckpt_engine import dtypes
+from ckpt_engine.bulk import without_gc
 from ckpt_engine.errors import MetasError
 
 FORMAT = "ckpt-engine-metas"
@@ -75,6 +76,7 @@ class RankMetas:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
+    @without_gc
     def to_json(self) -> dict[str, Any]:
         # TensorMetas are tuples: transpose them into columns at C speed (json writes tuples
         # as lists)
@@ -271,6 +273,7 @@ def _tensor_columns(obj: dict, where: str, buffer_bytes: tuple[int, ...]) -> tup
     )
 
 
+@without_gc
 def rank_metas_from_json(obj: Any, where: str = "metas") -> RankMetas:
     rank = _uint(obj, "rank", where)
     where = f"{where} rank {rank}"
@@ -295,6 +298,7 @@ def rank_metas_from_json(obj: Any, where: str = "metas") -> RankMetas:
     )
 
 
+@without_gc
 def checkpoint_metas_from_json(obj: Any) -> CheckpointMetas:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise MetasError(f"not a {FORMAT} document")

@@ -18,6 +18,7 @@ from functools import cached_property
 from typing import NamedTuple
 
 from ckpt_engine import dtypes, wire
+from ckpt_engine.bulk import without_gc
 from ckpt_engine.metas import CheckpointMetas, TensorMeta
 
 ALIGN = 256
@@ -66,6 +67,7 @@ class BucketPlan:
         return sum(len(b.items) for b in self.buckets)
 
     @cached_property
+    @without_gc
     def manifest(self) -> wire.Manifest:
         """Every tensor in delivery order, as the wire's columns (built once per plan)."""
         items = [i for b in self.buckets for i in b.items]
@@ -76,6 +78,7 @@ class BucketPlan:
         )
 
     @cached_property
+    @without_gc
     def layout(self) -> wire.Layout:
         """Tensors per bucket and each tensor's offset in its slot (built once per plan)."""
         return wire.Layout(
@@ -160,6 +163,7 @@ def _owner_buckets(owner: int, tensors: tuple[TensorMeta, ...], bucket_bytes: in
     return builders
 
 
+@without_gc
 def plan_buckets(metas: CheckpointMetas, *, bucket_bytes: int, align: int = ALIGN) -> BucketPlan:
     """Plan the buckets of one update; the same metas and sizes give the same plan everywhere."""
     if bucket_bytes < align:

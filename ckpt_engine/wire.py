@@ -32,6 +32,7 @@ from itertools import chain
 from typing import Any, ClassVar, NamedTuple
 
 from ckpt_engine import dtypes
+from ckpt_engine.bulk import without_gc
 from ckpt_engine.errors import ProtocolError
 
 VERSION = 2
@@ -123,6 +124,7 @@ class _Columns:
     """A record of columns whose JSON is computed once (a plan's manifest is sent per update)."""
 
     @cached_property
+    @without_gc
     def json(self) -> str:
         # the columns hold only str, int and tuples of them, which json writes as lists
         return json.dumps(
@@ -151,6 +153,7 @@ class Manifest(_Columns):
         )
 
     @cached_property
+    @without_gc
     def _specs(self) -> tuple[TensorSpec, ...]:
         return tuple(map(TensorSpec._make, zip(self.names, self.dtypes, self.shapes)))
 
@@ -439,6 +442,7 @@ def _json(data: bytes, what: str) -> Any:
         raise ProtocolError(f"{what} is not JSON: {e}") from e
 
 
+@without_gc
 def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     """Parse and validate one frame; ProtocolError names what is wrong."""
     if len(data) > max_bytes:
@@ -503,6 +507,7 @@ def encode_frames(msg: Message, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -
     return frames
 
 
+@without_gc
 def decode_frames(frames: list[bytes], *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     """Parse and validate the frames of one message (``encode_frames``)."""
     if len(frames) == 1:

@@ -34,6 +34,7 @@ import torch
 import zmq
 
 from ckpt_engine import dtypes, env, wire
+from ckpt_engine.bulk import without_gc
 from ckpt_engine.channel import Channel, check_local_address, ipc_path
 from ckpt_engine.compat import check_wire
 from ckpt_engine.errors import ProtocolError, UpdateAborted
@@ -81,9 +82,11 @@ class _Session:
         self.plan: wire.Plan | None = None
         self.next_bucket = 0
         self.starts: list[int] = [0]
-        # per dtype: (typed view of the whole buffer, its storage offset, elements per slot)
-        self._typed: dict[str, tuple[torch.Tensor, int, int]] = {}
-        self._strides: dict[tuple[int, ...], tuple[int, ...]] = {}
+        self.kinds: list[str] = []  # the manifest's dtypes
+        self.rows: list[tuple] = []  # per manifest tensor (see _rows)
+        # per dtype of ``kinds``: (typed view of the whole buffer, its storage offset, elements
+        # per slot)
+        self._typed: list[tuple[torch.Tensor, int, int]] = []
         self.released = False
 
     def recv(self, timeout_s: float) -> wire.Message:
@@ -110,6 +113,7 @@ class _Session:
             traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
         )
 
+    @without_gc
     def accept_plan(self, plan: wire.Plan) -> None:
         """Check the plan's geometry once, with whole-column operations, so that a bucket costs
         one ``as_strided`` per tensor and no check."""
@@ -126,7 +130,8 @@ class _Session:
             and last[1] is layout
             and last[2] == plan.slot_bytes
         ):
-            self.plan, self.itemsizes, self.starts = plan, last[3], last[4]
+            self.plan, self.itemsizes, self.starts, self.rows = plan, *last[3:]
+            self.kinds = list(self.itemsizes)
             return
         names = manifest.names
         if len(set(names)) != len(names):
@@ -150,24 +155,35 @@ class _Session:
             raise ProtocolError(f"slot size {plan.slot_bytes} is not a multiple of {misfit[0]}'s")
         self.plan = plan
         self.starts = [0, *itertools.accumulate(layout.counts)]
-        _remember((manifest, layout, plan.slot_bytes, self.itemsizes, self.starts))
+        self.rows = self._rows(plan)
+        _remember((manifest, layout, plan.slot_bytes, self.itemsizes, self.starts, self.rows))
 
-    def map_buffer(self, buffer: torch.Tensor) -> None:
-        """Typed views of the whole IPC buffer, one per dtype of the manifest."""
-        self._typed = {}
-        for name, size in self.itemsizes.items():
-            whole = buffer[: buffer.numel() // size * size].view(dtypes.to_torch(name))
-            self._typed[name] = (whole, whole.storage_offset(), self.plan.slot_bytes // size)
-
-    def _stride(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        found = self._strides.get(shape)
-        if found is None:
+    def _rows(self, plan: wire.Plan) -> list[tuple]:
+        """Per manifest tensor, what its view needs besides this update's buffer: (name, dtype
+        index into ``self.kinds``, shape, contiguous strides, element offset in its slot)."""
+        self.kinds = list(self.itemsizes)
+        index = {d: i for i, d in enumerate(self.kinds)}
+        strides: dict[tuple[int, ...], tuple[int, ...]] = {}
+        for shape in set(plan.manifest.shapes):
             out, step = [], 1
             for d in reversed(shape):
                 out.append(step)
                 step *= max(d, 1)
-            found = self._strides[shape] = tuple(reversed(out))
-        return found
+            strides[shape] = tuple(reversed(out))
+        m, sizes = plan.manifest, self.itemsizes
+        return [
+            (name, index[d], shape, strides[shape], off // sizes[d])
+            for name, d, shape, off in zip(m.names, m.dtypes, m.shapes, plan.layout.offsets)
+        ]
+
+    def map_buffer(self, buffer: torch.Tensor) -> None:
+        """Typed views of the whole IPC buffer, one per dtype of the manifest (in ``kinds``
+        order), with their storage offsets and elements per slot."""
+        self._typed = []
+        for name in self.kinds:
+            size = self.itemsizes[name]
+            whole = buffer[: buffer.numel() // size * size].view(dtypes.to_torch(name))
+            self._typed.append((whole, whole.storage_offset(), self.plan.slot_bytes // size))
 
     def views(self, msg: wire.Bucket) -> Weights:
         """The bucket's tensors: one ``as_strided`` view of the slot per tensor."""
@@ -178,24 +194,19 @@ class _Session:
             )
         if msg.id >= plan.num_buckets or msg.slot >= plan.num_slots:
             raise ProtocolError(f"bucket {msg.id} / slot {msg.slot} out of range")
-        at = {
-            d: (t, base + msg.slot * n, self.itemsizes[d])
-            for d, (t, base, n) in self._typed.items()
-        }
-        lo, hi = self.starts[msg.id], self.starts[msg.id + 1]
-        m, stride = plan.manifest, self._stride
-        weights = []
-        for name, d, shape, off in zip(
-            m.names[lo:hi], m.dtypes[lo:hi], m.shapes[lo:hi], plan.layout.offsets[lo:hi]
-        ):
-            t, base, size = at[d]
-            weights.append((name, t.as_strided(shape, stride(shape), base + off // size)))
+        rows = self.rows[self.starts[msg.id] : self.starts[msg.id + 1]]
         self.next_bucket += 1
-        return weights
+        if len(self._typed) == 1:
+            t, base, per_slot = self._typed[0]
+            base += msg.slot * per_slot
+            return [(n, t.as_strided(sh, st, base + o)) for n, _, sh, st, o in rows]
+        typed = [t for t, _, _ in self._typed]
+        bases = [base + msg.slot * per_slot for _, base, per_slot in self._typed]
+        return [(n, typed[i].as_strided(sh, st, bases[i] + o)) for n, i, sh, st, o in rows]
 
     def drop_views(self) -> None:
         """Let go of every view of the IPC buffer (before it is released)."""
-        self._typed = {}
+        self._typed = []
 
     def check_complete(self) -> None:
         # Every manifest tensor is in exactly one bucket (checked with the plan), delivered

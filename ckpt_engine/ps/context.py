@@ -34,9 +34,10 @@ class UpdateContext:
     timeout_s: float
     metas: CheckpointMetas | None
     checkpoint: RegisteredCheckpoint | None
-    # The last plan per checkpoint name, (metas, bucket_bytes, plan): metas are immutable, so
-    # the same metas object and bucket size give the same plan (ParameterServer keeps it).
-    plan_cache: dict[str, tuple[CheckpointMetas, int, BucketPlan]] | None = None
+    # The last plan per checkpoint name, (metas, bucket_bytes, plan, largest tensor's bytes):
+    # metas are immutable, so the same metas object and bucket size give the same plan
+    # (ParameterServer keeps it).
+    plan_cache: dict[str, tuple[CheckpointMetas, int, BucketPlan, int]] | None = None
 
 
 def check_local(ctx: UpdateContext) -> None:
@@ -72,7 +73,7 @@ def choose_plan(
     metas: CheckpointMetas,
     config: PSConfig,
     min_free: int,
-    cache: dict[str, tuple[CheckpointMetas, int, BucketPlan]] | None = None,
+    cache: dict[str, tuple[CheckpointMetas, int, BucketPlan, int]] | None = None,
 ) -> BucketPlan:
     """Buckets no larger than the configured size nor the memory budget (same on every rank).
 
@@ -80,19 +81,21 @@ def choose_plan(
     10^5 tensors takes a noticeable fraction of a second)."""
     per_slot = int(min_free * config.device_memory_fraction) // config.num_slots
     per_slot = per_slot // ALIGN * ALIGN
-    need = max(largest_tensor_bytes(metas), ALIGN)
+    hit = cache.get(metas.name) if cache is not None else None
+    if hit is not None and hit[0] is not metas:
+        hit = None
+    need = hit[3] if hit is not None else max(largest_tensor_bytes(metas), ALIGN)
     if per_slot < need:
         raise ValueError(
             f"not enough free memory for the IPC buffer: {config.num_slots} slots of at least "
             f"{need} bytes (the largest tensor) needed, {per_slot} bytes available per slot"
         )
     bucket_bytes = min(config.bucket_bytes, per_slot)
-    hit = cache.get(metas.name) if cache is not None else None
-    if hit is not None and hit[0] is metas and hit[1] == bucket_bytes:
+    if hit is not None and hit[1] == bucket_bytes:
         return hit[2]
     plan = plan_buckets(metas, bucket_bytes=bucket_bytes)
     if cache is not None:
-        cache[metas.name] = (metas, bucket_bytes, plan)
+        cache[metas.name] = (metas, bucket_bytes, plan, need)
     return plan
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ckpt_engine import dtypes, host_memory
+from ckpt_engine.bulk import without_gc
 from ckpt_engine.errors import CheckpointError, CheckpointFileError
 from ckpt_engine.metas import TensorMeta
 from ckpt_engine.planner import ALIGN, align_up
@@ -143,6 +144,7 @@ class Registry:
     def __contains__(self, name: str) -> bool:
         return name in self._checkpoints
 
+    @without_gc
     def register(
         self,
         name: str,

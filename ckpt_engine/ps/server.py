@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ckpt_engine import device, env
+from ckpt_engine.bulk import without_gc
 from ckpt_engine.channel import SocketDir
 from ckpt_engine.compat import check_wire, warn_upstream
 from ckpt_engine.errors import MetasError
@@ -225,6 +226,7 @@ class ParameterServer:
             self._p2p = OwnerService(host=host, rank=self.rank, choice=self.config.p2p_transport)
         return self._p2p.publish(name, ckpt.buffers)
 
+    @without_gc
     def gather_metas(self, name: str) -> CheckpointMetas:
         """Collective: every rank learns what every rank holds of ``name``."""
         control = self._groups()

@@ -36,6 +36,7 @@ class FakePS:
         self.sock.linger = 0
         self.address = f"ipc://{private_dir(tmp_path)}/ps.sock"
         self.sock.bind(self.address)
+        self.tmp_path = tmp_path
         self.ipc = IpcBuffer("cpu", 0, 2 * SLOT, shm_dir=str(tmp_path), label="test")
         self.ipc.tensor[0:16] = A.view(torch.uint8)
         self.ipc.tensor[SLOT + 256 : SLOT + 259] = B.view(torch.uint8)
@@ -66,6 +67,15 @@ class FakePS:
         self.sock.send(msg if isinstance(msg, bytes) else wire.encode(msg))
         assert self.sock.poll(10_000), "worker did not answer"
         return wire.decode(self.sock.recv())
+
+    def reopen(self, name):
+        """A fresh socket at a new address, as each update of a real PS has (a REQ socket
+        reused across workers may still route to the last one, already gone)."""
+        self.sock.close()
+        self.sock = self.ctx.socket(zmq.REQ)
+        self.sock.linger = 0
+        self.address = f"ipc://{private_dir(self.tmp_path)}/{name}.sock"
+        self.sock.bind(self.address)
 
     def close(self):
         self.sock.close()
@@ -252,10 +262,12 @@ def test_a_repeated_plan_is_recognised_and_its_views_stay_right(ps):
     import ckpt_engine.worker as worker_module
 
     accepted = []
-    for update in ("u", "u"):
+    for update in ("first", "second"):
+        ps.reopen(update)
         w = Worker(ps.address)
-        ps.sock.send_multipart(wire.encode_frames(ps.plan(update_id=update)))
-        assert ps.sock.poll(10_000) and wire.decode(ps.sock.recv()) == wire.Ack("u", "plan")
+        ps.sock.send_multipart(wire.encode_frames(ps.plan()))
+        assert ps.sock.poll(10_000), "no reply to the plan"
+        assert wire.decode(ps.sock.recv()) == wire.Ack("u", "plan")
         accepted.append(worker_module._accepted)
         for k in range(2):
             assert ps.request(ps.bucket(k)) == wire.Ack("u", "bucket", k)
