@@ -199,8 +199,9 @@ def worker_main(
     The parameters are views into one flat buffer, and the expected shards another, so the
     check after each update is one comparison. ``copy``: ``tensor`` copies each received tensor's
     shard into its parameter (one copy per tensor, as ``load_weights`` does); ``foreach`` copies
-    a bucket's shards with one ``torch._foreach_copy_`` (batched kernels), which takes the
-    worker's per-tensor launches out of the measurement of the transfer itself."""
+    a bucket's shards with one ``torch._foreach_copy_`` (batched kernels; one rank: the whole
+    tensor is its shard), which takes most of the worker's per-tensor work out of the
+    measurement of the transfer itself."""
     import zmq
 
     try:
@@ -236,9 +237,10 @@ def worker_main(
     def run(weights):
         t0 = time.perf_counter()
         if copy == "foreach":
-            pairs = [(params[name], shard(w, rank, world)) for name, w in weights]
-            if pairs:
-                torch._foreach_copy_([p for p, _ in pairs], [w for _, w in pairs])
+            if weights:
+                names, received = zip(*weights)
+                srcs = list(received) if world == 1 else [shard(w, rank, world) for w in received]
+                torch._foreach_copy_(list(map(params.__getitem__, names)), srcs)
         else:
             for name, w in weights:
                 params[name].copy_(shard(w, rank, world))
