@@ -18,7 +18,12 @@ from typing import Any
 from workers.env import ENV
 from workers.errors import ConfigError
 from workers.model_loader import LOAD_FORMATS
-from workers.remote_instance.settings import FORK_BACKENDS, PREFIX, RemoteInstanceSettings
+from workers.remote_instance.settings import (
+    FORK_BACKENDS,
+    PREFIX,
+    SEED_APIS,
+    RemoteInstanceSettings,
+)
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -111,6 +116,15 @@ class ServerArgs:
             "one-sided Mooncake reads (no group ports); modelexpress: the seed found in a "
             "Redis registry (--modelexpress-config), then transfer_engine",
             choices=FORK_BACKENDS,
+        ),
+    )
+    remote_instance_weight_loader_seed_api: str | None = field(
+        default=None,
+        metadata=_opt(
+            "fork: what the seed is: ckpt-engine (default: a reference server) or vllm (a vLLM "
+            "with --worker-extension-cls workers.vllm.CkptEngineWorkerExtension, reached "
+            "through /collective_rpc)",
+            choices=SEED_APIS,
         ),
     )
     remote_instance_weight_loader_start_seed_via_transfer_engine: bool = field(

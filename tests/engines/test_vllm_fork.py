@@ -1,7 +1,10 @@
-"""``--load-format remote_instance`` in real vLLM servers (CPU build, gloo): a vLLM seed (checkpoint
-A loaded from disk, our worker extension) forks new vLLM instances through ``/collective_rpc``.
-Each server configuration starts once per module; the tests run in file order (the last one kills
-the TP=1 seed). Each case prints its times (spawn to healthy, transfer seconds).
+"""``--load-format remote_instance`` in real vLLM servers (CPU build, gloo): vLLM seeds (checkpoint
+A loaded from disk, our worker extension, reached through ``/collective_rpc``) fork new vLLM
+instances and reference servers; a reference server forks a vLLM instance; equal TP sizes (shard
+mode) and different ones (full mode: vLLM's fused qkv_proj / gate_up_proj split into checkpoint
+tensors on a vLLM seed, joined by vLLM's loaders on a vLLM client). Each server configuration
+starts once per module; the tests run in file order (the last one kills the TP=1 vLLM seed).
+Each case prints its times (spawn to healthy or exit, transfer seconds).
 """
 
 from __future__ import annotations
@@ -12,13 +15,23 @@ import threading
 import time
 
 import pytest
-from vllm_testutil import EXTENSION, make_checkpoints, require_vllm, start_vllm
-from workers_testutil import free_port, poll
+from vllm_testutil import (
+    EXTENSION,
+    NEW_TOKENS,
+    PROMPT,
+    make_checkpoints,
+    require_vllm,
+    start_vllm,
+)
+from workers_testutil import free_port, poll, start_server, wait_until_up
 
 # the first test also waits for the module's servers to start (several minutes on 2 busy cores)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 SEED_ARGS = ("--load-format", "auto", "--worker-extension-cls", EXTENSION)
+OURS = ("--device", "cpu", "--dtype", "float32")
+OUR_FORK = re.compile(r"rank (\d): forked [\d.]+ GB from (\S+) in ([\d.]+) s .*?(\w+) mode")
+UP_S = 420  # reference servers forking from a vLLM seed, on 2 busy cores
 FORKED = re.compile(r"forked ([\d.]+) MB from seed (\S+) \((\w+) mode\) in ([\d.]+) s")
 
 
@@ -63,6 +76,9 @@ def seeds(ckpts, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vllm-seeds")
     delay_file = tmp / "send-delay"
     env = {"CKPT_ENGINE_TEST_BUCKET_DELAY_FILE": str(delay_file)}
+    ours = start_server(
+        ckpts["A"].path, *OURS, "--tp", "2", "--api-key", "secret", log=tmp / "o.log"
+    )
     started = start_together(
         tp1=(ckpts["A"].path, SEED_ARGS, dict(log=tmp / "seed-tp1.log", env=env)),
         tp2=(ckpts["A"].path, SEED_ARGS, dict(log=tmp / "seed-tp2.log", tp=2)),
@@ -72,9 +88,11 @@ def seeds(ckpts, tmp_path_factory):
             if isinstance(server, Exception):
                 raise server
             print(f"\nseed {name}: healthy {seconds:.1f} s after spawn")
+        wait_until_up(ours, UP_S)
         started["tp1"][0].delay_file = delay_file
-        yield {name: server for name, (server, _) in started.items()}
+        yield {"ours": ours, **{name: server for name, (server, _) in started.items()}}
     finally:
+        ours.stop()
         stop_all(started)
 
 
@@ -86,9 +104,10 @@ def fork_args(seed, tp: int, **extra) -> tuple[str, ...]:
 
 @pytest.fixture(scope="module")
 def clients(seeds, ckpts, tmp_path_factory):
-    """Started at once: a TP=1 client of the TP=1 seed located by PR #27417's environment
-    variables, a TP=2 client of the TP=2 seed located by --model-loader-extra-config, and a
-    client of another checkpoint (refused)."""
+    """Started at once: vLLM clients: TP=1 of the TP=1 vLLM seed located by PR #27417's
+    environment variables, TP=2 of the TP=2 vLLM seed located by --model-loader-extra-config, TP=1
+    of the TP=2 reference server, and one of another checkpoint (refused); reference servers: TP=1
+    of the TP=2 vLLM seed, TP=2 of the TP=1 vLLM seed."""
     tmp = tmp_path_factory.mktemp("vllm-clients")
     seed = seeds["tp1"]
     env = {
@@ -97,18 +116,44 @@ def clients(seeds, ckpts, tmp_path_factory):
         "REMOTE_INSTANCE_PORTS": str(free_port()),
     }
     by_env = ("--load-format", "remote_instance", "--model-loader-extra-config", '{"timeout": 60}')
+    of_ours = fork_args(seeds["ours"], 1, seed_api="ckpt-engine", api_key="secret")
+    ours = {
+        "ours_tp1_of_tp2": start_server(
+            ckpts["A"].path, *OURS, *our_fork_args(seeds["tp2"], 1), log=tmp / "o1.log"
+        ),
+        "ours_tp2_of_tp1": start_server(
+            ckpts["A"].path, *OURS, *our_fork_args(seed, 2), log=tmp / "o2.log"
+        ),
+    }
     started = start_together(
         tp1=(ckpts["A"].path, by_env, dict(log=tmp / "client-tp1.log", env=env)),
         tp2=(ckpts["A"].path, fork_args(seeds["tp2"], 2), dict(log=tmp / "client-tp2.log", tp=2)),
         mismatch=(ckpts["wrong_shape"].path, fork_args(seed, 1), dict(log=tmp / "mismatch.log")),
+        tp1_of_ours=(ckpts["A"].path, of_ours, dict(log=tmp / "client-of-ours.log")),
     )
-    for name, (server, seconds) in started.items():
-        forks = [] if isinstance(server, Exception) else FORKED.findall(server.output())
-        print(f"\nclient {name}: up or out {seconds:.1f} s after spawn; forks {forks}")
     try:
-        yield {name: server for name, (server, _) in started.items()}
+        for name, server in ours.items():
+            wait_until_up(server, UP_S)
+            print(f"\nreference server {name}: forks {OUR_FORK.findall(server.output())}")
+        for name, (server, seconds) in started.items():
+            forks = [] if isinstance(server, Exception) else FORKED.findall(server.output())
+            print(f"\nclient {name}: up or out {seconds:.1f} s after spawn; forks {forks}")
+        yield {**ours, **{name: server for name, (server, _) in started.items()}}
     finally:
+        for server in ours.values():
+            server.stop()
         stop_all(started)
+
+
+def our_fork_args(seed, tp: int) -> list[str]:
+    """A reference server forking from a vLLM seed."""
+    flag = "--remote-instance-weight-loader-"
+    return [
+        *("--tp", str(tp), "--load-format", "remote_instance", f"{flag}seed-api", "vllm"),
+        *(f"{flag}seed-instance-ip", "127.0.0.1", f"{flag}timeout", "60"),
+        *(f"{flag}seed-instance-service-port", seed.url.rsplit(":", 1)[1]),
+        *(f"{flag}send-weights-group-ports", ",".join(str(free_port()) for _ in range(tp))),
+    ]
 
 
 def forks(server) -> list[tuple[str, ...]]:
@@ -141,6 +186,25 @@ def test_manifest_mismatch_is_refused_with_the_differences(seeds, clients, ckpts
     assert "config intermediate_size: seed 128, client 96" in out, out
     assert "model.layers.0.mlp.gate_up_proj.weight" in out, out
     assert not FORKED.search(out)
+
+
+def test_reference_server_seeds_a_vllm_client_of_another_tp(seeds, clients, ckpts):
+    """TP=2 reference server -> TP=1 vLLM: checkpoint tensors, joined by vLLM's loaders."""
+    found = forks(clients["tp1_of_ours"])
+    assert len(found) == 1 and found[0][1] == seeds["ours"].url and found[0][2] == "full", found
+    assert clients["tp1_of_ours"].greedy() == ckpts["A"].greedy()
+
+
+@pytest.mark.parametrize(
+    "client, seed, tp", [("ours_tp1_of_tp2", "tp2", 1), ("ours_tp2_of_tp1", "tp1", 2)]
+)
+def test_vllm_seeds_reference_servers_of_another_tp(seeds, clients, ckpts, client, seed, tp):
+    """vLLM seed -> reference server: vLLM's fused parameters split into checkpoint tensors."""
+    server = clients[client]
+    found = OUR_FORK.findall(server.output())
+    assert len(found) == tp and {(f[1], f[3]) for f in found} == {(seeds[seed].url, "full")}
+    out = server.post("/generate", {"input_ids": PROMPT, "max_new_tokens": NEW_TOKENS}).json()
+    assert out["output_ids"] == ckpts["A"].greedy()
 
 
 def test_seed_killed_mid_transfer_ends_the_client_naming_the_seed(seeds, clients, ckpts, tmp_path):

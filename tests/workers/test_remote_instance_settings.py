@@ -18,6 +18,7 @@ SEED = [
     "30000",
 ]
 MX = '{"url": "redis://:pw@r:6379/0", "model_name": "m"}'
+SEED_API = ["--remote-instance-weight-loader-seed-api", "vllm"]
 
 
 def backend(name):
@@ -113,6 +114,8 @@ def test_modelexpress_config_parsed(model):
         ),
         (["--modelexpress-config", MX], 'without "source": true'),
         ([*RI, *SEED], "send-weights-group-ports"),
+        ([*RI, *SEED, *backend("transfer_engine"), *SEED_API], "a vLLM seed sends over"),
+        (SEED_API, "given without --load-format remote_instance"),
     ],
 )
 def test_refused(model, argv, error):
@@ -167,3 +170,16 @@ def test_seed_publisher_follows_the_fronts_weight_changes(redis_server):
     finally:
         publisher.stop()
     assert registry.sources("m") == []
+
+
+def test_seed_api_picks_the_seed_client(model):
+    """--...-seed-api vllm: a reference server forks from a vLLM seed (workers.vllm.seed)."""
+    from workers.remote_instance.loader import RemoteInstanceFormat
+    from workers.remote_instance.seed_client import SeedClient
+    from workers.vllm.seed import VllmSeedClient
+
+    ports = ["--remote-instance-weight-loader-send-weights-group-ports", "1234"]
+    ours = RemoteInstanceFormat(settings(model, *RI, *SEED, *ports))
+    vllm = RemoteInstanceFormat(settings(model, *RI, *SEED, *ports, *SEED_API))
+    assert type(ours.seed) is SeedClient and type(vllm.seed) is VllmSeedClient
+    assert vllm.seed.url == "http://10.0.0.1:30000"

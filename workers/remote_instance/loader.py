@@ -63,9 +63,7 @@ class RemoteInstanceFormat(LoadFormat):
         self.seed = (
             None
             if settings.seed_ip is None  # modelexpress: the registry names it
-            else SeedClient(
-                settings.seed_ip, settings.seed_port, settings.api_key, settings.timeout
-            )
+            else _seed_client(settings)
         )
         self.weight_version: str | None = None  # the seed's, as its send reported it (rank 0)
         self.stats: dict[str, Any] = {}
@@ -245,6 +243,17 @@ class RemoteInstanceFormat(LoadFormat):
 def _nbytes(spec) -> int:
     """Bytes of a manifest tensor (full mode receives whole tensors)."""
     return math.prod(spec.shape) * getattr(torch, spec.dtype).itemsize
+
+
+def _seed_client(settings: RemoteInstanceSettings):
+    """The seed's HTTP calls: a reference server's routes, or a vLLM seed's `/collective_rpc`
+    methods (`workers.vllm.seed`, which imports no vLLM)."""
+    args = (settings.seed_ip, settings.seed_port, settings.api_key, settings.timeout)
+    if settings.seed_api == "vllm":
+        from workers.vllm.seed import VllmSeedClient
+
+        return VllmSeedClient(*args)
+    return SeedClient(*args)
 
 
 def _shared_token(tp, device: torch.device) -> str:

@@ -10,7 +10,9 @@ seed's front). `Manifest.mismatches(client)` lists every difference, so a refusa
 The TP size and the weight version are not mismatches: a client of another TP size forks in
 "full" mode, and the client adopts the seed's version. With equal TP sizes the per-rank layouts
 must match too (the "shard" mode copies parameters verbatim); buffers are compared by name and
-dtype always, by shape only with equal TP sizes (a TP-local buffer changes shape with TP).
+dtype always, by shape only with equal TP sizes (a TP-local buffer changes shape with TP), when
+both manifests list buffers: a vLLM manifest (`workers.vllm.checkpoint_view`) lists none, as
+vLLM rebuilds its derived state itself.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ class Manifest:
         problems = _diff("config", dict(self.config), dict(client.config), str)
         problems += _diff_specs("tensor", self.tensors, client.tensors, shapes=True)
         same_tp = self.tp_size == client.tp_size
-        problems += _diff_specs("buffer", self.buffers, client.buffers, shapes=same_tp)
+        if self.buffers and client.buffers:  # a vLLM manifest lists none (module doc)
+            problems += _diff_specs("buffer", self.buffers, client.buffers, shapes=same_tp)
         if same_tp:
             problems += _diff_specs("parameter", self.parameters, client.parameters, shapes=True)
         return problems

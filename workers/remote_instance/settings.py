@@ -10,7 +10,9 @@ cpu; `transfer_engine` needs no group ports, `modelexpress` no seed address eith
 `--modelexpress-config`, see `coordination`). Ours: `...-seed-api-key` (the
 seed's API key; default: this server's own --api-key, as a fleet usually shares one),
 `...-timeout` (seconds any one step may take: each HTTP call, the rendezvous, each transfer
-without progress) and `...-verify-checksums` (compare every tensor's sha256 with the seed's
+without progress), `...-seed-api` (`ckpt-engine`: a reference server, SGLang's routes; `vllm`: a
+vLLM seed through `/collective_rpc`, `workers.vllm.seed`; gloo or nccl only) and
+`...-verify-checksums` (compare every tensor's sha256 with the seed's
 /weights_info after loading; costs a gather and hashing on both sides).
 """
 
@@ -36,7 +38,9 @@ CLIENT_FIELDS = (
     "send_weights_group_ports",
     "backend",
     "seed_api_key",
+    "seed_api",
 )
+SEED_APIS = ("ckpt-engine", "vllm")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +53,7 @@ class RemoteInstanceSettings:
     timeout: float
     verify: bool
     modelexpress: ModelExpressConfig | None = None
+    seed_api: str = "ckpt-engine"
 
     @classmethod
     def from_server_args(cls, args) -> RemoteInstanceSettings:
@@ -81,7 +86,14 @@ class RemoteInstanceSettings:
         if not get("timeout") > 0:
             raise ConfigError(f"{flag('timeout')} must be positive")
         key = get("seed_api_key")
+        seed_api = get("seed_api") or "ckpt-engine"
+        if seed_api == "vllm" and backend not in TRANSFER_BACKENDS:
+            raise ConfigError(
+                f"{flag('seed_api')} vllm: a vLLM seed sends over {' or '.join(TRANSFER_BACKENDS)}"
+                f", not {backend}"
+            )
         common = dict(
+            seed_api=seed_api,
             backend=backend,
             api_key=key if key is not None else args.api_key,
             timeout=get("timeout"),

@@ -44,22 +44,18 @@ from workers.remote_instance.backend import TRANSFER_BACKENDS, default_backend
 from workers.remote_instance.loader import RemoteInstanceFormat
 from workers.remote_instance.plan import parse_ports
 from workers.remote_instance.seed_client import SeedClient
-from workers.remote_instance.settings import LOAD_FORMAT, RemoteInstanceSettings
+from workers.remote_instance.settings import LOAD_FORMAT, SEED_APIS, RemoteInstanceSettings
 from workers.vllm.checkpoint_view import VllmCheckpointView
-from workers.vllm.seed import VllmSeedClient
 
 logger = init_logger("vllm.ckpt_engine.fork")  # under vLLM's logger: shown in its log
 
 EXTRA_KEYS = ("seed_url", "ports", "api_key", "timeout", "backend", "seed_api")
-SEED_APIS = {"vllm": VllmSeedClient, "ckpt-engine": SeedClient}
 DEFAULT_TIMEOUT_S = 300.0
 
 
-def parse_settings(
-    extra: dict[str, Any], env: Env, device_type: str
-) -> tuple[RemoteInstanceSettings, str]:
+def parse_settings(extra: dict[str, Any], env: Env, device_type: str) -> RemoteInstanceSettings:
     """The fork settings from ``--model-loader-extra-config`` and the environment, validated
-    (``ConfigError`` names the key at fault), and the seed's API."""
+    (``ConfigError`` names the key at fault)."""
     if not isinstance(extra, dict):
         raise ConfigError(f"--model-loader-extra-config must be a JSON object, got {extra!r}")
     if unknown := sorted(set(extra) - set(EXTRA_KEYS)):
@@ -123,8 +119,9 @@ def parse_settings(
         api_key=api_key,
         timeout=float(timeout),
         verify=False,
+        seed_api=seed_api,
     )
-    return settings, seed_api
+    return settings
 
 
 class RemoteInstanceModelLoader(BaseModelLoader):
@@ -137,7 +134,7 @@ class RemoteInstanceModelLoader(BaseModelLoader):
         extra = load_config.model_loader_extra_config or {}
         if isinstance(extra, str):
             extra = json.loads(extra)
-        self.settings, self.seed_api = parse_settings(extra, ENV, current_platform.device_type)
+        self.settings = parse_settings(extra, ENV, current_platform.device_type)
         self.stats: dict[str, Any] = {}
 
     def download_model(self, model_config: ModelConfig) -> None:
@@ -153,7 +150,6 @@ class RemoteInstanceModelLoader(BaseModelLoader):
                 "port per TP rank is needed"
             )
         fork = RemoteInstanceFormat(s)
-        fork.seed = SEED_APIS[self.seed_api](s.seed_ip, s.seed_port, s.api_key, s.timeout)
         fork.load(view, model_config.model)
         self.stats = {**fork.stats, "total_seconds": time.perf_counter() - started}
         logger.info(
