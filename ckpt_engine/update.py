@@ -23,6 +23,9 @@ every rank exit 1 naming the failed rank and its cause; bad flags exit 2):
    (SGLang shape; the only one that carries ``--weight-version``). A server that answers with
    an error fails the update on every rank.
 Rank 0 prints the timings (register and gather: the slowest rank) and GB/s of the update.
+On SIGTERM (torchrun sends it to the surviving ranks when one dies) a rank cleans up and exits
+143, within 5 s even when blocked in a collective (``leases.install_sigterm_cleanup``); what a
+SIGKILLed rank leaves is removed by the next parameter server on the host.
 
 ``--wire upstream`` speaks the upstream checkpoint-engine 0.4.x protocol to the workers, for
 SGLang / vLLM servers that run upstream's ``checkpoint_engine.worker`` (pickled messages on a
@@ -48,7 +51,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 import time
@@ -60,7 +62,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ckpt_engine import CheckpointMetas, ParameterServer
+from ckpt_engine import CheckpointMetas, ParameterServer, leases
 from ckpt_engine import env as ce_env
 from ckpt_engine.device import resolve_device_type
 from ckpt_engine.errors import UpdateError
@@ -399,9 +401,11 @@ def main(argv: list[str] | None = None) -> int:
 def cli() -> int:
     """The command: ``ckpt-engine-update``, ``python -m ckpt_engine.update``, ``torchrun ... -m
     ckpt_engine.update`` and ``examples/update.py``."""
-    # SIGTERM (torchrun's stop) becomes SystemExit: `run`'s cleanup runs (published metas are
-    # withdrawn, host memory released).
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # SIGTERM (torchrun's stop; it sends it to the surviving ranks when one dies) becomes
+    # SystemExit(143): `run`'s cleanup runs (published metas are withdrawn, host memory, IPC
+    # buffers and sockets released); a rank blocked in a collective has its IPC buffers and
+    # socket directory removed by a thread 5 s later and exits 143 all the same.
+    leases.install_sigterm_cleanup(f"update.py rank {os.environ.get('RANK', '0')}")
     return main()
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import zmq
 
-from ckpt_engine import dtypes, env, wire
+from ckpt_engine import dtypes, env, leases, wire
 from ckpt_engine.bulk import without_gc
 from ckpt_engine.channel import Channel, check_local_address, ipc_path
 from ckpt_engine.compat import check_wire
@@ -272,6 +272,7 @@ def _receive(
 ) -> None:
     """Our own wire (ckpt_engine.wire); ``wire`` above shadows the module's name."""
     first_timeout = env.resolve_worker_timeout_s(timeout_s, DEFAULT_FIRST_MESSAGE_TIMEOUT_S)
+    leases.sweep_once(env.shm_dir(), env.socket_dir())  # what dead parameter servers left
     session = _Session(zmq_ctx, zmq_handle, device_id)
     buffer: torch.Tensor | None = None
     is_cuda = False

@@ -41,6 +41,11 @@ class _Conversation:
     """The REP socket: raw frames, waits with a deadline, peer loss seen at once."""
 
     def __init__(self, ctx: zmq.Context, address: str, timeout_s: float) -> None:
+        if not address.startswith("ipc://"):  # upstream binds ipc://@checkpoint-engine-...
+            raise UpdateAborted(
+                f"refusing to connect to {address!r}: a worker connects only to a local ipc:// "
+                "socket of its parameter server"
+            )
         max_bytes = env.max_message_bytes()
         max_bytes = max_bytes if max_bytes is not None else wire.DEFAULT_MAX_MESSAGE_BYTES
         sock = ctx.socket(zmq.REP)

@@ -9,8 +9,8 @@ peer's address (at most one warning per ``REFUSAL_LOG_INTERVAL_S``, with the cou
 since the last one: a peer cannot flood the log) and answered with an ErrorReply. Inbound frames are capped (MAXMSGSIZE), so an
 unauthenticated peer cannot make the owner buffer much.
 
-Reader: one DEALER socket per owner; a read is split into chunks with a window of requests in
-flight; each reply lands with ``recv_into`` straight in the destination. Every wait has a
+Reader: one DEALER socket per owner, its inbound frames capped at one chunk (an owner cannot make
+it buffer more); a read is split into chunks with a window of requests in flight; each reply lands with ``recv_into`` straight in the destination. Every wait has a
 deadline (no progress for ``timeout_s`` fails); the socket monitor notices an owner whose
 connection drops (a dead process) at once. Errors name the owner (rank and address).
 
@@ -196,6 +196,8 @@ class TcpReader(Reader):
         self.sock = self._ctx.socket(zmq.DEALER)
         self.sock.linger = 0
         self.sock.setsockopt(zmq.RCVHWM, 0)
+        # Replies are bounded too: a data frame is at most one chunk, a header far less.
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max(chunk_bytes, protocol.MAX_HEADER_BYTES))
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self.sock.connect(address)
         self.connected = False

@@ -21,7 +21,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ckpt_engine import device, env
+from ckpt_engine import device, env, leases
 from ckpt_engine.bulk import without_gc
 from ckpt_engine.channel import SocketDir
 from ckpt_engine.compat import check_wire, warn_upstream
@@ -83,6 +83,10 @@ class ParameterServer:
             torch.cuda.set_device(self.device_index)
         self.device_key = device.device_key(self.device_index, device_type=self.device_type)
         self.run_id = secrets.token_hex(4)
+        leases.sweep(env.shm_dir(), env.socket_dir())  # what dead runs left on this host
+        self._lease = leases.RunLease.acquire(
+            self.run_id, shm_dir=env.shm_dir(), socket_dir=env.socket_dir()
+        )
         self._registry = Registry(
             host_memory_kind=self.config.host_memory,
             shm_dir=env.shm_dir(),
@@ -409,6 +413,8 @@ class ParameterServer:
         self._metas.clear()
         self._plans.clear()
         self._socket_dir.close()
+        if self._lease is not None:
+            self._lease.close()
         if self._owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
         self._control = None

@@ -189,6 +189,13 @@ def test_wire_names_are_checked(host):
         update_weights_from_ipc(zmq.Context.instance(), "ipc://@x", 0, run=print, wire="pickle")
 
 
+def test_upstream_worker_connects_only_to_a_local_ipc_socket(host):
+    with pytest.raises(UpdateAborted, match=r"refusing to connect to 'tcp://127\.0\.0\.1:9'"):
+        update_weights_from_ipc(
+            zmq.Context.instance(), "tcp://127.0.0.1:9", 0, run=print, wire="upstream"
+        )
+
+
 # -- our ParameterServer against upstream's worker, played from the transcript -----------------
 @pytest.fixture
 def ps(host):

@@ -99,7 +99,7 @@ def served():
 
 
 def _read(record, ranges, **kw):
-    reader = TcpReader(record, owner="owner rank 3", checkpoint=kw.pop("checkpoint", "c"),
+    reader = TcpReader(record, owner=kw.pop("owner", "owner rank 3"), checkpoint=kw.pop("checkpoint", "c"),
                        timeout_s=kw.pop("timeout_s", 10), **kw)  # fmt: skip
     try:
         reader.read(ranges)
@@ -153,6 +153,33 @@ def test_rate_limited_warning_reports_what_it_suppressed(caplog):
         "refused a",
         "refused c (and 1 more since the last warning)",
     ]
+
+
+def test_a_reply_frame_over_a_chunk_drops_the_owner():
+    """The reader caps inbound frames: an owner that sends more than a chunk is cut off (its
+    frame is never buffered whole), and the read fails naming it."""
+    ctx = zmq.Context()
+    owner = ctx.socket(zmq.ROUTER)
+    owner.linger = 0
+    port = owner.bind_to_random_port("tcp://127.0.0.1")
+
+    def answer_with_too_much():
+        ident, header = owner.recv_multipart()
+        req = protocol.decode(header)
+        head = protocol.encode(protocol.DataReply(id=req.id, length=req.length))
+        owner.send_multipart([ident, head, b"x" * (4 << 20)])
+
+    thread = threading.Thread(target=answer_with_too_much, daemon=True)
+    thread.start()
+    record = {"address": f"tcp://127.0.0.1:{port}", "token": TOKEN}
+    try:
+        with pytest.raises(TransferError, match=r"owner x at .*disconnected"):
+            _read(record, [ReadRange(0, 0, 16, memoryview(bytearray(16)))],
+                  chunk_bytes=65536, owner="owner x")  # fmt: skip
+    finally:
+        thread.join(10)
+        owner.close()
+        ctx.term()
 
 
 def test_out_of_range_refused(served):

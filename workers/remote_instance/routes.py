@@ -2,7 +2,8 @@
 
 | route                                              | answers                                   |
 | GET  /remote_instance_manifest                     | the `Manifest` JSON + the weight version  |
-| POST /init_weights_send_group_for_remote_instance  | {success, message} once every group formed|
+| POST /init_weights_send_group_for_remote_instance  | {success, message} once the groups started |
+|                                                    | forming (they form in the background)     |
 | POST /send_weights_to_remote_instance              | {success, message, weight_version, mode,  |
 |                                                    |  bytes, seconds} once everything was sent |
 | GET  /get_remote_instance_transfer_engine_info     | Mooncake session + parameter addresses    |
@@ -14,7 +15,9 @@ ranks' weight updates wrote so far) tells the client whether an update ran meanw
 
 All three need the API key (when the server has one). Each runs on every rank under the front's
 FIFO lock: no weight update interleaves with a send, and generation requests wait while one runs
-(a fork delays the seed's requests by its rendezvous and its send). Init and send refuse while
+(a fork delays the seed's requests by its send). The init only starts the rendezvous, which
+waits for the client on a background thread of each rank (`seed.WeightSender`): an init that no
+client joins does not hold the lock; the send waits for the groups until the init's timeout. Init and send refuse while
 the weights are not servable (503): a client never forks dummy or half-updated weights.
 """
 

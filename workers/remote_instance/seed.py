@@ -1,6 +1,12 @@
 """Seed side of a fork, in one rank process: open a transfer group per client rank it serves
 (`init_group`), then stream the weights to them (`send`). See `plan` for who sends what.
 
+`init_group` only starts the rendezvous: the groups form on a background thread of the rank,
+so the rank goes on serving the front's commands (generation) while it waits for the client to
+join; an init that no client ever joins costs the seed nothing but that thread, which gives up
+after the timeout. `send` waits for the groups (until the init's deadline) and then streams.
+Groups that were initialised but never sent within the timeout are dropped at the next init.
+
 The rank reads its weights only (nothing is written, so a failed send leaves the seed serving
 exactly as before). It runs as one `Call` under the front's FIFO lock: no update interleaves with
 a send, and generation waits for it (the cost of a fork to the seed: its requests are delayed by
@@ -12,6 +18,7 @@ step.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -33,12 +40,35 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Clients:
+    """The groups of one client, formed on a background thread by the init."""
+
     ports: tuple[int, ...]
+    deadline: float  # time.monotonic() by which the groups must form (and be sent through)
     members: list[TransferGroup] = field(default_factory=list)  # one group per client rank
+    formed: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    closed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, group: TransferGroup) -> None:
+        with self.lock:
+            if not self.closed:
+                self.members.append(group)
+                return
+        group.close()  # closed while it formed
 
     def close(self) -> None:
-        for group in self.members:
+        with self.lock:
+            self.closed = True
+            members, self.members = self.members, []
+        for group in members:
             group.close()
+
+    def wait(self) -> BaseException | None:
+        """None once every group formed; else why not (a failure, or the deadline)."""
+        if not self.formed.wait(max(0.0, self.deadline - time.monotonic())):
+            return TransferError("no client joined the send groups before the init's timeout")
+        return self.error
 
 
 class WeightSender:
@@ -67,24 +97,42 @@ class WeightSender:
                 f"{self.device.type}"
             )
         self.drop(group_name)  # a client that re-initialises replaces its groups
-        clients = _Clients(ports=port_list)
-        try:
-            for j in clients_of(self.tp.rank, self.tp.size, len(port_list)):
-                name = pair_group_name(group_name, port_list[j], j)
-                group = impl.connect(
-                    master_address=master_address,
-                    port=port_list[j],
-                    group_rank=0,
-                    group_name=name,
-                    timeout=self.timeout,
-                    device=self.device,
-                )
-                clients.members.append(group)
-        except BaseException:
-            clients.close()
-            raise
+        self._prune()
+        clients = _Clients(ports=port_list, deadline=time.monotonic() + self.timeout)
+        members = clients_of(self.tp.rank, self.tp.size, len(port_list))
+
+        def form() -> None:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            try:
+                for j in members:
+                    name = pair_group_name(group_name, port_list[j], j)
+                    group = impl.connect(
+                        master_address=master_address,
+                        port=port_list[j],
+                        group_rank=0,
+                        group_name=name,
+                        timeout=self.timeout,
+                        device=self.device,
+                    )
+                    clients.add(group)
+                logger.info("fork %s: %d group(s) open", group_name, len(members))
+            except BaseException as e:  # reported by the send
+                logger.warning("fork %s: the send groups did not form: %s", group_name, e)
+                clients.error = e
+                clients.close()
+            finally:
+                clients.formed.set()
+
         self.groups[group_name] = clients
-        logger.info("fork %s: %d group(s) open", group_name, len(clients.members))
+        threading.Thread(target=form, name=f"fork-init-{group_name}", daemon=True).start()
+
+    def _prune(self) -> None:
+        """Drop the groups of inits whose deadline passed without a send."""
+        now = time.monotonic()
+        for name in [n for n, c in self.groups.items() if c.deadline < now]:
+            logger.info("fork %s: no send within the timeout; its groups are dropped", name)
+            self.drop(name)
 
     def drop(self, group_name: str) -> None:
         if (old := self.groups.pop(group_name, None)) is not None:
@@ -101,12 +149,20 @@ class WeightSender:
             if parse_ports(ports) != clients.ports:
                 raise WorkersError(f"ports {ports!r} differ from those of the init call")
             mode = fork_mode(self.tp.size, len(clients.ports))
-            logger.info("fork %s: sending (%s mode)", group_name, mode)
+            unformed = clients.wait()
+            failure = None
+            if unformed is not None:
+                failure = RemoteInstanceError(f"fork {group_name}: {unformed}")
+                failure.__cause__ = unformed
+            if failure is None:
+                logger.info("fork %s: sending (%s mode)", group_name, mode)
             start = time.perf_counter()
             if mode == SHARD:
+                if failure is not None:
+                    raise failure
                 sent = self._send_parameters(clients)
-            else:
-                sent = self._send_checkpoint(clients)
+            else:  # collective over the seed's ranks: iterate to the end even without groups
+                sent = self._send_checkpoint(clients, failure)
             for group in clients.members:
                 group.flush()
             seconds = time.perf_counter() - start  # every byte has landed
@@ -131,8 +187,8 @@ class WeightSender:
             self._pause()
         return sent
 
-    def _send_checkpoint(self, clients: _Clients) -> int:
-        sent, failure = 0, None
+    def _send_checkpoint(self, clients: _Clients, failure: BaseException | None) -> int:
+        sent = 0
         for name, tensor in self.model.checkpoint_tensors():  # collective: iterate to the end
             if failure is not None:
                 continue

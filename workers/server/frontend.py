@@ -7,8 +7,9 @@ reports is the one it ran with.
 
 Two things a caller without a key can reach are kept off that lock or bounded:
 - `/weights_info` hashes the whole model once per weight change (a generation counter bumped by
-  every weight-changing command), then answers from the cache; the route needs the key when the
-  server has one.
+  every weight-changing command when it ends), then answers from the cache, also while an update
+  holds the lock (the cache then describes the last committed version, the one it reports); the
+  route needs the key when the server has one.
 - After a rank timed out, `/health` reports "unresponsive" and probes the ranks with a `ping`
   (at most one probe per `PROBE_INTERVAL_S`, each bounded by `PROBE_TIMEOUT_S`, never while
   another command holds the lock); the first probe every rank answers clears it, so a load
@@ -35,6 +36,10 @@ from workers.server.worker import RPC_METHODS, WEIGHT_CHANGING_METHODS
 DEFAULT_MAX_NEW_TOKENS = 16
 PROBE_INTERVAL_S = 5.0  # least time between two health probes of unresponsive ranks
 PROBE_TIMEOUT_S = 5.0  # longest a health probe waits for the ranks (and holds the lock)
+# Logits returned by one /generate (tokens x vocabulary floats): as JSON about 20 bytes each,
+# so the reply stays well under the ranks' pipe frame cap (messages.MAX_FRAME_BYTES, 64 MiB),
+# and a caller without a key cannot make a rank build gigabytes of them.
+MAX_RETURNED_LOGITS = 2_000_000
 
 
 class Frontend:
@@ -139,12 +144,19 @@ class Frontend:
         return result
 
     async def _generate(self, req: GenerateRequest) -> dict[str, Any]:
-        input_ids = self._input_ids(req)
+        # tokenizing (up to --max-request-bytes of text) off the event loop
+        input_ids = await asyncio.to_thread(self._input_ids, req)
         new_tokens = req.new_tokens(DEFAULT_MAX_NEW_TOKENS)
         if len(input_ids) + new_tokens > self.model.max_position_embeddings:
             raise RequestError(
                 f"{len(input_ids)} prompt + {new_tokens} new tokens exceed the model's "
                 f"{self.model.max_position_embeddings} positions"
+            )
+        if req.return_logits and new_tokens * self.model.vocab_size > MAX_RETURNED_LOGITS:
+            raise RequestError(
+                f"return_logits for {new_tokens} tokens x {self.model.vocab_size} vocabulary "
+                f"entries exceeds {MAX_RETURNED_LOGITS} values; ask for at most "
+                f"{MAX_RETURNED_LOGITS // self.model.vocab_size} new tokens"
             )
         stop = list(req.sampling_params.stop_token_ids)
         if not req.sampling_params.ignore_eos:
@@ -211,7 +223,6 @@ class Frontend:
     ) -> list[Any]:
         """A weight-changing method on every rank: commit on success, fail closed otherwise."""
         async with self._lock:
-            self._weights_generation += 1  # whatever happens, the cached checksums are stale
             self._weights_changing(True)
             start = self.metrics.update_started(method)
             try:
@@ -229,6 +240,11 @@ class Frontend:
                 except Exception as e:
                     self.metrics.update_failed(method, e)
                     raise
+                finally:
+                    # Whatever happened, the cached checksums are stale now (while the command
+                    # ran they still described the last committed version, which
+                    # /weights_info names).
+                    self._weights_generation += 1
                 self.state.commit(version)
                 self._last_good = time.monotonic()
                 self.metrics.update_succeeded(method, start, values)

@@ -272,16 +272,26 @@ class RankWorker:
             raise WeightCheckError(problems)
 
     def _maybe_inject_failure(self, bucket: int) -> None:
-        """Tests only (CKPT_ENGINE_TEST_FAIL_UPDATE_FILE): the last TP rank fails the bucket
-        whose index that file holds, while the file exists."""
+        """Tests only (CKPT_ENGINE_TEST_FAIL_UPDATE_FILE): while that file exists, the last TP
+        rank fails the bucket whose index it holds (``"<n>"``), or, with ``"<n> wait"``, writes
+        ``<file>.reached`` at that bucket and waits (at most 300 s) until the file is removed,
+        so that a test can kill the updater mid-update at a known point."""
         from workers.env import ENV
 
         path = ENV.test_fail_update_file
         if path is None or self.tp.rank != self.tp.size - 1:
             return
         try:
-            target = int(Path(path).read_text().strip())
+            target, *mode = Path(path).read_text().split()
+            target = int(target)
         except (OSError, ValueError):
             return
-        if bucket == target:
-            raise WorkersError(f"injected failure in bucket {bucket} ({path})")
+        if bucket != target:
+            return
+        if mode == ["wait"]:
+            Path(path + ".reached").write_text(str(bucket))
+            deadline = time.monotonic() + 300
+            while Path(path).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return
+        raise WorkersError(f"injected failure in bucket {bucket} ({path})")

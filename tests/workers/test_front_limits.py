@@ -1,15 +1,20 @@
-"""`BodySizeLimit` as an ASGI middleware around a FastAPI route (in process, no server)."""
+"""Limits of the HTTP front, in process (no server): `BodySizeLimit` as an ASGI middleware
+around a FastAPI route; the cap on logits one /generate may return."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 
 import pytest
 from fastapi import FastAPI
 from pydantic import BaseModel
 
+from workers.errors import RequestError
 from workers.server.body_limit import BodySizeLimit
+from workers.server.frontend import MAX_RETURNED_LOGITS, Frontend
+from workers.server.schemas import GenerateRequest
 
 
 class Body(BaseModel):
@@ -85,3 +90,15 @@ def test_a_chunked_body_is_cut_when_it_passes_the_limit(chunks):
     status, body, consumed = _call(app, [b"[" * 400] * chunks, declared=None)
     assert status == 413 and body["success"] is False and app.state.parsed == 0
     assert consumed == 3  # read up to the chunk that passed the limit, no further
+
+
+def test_returned_logits_are_capped_before_any_rank_works():
+    front = object.__new__(Frontend)  # no ranks: the request must be refused before them
+    front.codec = None
+    front.model = SimpleNamespace(
+        vocab_size=150_000, max_position_embeddings=1 << 20, eos_token_ids=[]
+    )
+    tokens = MAX_RETURNED_LOGITS // 150_000 + 1
+    req = GenerateRequest(input_ids=[1, 2], max_new_tokens=tokens, return_logits=True)
+    with pytest.raises(RequestError, match=f"ask for at most {tokens - 1} new tokens"):
+        asyncio.run(front._generate(req))
