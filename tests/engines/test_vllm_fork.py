@@ -3,7 +3,8 @@ A loaded from disk, our worker extension, reached through ``/collective_rpc``) f
 instances and reference servers; a reference server forks a vLLM instance; equal TP sizes (shard
 mode) and different ones (full mode: vLLM's fused qkv_proj / gate_up_proj split into checkpoint
 tensors on a vLLM seed, joined by vLLM's loaders on a vLLM client). Each server configuration
-starts once per module; the tests run in file order (the last one kills the TP=1 vLLM seed).
+starts once per module; the tests run in file order (the last two kill a client of the TP=1 vLLM
+seed, then that seed, mid-send).
 Each case prints its times (spawn to healthy or exit, transfer seconds).
 """
 
@@ -145,12 +146,12 @@ def clients(seeds, ckpts, tmp_path_factory):
         stop_all(started)
 
 
-def our_fork_args(seed, tp: int) -> list[str]:
+def our_fork_args(seed, tp: int, timeout: int = 60) -> list[str]:
     """A reference server forking from a vLLM seed."""
     flag = "--remote-instance-weight-loader-"
     return [
         *("--tp", str(tp), "--load-format", "remote_instance", f"{flag}seed-api", "vllm"),
-        *(f"{flag}seed-instance-ip", "127.0.0.1", f"{flag}timeout", "60"),
+        *(f"{flag}seed-instance-ip", "127.0.0.1", f"{flag}timeout", str(timeout)),
         *(f"{flag}seed-instance-service-port", seed.url.rsplit(":", 1)[1]),
         *(f"{flag}send-weights-group-ports", ",".join(str(free_port()) for _ in range(tp))),
     ]
@@ -205,6 +206,27 @@ def test_vllm_seeds_reference_servers_of_another_tp(seeds, clients, ckpts, clien
     assert len(found) == tp and {(f[1], f[3]) for f in found} == {(seeds[seed].url, "full")}
     out = server.post("/generate", {"input_ids": PROMPT, "max_new_tokens": NEW_TOKENS}).json()
     assert out["output_ids"] == ckpts["A"].greedy()
+
+
+def test_a_client_killed_mid_transfer_costs_the_seed_at_most_its_timeout(seeds, ckpts, tmp_path):
+    """A reference server forking from the TP=1 vLLM seed with a 20 s timeout, killed once the
+    seed's send began (0.5 s per tensor): the seed serves again within that timeout."""
+    seed = seeds["tp1"]
+    seed.delay_file.write_text("0.5")
+    seen = len(seed.output())
+    args = our_fork_args(seed, 1, timeout=20)
+    client = start_server(ckpts["A"].path, *OURS, *args, log=tmp_path / "killed-client.log")
+    try:
+        poll(lambda: "test delay: fork send started" in seed.output()[seen:], 300, "the send")
+    finally:
+        client.stop()
+        killed = time.monotonic()
+        seed.delay_file.unlink()
+    assert seed.greedy() == ckpts["A"].greedy()
+    waited = time.monotonic() - killed
+    print(f"\nseed serving again {waited:.1f} s after its client was killed")
+    assert waited < 20 + 30
+    assert "ckpt_engine_fork_send failed" in seed.output()[seen:]
 
 
 def test_seed_killed_mid_transfer_ends_the_client_naming_the_seed(seeds, clients, ckpts, tmp_path):
