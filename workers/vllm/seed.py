@@ -17,9 +17,10 @@ Each worker answers for its TP rank (``results`` in rank order); the work is the
 server's (``remote_instance.seed.WeightSender`` over a ``VllmCheckpointView``: pair groups, shard
 mode at equal TP sizes, checkpoint tensors gathered over the seed's TP group otherwise). vLLM runs
 a ``collective_rpc`` between engine steps: the seed keeps serving, its requests wait while a
-rendezvous or a send runs (about bytes / link bandwidth); a client that vanishes costs the seed at
-most the timeout the client gave (each group's rendezvous and each transfer are bounded by it,
-capped at ``MAX_TIMEOUT_S``). Nothing is written on the seed. Failures are answered as
+send runs (about bytes / link bandwidth; the init only starts the rendezvous, which forms on a
+background thread of each worker); a client that vanishes costs the seed at most the timeout the
+client gave (each group's rendezvous and each transfer are bounded by it, capped at
+``MAX_TIMEOUT_S``). Nothing is written on the seed. Failures are answered as
 ``{"success": false, "message"}`` (an exception would reach the client as a bare HTTP 500).
 
 vLLM's dev routes take no API key (``--api-key`` guards ``/v1`` only): run seeds on a trusted
@@ -80,6 +81,8 @@ class VllmSeed:
             master_address=master_address, ports=ports, group_name=group_name, backend=backend
         )
         self.views[group_name] = view
+        # the views of inits that the sender dropped (never sent within their timeout) go too
+        self.views = {n: v for n, v in self.views.items() if n in self.sender.groups}
         return {"success": True}
 
     def send(self, *, master_address: str, ports: str, group_name: str) -> dict:
