@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ckpt_engine import CheckpointError, CheckpointFileError, ParameterServer, PSConfig
+from ckpt_engine import CheckpointError, CheckpointFileError, ParameterServer, PSConfig, leases
 from ckpt_engine.dtypes import SUPPORTED, to_torch
 from ckpt_engine.host_memory import FILE_PREFIX
 
@@ -30,7 +30,12 @@ def ps(shm, request):
 
 
 def ours(shm):
-    return sorted(n for n in os.listdir(shm) if n.startswith(FILE_PREFIX))
+    """The run's buffer files in ``shm`` (not its lease lock file, which lives as long as the run)."""
+    return sorted(
+        n
+        for n in os.listdir(shm)
+        if n.startswith(FILE_PREFIX) and not n.endswith(leases.LOCK_SUFFIX)
+    )
 
 
 def tensors(prefix, seed=0):
