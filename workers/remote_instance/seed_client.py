@@ -20,14 +20,17 @@ TE_INFO_PATH = "/get_remote_instance_transfer_engine_info"
 
 
 @dataclass(frozen=True)
-class SeedClient:
+class SeedAddress:
+    """Where a seed answers HTTP, with the key and timeout of every call to it (the part every
+    seed client shares, whatever API the seed speaks)."""
+
     ip: str
     port: int
     api_key: str | None
     timeout: float
 
     @classmethod
-    def from_url(cls, url: str, api_key: str | None, timeout: float) -> SeedClient:
+    def from_url(cls, url: str, api_key: str | None, timeout: float):
         parts = urlsplit(url)
         if parts.scheme != "http" or parts.hostname is None or parts.port is None:
             raise RemoteInstanceError(f"seed URL {url!r}: expected http://host:port")
@@ -38,6 +41,9 @@ class SeedClient:
         host = f"[{self.ip}]" if ":" in self.ip else self.ip
         return f"http://{host}:{self.port}"
 
+
+@dataclass(frozen=True)
+class SeedClient(SeedAddress):
     def _call(self, method: str, path: str, body: dict | None = None, *, read_timeout=None) -> Any:
         headers = {} if self.api_key is None else {"Authorization": f"Bearer {self.api_key}"}
         timeout = (self.timeout, self.timeout if read_timeout is None else read_timeout)

@@ -33,7 +33,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import requests
 
@@ -41,6 +40,7 @@ from workers.env import ENV
 from workers.errors import RemoteInstanceError
 from workers.remote_instance.manifest import Manifest, build_manifest
 from workers.remote_instance.seed import WeightSender
+from workers.remote_instance.seed_client import SeedAddress
 
 logger = logging.getLogger(__name__)
 
@@ -123,25 +123,8 @@ def answer(method: str, call) -> dict:
 
 
 @dataclass(frozen=True)
-class VllmSeedClient:
+class VllmSeedClient(SeedAddress):
     """The client's calls to a vLLM seed (the interface of ``remote_instance.SeedClient``)."""
-
-    ip: str
-    port: int
-    api_key: str | None
-    timeout: float
-
-    @classmethod
-    def from_url(cls, url: str, api_key: str | None, timeout: float) -> VllmSeedClient:
-        parts = urlsplit(url)
-        if parts.scheme != "http" or parts.hostname is None or parts.port is None:
-            raise RemoteInstanceError(f"seed URL {url!r}: expected http://host:port")
-        return cls(parts.hostname, parts.port, api_key, timeout)
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.ip}]" if ":" in self.ip else self.ip
-        return f"http://{host}:{self.port}"
 
     def _rpc(self, method: str, kwargs: dict[str, str], read_timeout: float | None) -> list:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
