@@ -29,6 +29,13 @@ def _side(ranks: list[dict] | None) -> dict | None:
         seconds = max(r["register"][kind]["seconds"] for r in ranks)
         nbytes = sum(r["register"][kind]["bytes"] for r in ranks)
         s["register"][kind] = {"seconds": seconds, "gbps": nbytes / seconds / 1e9, "bytes": nbytes}
+        if all("warm" in r["register"][kind] for r in ranks):  # again, the host pool reused
+            seconds = max(r["register"][kind]["warm"]["seconds"] for r in ranks)
+            s["register"][f"{kind}_warm"] = {
+                "seconds": seconds,
+                "gbps": nbytes / seconds / 1e9,
+                "bytes": nbytes,
+            }
     for key in ("warmup", "updates"):
         runs = []
         for i in range(len(first.get(key, []))):
@@ -95,6 +102,11 @@ def summarize(records: dict) -> dict:
             named = ours["register"].get("named")
             if named:
                 t[">= 10 GB/s register named tensors"] = named["gbps"] >= TARGET_REGISTER_GBPS
+            warm = ours["register"].get("named_warm")
+            if warm:
+                t[">= 10 GB/s register named tensors, host pool reused"] = (
+                    warm["gbps"] >= TARGET_REGISTER_GBPS
+                )
             if "gather_s" in ours:
                 t["gather_metas < 1 s"] = ours["gather_s"] < 1.0
             best = min(ours["updates"], key=lambda u: u["seconds"])
@@ -155,6 +167,8 @@ def table(records: dict) -> str:
     row("register named tensors", _reg(reg_o.get("named")), _reg(reg_u.get("named")), ratio)
     row("register files in /dev/shm (pinned in place)", _reg(reg_o.get("files_in_place")))
     row("register files read into pinned memory", _reg(reg_o.get("files_read")))
+    row("register named tensors again (host pool reused)", _reg(reg_o.get("named_warm")))
+    row("register files read again (host pool reused)", _reg(reg_o.get("files_read_warm")))
     if "gather_s" in ours:
         row(
             "gather_metas s",

@@ -154,6 +154,7 @@ def run_steps(a, gib: float, env: dict, out: Path, stamp: str) -> int:
             # the trainer's writes (16 GB: several seconds a step) and the worker's start are
             # outside the timed part but inside this limit
             limit_s = a.limit_s if a.limit_s_set else 120 + 20 * a.steps * max(1.0, gib / 16)
+            args += ["--dump-after-s", str(max(1.0, limit_s - 15))]
             rc = launch("bench/steps.py", 1, args, env, log, limit_s)
             got = collect(work, system, 1)
             records["results"][system] = got[0] if got else None
@@ -166,7 +167,7 @@ def run_steps(a, gib: float, env: dict, out: Path, stamp: str) -> int:
                 print(
                     f"!! {system} failed (exit {rc}); its progress:", *lines, sep="\n", flush=True
                 )
-                print(f"log tail:\n{tail(log)}", flush=True)
+                print(f"log tail:\n{tail(log, 12000)}", flush=True)
         results = records["results"]
         records["summary"] = {k: summarize_steps(v) for k, v in results.items() if v}
         device = next((v.get("device") for v in results.values() if v and "device" in v), "CPU")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import json
 import os
 import shutil
@@ -104,11 +105,13 @@ class Trainer:
             os.close(fd)
 
 
-def worker_main(kind, device_type, index, spec, q, res):
+def worker_main(kind, device_type, index, spec, q, res, dump_after_s=0.0):
     """The colocated worker: applies each update into flat parameters; after it, compares
     them with step k's bytes (rebuilt here) and answers on ``res``."""
     import zmq
 
+    if dump_after_s > 0:  # where a run that is about to be killed spends its time
+        faulthandler.dump_traceback_later(dump_after_s, exit=False)
     try:
         dev = harness.device_of(device_type, index)
         if device_type == "cuda":
@@ -158,12 +161,11 @@ def worker_main(kind, device_type, index, spec, q, res):
 
 
 class Worker:
-    def __init__(self, kind, device_type, index, spec):
+    def __init__(self, kind, device_type, index, spec, dump_after_s=0.0):
         ctx = mp.get_context("spawn")
         self.q, self.res = ctx.Queue(), ctx.Queue()
-        self.proc = ctx.Process(
-            target=worker_main, args=(kind, device_type, index, spec, self.q, self.res)
-        )
+        args = (kind, device_type, index, spec, self.q, self.res, dump_after_s)
+        self.proc = ctx.Process(target=worker_main, args=args)
         self.proc.start()
         start = time.perf_counter()
         ready = self.res.get(timeout=600)
@@ -193,7 +195,7 @@ def run_ours(system, a, spec, base, data, dtype, index) -> list[dict]:
     config = PSConfig(timeout_s=120.0, pin_in_place=False, **kw)
     trainer = Trainer(base, data)
     ps = ParameterServer(config=config)
-    worker = Worker("ours", dtype, index, spec)
+    worker = Worker("ours", dtype, index, spec, a.dump_after_s)
     steps = []
     try:
         for k in range(1, a.steps + 1):
@@ -228,7 +230,7 @@ def run_upstream(a, spec, base, data, index) -> list[dict]:
 
     trainer = Trainer(base, data)
     ps = ParameterServer(auto_pg=True)
-    worker = Worker("upstream", "cuda", index, spec)
+    worker = Worker("upstream", "cuda", index, spec, a.dump_after_s)
     steps = []
     try:
         for k in range(1, a.steps + 1):
@@ -308,7 +310,15 @@ def main() -> None:
     ap.add_argument("--bucket-mib", type=int, default=0)
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--result-dir", required=True)
+    ap.add_argument(
+        "--dump-after-s",
+        type=float,
+        default=0.0,
+        help="print every thread's stack after this many seconds (before bench/run.py's limit)",
+    )
     a = ap.parse_args()
+    if a.dump_after_s > 0:
+        faulthandler.dump_traceback_later(a.dump_after_s, exit=False)
     from ckpt_engine import device as ce_device
 
     dtype = ce_device.resolve_device_type(None)
