@@ -35,6 +35,7 @@ import signal
 import stat
 import sys
 import threading
+from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +199,54 @@ def remove_all_live() -> list[str]:
     return removed
 
 
-def install_sigterm_cleanup(label: str = "ckpt-engine", *, grace_s: float = 5.0) -> None:
+class StopSignals:
+    """What `install_sigterm_cleanup` installed: the handler, and the thread that ends a process
+    its main thread cannot end. ``soften`` turns the stop into a request (the watching updater)."""
+
+    def __init__(self, label: str, grace_s: float) -> None:
+        self.label = label
+        self.grace_s = grace_s
+        self.signum: int | None = None  # the first stop signal received
+        self._soft: Callable[[int], None] | None = None
+        self._second = False
+
+    def soften(self, on_stop: Callable[[int], None], *, grace_s: float) -> None:
+        """SIGTERM and SIGINT call ``on_stop(signum)`` instead of raising, so the main thread
+        stops at its next safe point (the watching updater finishes a push in flight); a second
+        signal raises SystemExit at once; the thread ends the process ``grace_s`` after the
+        first signal if it is still alive. Call from the main thread."""
+        self._soft, self.grace_s = on_stop, grace_s
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+            if self._soft is None:
+                raise SystemExit(128 + signum)
+            self._soft(signum)
+        elif self._soft is not None and not self._second:  # asked twice: stop now
+            self._second = True
+            raise SystemExit(128 + self.signum)
+        # else once: a further signal must not interrupt the cleanup
+
+    def _watch(self, read_fd: int) -> None:
+        while True:
+            got = set(os.read(read_fd, 64))
+            if signal.SIGTERM in got or (self._soft is not None and signal.SIGINT in got):
+                break
+        threading.Event().wait(self.grace_s)  # the main thread's own cleanup, if it can run
+        removed = remove_all_live()
+        code = 128 + (self.signum or signal.SIGTERM)
+        print(
+            f"{self.label}: {signal.Signals(code - 128).name}: removed {len(removed)} IPC "
+            "buffer/socket path(s); exiting",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(code)
+
+
+def install_sigterm_cleanup(label: str = "ckpt-engine", *, grace_s: float = 5.0) -> StopSignals:
     """On SIGTERM: raise SystemExit(128 + SIGTERM) in the main thread, so its ``finally``
     blocks run (a `ParameterServer.close()` removes the run's files; where the SystemExit lands
     in the middle of that cleanup, the leases' ``atexit`` hook finishes it); if the process has
@@ -210,29 +258,10 @@ def install_sigterm_cleanup(label: str = "ckpt-engine", *, grace_s: float = 5.0)
     whatever the main thread is doing. Call from the main thread, once."""
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
-    code = 128 + signal.SIGTERM
-
-    terminating = False
-
-    def on_sigterm(signum: int, frame: object) -> None:
-        nonlocal terminating
-        if not terminating:  # once: a second SIGTERM must not interrupt the cleanup
-            terminating = True
-            raise SystemExit(code)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    stops = StopSignals(label, grace_s)
+    signal.signal(signal.SIGTERM, stops._on_signal)
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-
-    def watch() -> None:
-        while signal.SIGTERM not in os.read(read_fd, 64):
-            pass
-        threading.Event().wait(grace_s)  # the main thread's own cleanup, if it can run
-        removed = remove_all_live()
-        print(
-            f"{label}: SIGTERM: removed {len(removed)} IPC buffer/socket path(s); exiting",
-            file=sys.stderr,
-            flush=True,
-        )
-        os._exit(code)
-
-    threading.Thread(target=watch, name="ckpt-engine-sigterm", daemon=True).start()
+    threading.Thread(
+        target=stops._watch, args=(read_fd,), name="ckpt-engine-sigterm", daemon=True
+    ).start()
+    return stops

@@ -76,11 +76,19 @@ class HostPool:
         self._closed = False
         self.reused = 0  # leases served from free buffers (for logs and tests)
         self.allocated = 0  # buffers newly allocated
+        self.allocated_bytes = 0  # their bytes
+        self._held = 0  # bytes of this pool's buffers still mapped (leased or free)
 
     @property
     def free_bytes(self) -> int:
         with self._lock:
             return sum(b.nbytes for b in self._free)
+
+    @property
+    def held_bytes(self) -> int:
+        """Host memory of this pool's buffers, leased (registered) or free."""
+        with self._lock:
+            return self._held
 
     def free_buffers(self) -> list[HostBuffer]:
         with self._lock:
@@ -105,6 +113,8 @@ class HostPool:
             )
             with self._lock:
                 self.allocated += 1
+                self.allocated_bytes += base.nbytes
+                self._held += base.nbytes
         return PooledBuffer(base, nbytes, self)
 
     def give_back(self, base: HostBuffer) -> None:
@@ -116,15 +126,27 @@ class HostPool:
             )
             if keep:
                 self._free.append(base)
+            else:
+                self._held -= base.nbytes
         if not keep:
             base.close()
+
+    def trim(self) -> int:
+        """Free every free buffer now (the watching updater, after a push: the pool then holds
+        exactly what is registered); returns the bytes freed."""
+        with self._lock:
+            free, self._free = self._free, []
+            freed = sum(b.nbytes for b in free)
+            self._held -= freed
+        for base in free:
+            base.close()
+        return freed
 
     def close(self) -> None:
         """Free every free buffer; leases still out are freed when they close."""
         with self._lock:
             self._closed = True
-            free, self._free = self._free, []
-        for base in free:
-            base.close()
+        free = len(self.free_buffers())
+        self.trim()
         if free:
-            logger.info("host pool: freed %d buffers", len(free))
+            logger.info("host pool: freed %d buffers", free)

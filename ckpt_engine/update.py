@@ -292,42 +292,10 @@ def run(args: UpdateArgs) -> dict[str, Any]:
         if args.publish_metas is not None and ps.rank == 0:
             publisher = MetasPublisher(args.metas_registry, args.publish_metas, metas[0])
         time.sleep(args.sleep_time)
-        head = job.is_instance_head
-        transfer = args.inference_api == "weight_transfer"
-        if transfer:  # vLLM's RL endpoints: pause and open a session first
-            job.step(
-                "pause",
-                lambda: (
-                    head and client.begin_weight_transfer(wire=args.wire, timeout_s=args.timeout)
-                ),
-            )
+        update_steps(job, share if args.register_mode == "overlap" else None)
         if args.register_mode == "overlap":
-            job.step("update", lambda: broadcast_update(job, share))
             metas.append(ps.get_metas(args.checkpoint_name))
-        else:
-            job.step("update", lambda: UPDATE_DISPATCH[args.update_method](job))
-        if transfer:
-            job.step(
-                "resume",
-                lambda: (
-                    head
-                    and client.finish_weight_transfer(
-                        version=args.weight_version, timeout_s=args.timeout
-                    )
-                ),
-            )
-        nbytes = metas[0].nbytes
-        result = {
-            "bytes": nbytes,
-            "tensors": metas[0].num_tensors,
-            "ranks": ps.world_size,
-            "split": mode,
-            "device": ps.device_type,
-            "register_s": job.timings["register"],
-            "gather_s": job.timings["gather"],
-            "update_s": job.timings["update"],
-            "update_gb_s": nbytes / job.timings["update"] / 1e9,
-        }
+        result = result_of(job, metas[0], mode)
         own = None if mode == "p2p" else sum(metas[0].ranks[ps.rank].buffer_bytes)
         json_line(job, endpoint, result=result, rank_bytes=own, error=None)
         return result
@@ -342,6 +310,48 @@ def run(args: UpdateArgs) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
+def update_steps(job: Job, share: Share | None) -> None:
+    """The update, voted: [pause], update (``share``: registered in the same pass, ``--register-mode
+    overlap``), [resume]; pause and resume for vLLM's RL endpoints (``weight_transfer``)."""
+    args, client, head = job.args, job.client, job.is_instance_head
+    transfer = args.inference_api == "weight_transfer"
+    if transfer:  # vLLM's RL endpoints: pause and open a session first
+        job.step(
+            "pause",
+            lambda: head and client.begin_weight_transfer(wire=args.wire, timeout_s=args.timeout),
+        )
+    if share is not None:
+        job.step("update", lambda: broadcast_update(job, share))
+    else:
+        job.step("update", lambda: UPDATE_DISPATCH[args.update_method](job))
+    if transfer:
+        job.step(
+            "resume",
+            lambda: (
+                head
+                and client.finish_weight_transfer(
+                    version=args.weight_version, timeout_s=args.timeout
+                )
+            ),
+        )
+
+
+def result_of(job: Job, metas: CheckpointMetas, split: str) -> dict[str, Any]:
+    """Rank 0's summary of one update (printed, --result-file)."""
+    nbytes = metas.nbytes
+    return {
+        "bytes": nbytes,
+        "tensors": metas.num_tensors,
+        "ranks": job.ps.world_size,
+        "split": split,
+        "device": job.ps.device_type,
+        "register_s": job.timings["register"],
+        "gather_s": job.timings["gather"],
+        "update_s": job.timings["update"],
+        "update_gb_s": nbytes / job.timings["update"] / 1e9,
+    }
+
+
 def json_line(
     job: Job | None,
     endpoint: str,
@@ -349,8 +359,10 @@ def json_line(
     result: dict[str, Any] | None,
     rank_bytes: int | None,
     error: Exception | None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """--json-out: this rank's line for this update (updater/report.py)."""
+    """--json-out: this rank's line for this update (updater/report.py); ``extra``: more keys
+    (--watch: the push's)."""
     if job is None or job.args.json_out is None:
         return
     record = update_record(
@@ -365,7 +377,7 @@ def json_line(
         update_timings=job.ps.last_update_timings,
         error=error,
     )
-    write_json_line(job.args.json_out, record)
+    write_json_line(job.args.json_out, {**record, **(extra or {})})
 
 
 def format_result(r: dict[str, Any]) -> str:
@@ -384,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format=f"%(asctime)s [update rank {rank}] %(levelname)s %(message)s"
     )
     try:
+        if args.watch is not None:
+            from ckpt_engine.updater.watch import run_watch
+
+            return run_watch(args, _stop_signals)
         result = run(args)
     except ConfigError as e:
         print(f"update.py rank {rank}: error: {e}", file=sys.stderr)
@@ -405,8 +421,13 @@ def cli() -> int:
     # SystemExit(143): `run`'s cleanup runs (published metas are withdrawn, host memory, IPC
     # buffers and sockets released); a rank blocked in a collective has its IPC buffers and
     # socket directory removed by a thread 5 s later and exits 143 all the same.
-    leases.install_sigterm_cleanup(f"update.py rank {os.environ.get('RANK', '0')}")
+    # With --watch, SIGTERM and SIGINT become a stop request instead (updater/watch.py).
+    global _stop_signals
+    _stop_signals = leases.install_sigterm_cleanup(f"update.py rank {os.environ.get('RANK', '0')}")
     return main()
+
+
+_stop_signals: leases.StopSignals | None = None  # installed by `cli`
 
 
 if __name__ == "__main__":

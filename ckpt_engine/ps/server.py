@@ -27,6 +27,7 @@ from ckpt_engine.channel import SocketDir
 from ckpt_engine.compat import check_wire, warn_upstream
 from ckpt_engine.errors import MetasError
 from ckpt_engine.metas import CheckpointMetas, RankMetas, rank_metas_from_json
+from ckpt_engine.pool import HostPool
 from ckpt_engine.ps.broadcast import BroadcastUpdate
 from ckpt_engine.ps.collectives import ControlGroup
 from ckpt_engine.ps.config import PSConfig
@@ -205,6 +206,17 @@ class ParameterServer:
 
     def checkpoint(self, name: str) -> RegisteredCheckpoint:
         return self._registry.get(name)
+
+    @property
+    def host_pool(self) -> HostPool:
+        """The pinned host buffers kept across registrations (ckpt_engine.pool)."""
+        return self._registry.pool
+
+    @property
+    def broken(self) -> str | None:
+        """Why this parameter server's control group cannot run another collective (a failed
+        or timed-out one), else None: restart the ranks."""
+        return None if self._control is None else self._control.broken
 
     # -- metas -----------------------------------------------------------------------------------
     def local_metas(self, name: str) -> RankMetas:

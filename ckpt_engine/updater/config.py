@@ -127,14 +127,38 @@ class UpdateArgs:
         ),
     )
 
+    watch: str | None = field(
+        default=None,
+        metadata=_opt(
+            "stay up and push each new complete checkpoint DIR/<name>/ (complete once its "
+            "marker file DIR/<name>/COMPLETE exists; names in natural order, the newest wins; "
+            "see updater/watch.py); its name is the checkpoint name and, with an API that "
+            "carries one, the weight version",
+            metavar="DIR",
+        ),
+    )
+    watch_interval: float = field(
+        default=1.0, metadata=_opt("--watch: seconds between two listings of DIR")
+    )
+    watch_max_updates: int | None = field(
+        default=None, metadata=_opt("--watch: exit 0 after this many checkpoints pushed")
+    )
+    watch_idle_timeout: float | None = field(
+        default=None,
+        metadata=_opt("--watch: exit 0 after this many seconds without a new checkpoint"),
+    )
+
     def __post_init__(self) -> None:
+        self._check_watch()
         if self.inference_parallel_size < 1:
             raise ConfigError("--inference-parallel-size must be >= 1")
         joins = self.load_metas_file is not None or self.find_metas is not None
         if self.load_metas_file is not None and self.find_metas is not None:
             raise ConfigError("give --load-metas-file or --find-metas, not both")
-        if self.checkpoint_path is None and not joins:
-            raise ConfigError("give --checkpoint-path (or --load-metas-file / --find-metas)")
+        if self.checkpoint_path is None and not joins and self.watch is None:
+            raise ConfigError(
+                "give --checkpoint-path (or --watch, or --load-metas-file / --find-metas)"
+            )
         if (self.update_method == "p2p") != joins:
             raise ConfigError(
                 "--update-method p2p and --load-metas-file go together (or --find-metas)"
@@ -182,6 +206,52 @@ class UpdateArgs:
         for url in self.endpoints:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"--endpoint {url!r} must start with http:// or https://")
+
+    def _check_watch(self) -> None:
+        if not self.watch_interval > 0:
+            raise ConfigError("--watch-interval must be positive")
+        for name in ("watch_max_updates", "watch_idle_timeout"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            flag = f"--{name.replace('_', '-')}"
+            if self.watch is None:
+                raise ConfigError(f"{flag} goes with --watch")
+            if not value > 0:
+                raise ConfigError(f"{flag} must be positive")
+        if self.watch is None:
+            return
+        clashes = {
+            "--checkpoint-path": self.checkpoint_path is not None,
+            "--load-metas-file / --find-metas": (
+                self.load_metas_file is not None or self.find_metas is not None
+            ),
+            "--update-method p2p / all": self.update_method != "broadcast",
+            "--save-metas-file / --publish-metas": (
+                self.save_metas_file is not None or self.publish_metas is not None
+            ),
+            "--weight-version (each checkpoint's name is its version)": (
+                self.weight_version is not None
+            ),
+            "--result-file (use --json-out: one line per push)": self.result_file is not None,
+            "--sleep-time": self.sleep_time != 0,
+        }
+        bad = [flag for flag, given in clashes.items() if given]
+        if bad:
+            raise ConfigError(f"--watch pushes the checkpoints it finds: not with {', '.join(bad)}")
+
+    def for_checkpoint(self, path: str, name: str) -> UpdateArgs:
+        """--watch: the flags of a single update of the checkpoint at ``path`` (its version is
+        its name where the inference API carries one)."""
+        return dataclasses.replace(
+            self,
+            watch=None,
+            watch_max_updates=None,
+            watch_idle_timeout=None,
+            checkpoint_path=path,
+            checkpoint_name=name,
+            weight_version=None if self.inference_api == "collective_rpc" else name,
+        )
 
     @property
     def endpoints(self) -> list[str]:

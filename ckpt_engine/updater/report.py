@@ -14,6 +14,17 @@ ranks on one host never interleave; ``-`` prints to stdout instead), on success 
 
 Phases are the updater's steps (register, ready, gather, [pause], update, [resume]); a failed
 update has the phases that ran, and figures it did not reach are null.
+
+With ``--watch`` (updater/watch.py) there is one line per rank per checkpoint pushed or refused
+(the ready step is not repeated; ``prepare`` is the split, every file's header checked), with
+``checkpoint_name`` and (where the API carries one) ``weight_version`` = the checkpoint's folder
+name, and three more keys:
+
+    "push_seconds": <this rank's seconds for the whole push, prepare to the pool trimmed>,
+    "watch": {"directory": DIR, "push": <n-th push of this watcher>, "skipped": [superseded]},
+    "pool": {"held_bytes": <host memory of the pool: registered + free>, "allocated_bytes":
+             <bytes ever allocated by it>, "buffers_allocated", "buffers_reused", "freed_bytes":
+             <freed after this push: buffers the new checkpoint did not need>}
 """
 
 from __future__ import annotations

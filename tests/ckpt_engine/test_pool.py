@@ -159,6 +159,28 @@ def test_closed_pool_frees_late_leases():
     assert lease.base.closed and pool.free_buffers() == []
 
 
+def test_held_bytes_and_trim(tmp_path, pins):
+    """What the watching updater reports and does after a push: the pool's bytes stay those of
+    the first checkpoint of a size; ``trim`` frees the buffers nothing registered uses."""
+    reg = registry(tmp_path, 1 << 30)
+    files, _ = write(tmp_path, 0)
+    reg.register("a", files=files)
+    held = reg.pool.held_bytes
+    assert held == reg.pool.allocated_bytes >= 8700 * 4
+    for step in (1, 2):
+        reg.unregister("a")
+        files, expected = write(tmp_path, step)
+        check(reg.register("a", files=files), expected)
+        assert reg.pool.trim() == 0 and reg.pool.held_bytes == held
+    reg.unregister("a")
+    files, _ = write(tmp_path, 3, sizes=(3000,))  # smaller: two buffers unused
+    reg.register("a", files=files)
+    assert reg.pool.trim() == held - 3000 * 4 - 7 * 4
+    assert reg.pool.held_bytes == 3000 * 4 + 7 * 4 and len(pins["unpin"]) == 2
+    reg.close()
+    assert reg.pool.held_bytes == 0
+
+
 def test_shm_buffers_are_not_pooled(tmp_path):
     pool = HostPool(kind="shm", shm_dir=str(tmp_path), max_bytes=1 << 20)
     buf = pool.take(4096, label="t")

@@ -1,0 +1,199 @@
+"""The watching updater (ckpt_engine/updater/watch.py) without a server: the completeness rule,
+the order, superseded and refused checkpoints, the flags, and its stops (SIGTERM 143, SIGINT
+130, idle timeout 0) as a process against a stub server. End to end: tests/test_e2e_watch.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from workers_testutil import poll, stop_group
+
+from ckpt_engine.ps.collectives import ControlGroup
+from ckpt_engine.updater.config import UpdateArgs
+from ckpt_engine.updater.watch import (
+    MARKER,
+    StopRequest,
+    Watcher,
+    list_checkpoints,
+    natural_key,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+ONE_RANK = ControlGroup(None, rank=0, world_size=1)  # a world of one: no process group needed
+
+
+def make(root: Path, name: str, *, complete: bool = True) -> None:
+    (root / name).mkdir(parents=True)
+    (root / name / "model.safetensors").write_bytes(b"")
+    if complete:
+        (root / name / MARKER).touch()
+
+
+def test_natural_order():
+    names = ["step-10", "step-9", "step-100", "a", "step-9b"]
+    assert sorted(names, key=natural_key) == ["a", "step-9", "step-9b", "step-10", "step-100"]
+
+
+def test_listing_applies_the_completeness_rule(tmp_path):
+    for name in ("step-7", "step-9", "step-10"):
+        make(tmp_path, name)
+    make(tmp_path, "step-11", complete=False)  # files without the marker
+    make(tmp_path, ".tmp-step-12")  # hidden: being written
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    (tmp_path / "step-13").mkdir()
+    (tmp_path / "step-13" / MARKER).mkdir()  # a marker must be a file
+    seen = list_checkpoints(tmp_path, after="step-8", refused={"step-10"})
+    assert seen.complete == ("step-9",)
+    assert seen.incomplete == ("step-11", "step-13")
+    assert seen.older == ("step-7",)
+    assert list_checkpoints(tmp_path / "absent", after=None, refused=set()).complete == ()
+
+
+def test_newest_pushed_superseded_skipped_refused_once(tmp_path, caplog):
+    """step-1, step-2 complete: step-2 pushed (step-1 superseded); while it is pushed the
+    trainer writes step-3 (refused by the push) and step-4 without its marker: nothing more is
+    pushed, the idle timeout ends the loop with 0."""
+    make(tmp_path, "step-1")
+    make(tmp_path, "step-2")
+    calls = []
+
+    def push(path, pushed):
+        calls.append((path.name, pushed.skipped, pushed.number))
+        if path.name == "step-2":
+            make(tmp_path, "step-3")
+            make(tmp_path, "step-4", complete=False)
+        else:
+            raise ValueError(f"{path}/model.safetensors: truncated")
+
+    watcher = Watcher(tmp_path, ONE_RANK, interval_s=0.05, idle_timeout_s=0.3)
+    with caplog.at_level("INFO", logger="ckpt_engine.examples.update"):
+        assert watcher.run(push) == 0
+    assert calls == [("step-2", ("step-1",), 1), ("step-3", (), 2)]
+    assert watcher.last == "step-2" and watcher.pushes == 1
+    assert watcher.refused == {"step-1", "step-3"}
+    log = caplog.text
+    assert "skipping step-1: superseded by step-2" in log
+    assert "refused step-3" in log and "still serving step-2" in log
+    assert "step-4 is not complete yet" in log and "no new checkpoint for 0.3 s" in log
+
+
+def test_max_updates_and_a_late_older_name(tmp_path, caplog):
+    make(tmp_path, "step-5")
+    pushed = []
+
+    def push(path, info):
+        pushed.append(path.name)
+        if path.name == "step-5":
+            make(tmp_path, "step-4")  # appears after step-5 was pushed: ignored
+            make(tmp_path, "step-6")
+
+    watcher = Watcher(tmp_path, ONE_RANK, interval_s=0.05, max_updates=2)
+    with caplog.at_level("INFO", logger="ckpt_engine.examples.update"):
+        assert watcher.run(push) == 0
+    assert pushed == ["step-5", "step-6"]
+    assert "ignoring step-4: it sorts before step-5" in caplog.text
+    assert "--watch-max-updates 2 reached" in caplog.text
+
+
+def test_stop_request_and_fatal_refusal(tmp_path):
+    stop = StopRequest()
+    stop(signal.SIGTERM)
+    assert Watcher(tmp_path, ONE_RANK, stop=stop).run(lambda p, i: None) == 143
+    make(tmp_path, "step-1")
+
+    def push(path, info):
+        raise RuntimeError("control group broken")
+
+    with pytest.raises(RuntimeError, match="broken"):
+        Watcher(tmp_path, ONE_RANK).run(push, fatal=lambda e: True)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--checkpoint-path", "x"], "not with --checkpoint-path"),
+        (["--weight-version", "v", "--inference-api", "update_weights_from_ipc"], "version"),
+        (["--save-metas-file", "m"], "--save-metas-file"),
+        (["--result-file", "r"], "--json-out"),
+        (["--watch-interval", "0"], "--watch-interval must be positive"),
+        (["--watch-max-updates", "0"], "--watch-max-updates must be positive"),
+    ],
+)
+def test_watch_flags_refused(extra, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        UpdateArgs.from_cli(["--watch", "d", *extra])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_watch_options_need_watch(capsys):
+    with pytest.raises(SystemExit):
+        UpdateArgs.from_cli(["--checkpoint-path", "x", "--watch-idle-timeout", "5"])
+    assert "--watch-idle-timeout goes with --watch" in capsys.readouterr().err
+
+
+def test_each_push_is_a_single_update_named_after_its_folder():
+    args = UpdateArgs.from_cli(["--watch", "d", "--inference-api", "update_weights_from_ipc"])
+    one = args.for_checkpoint("d/step-3", "step-3")
+    assert (one.checkpoint_path, one.checkpoint_name, one.weight_version) == (
+        "d/step-3",
+        "step-3",
+        "step-3",
+    )
+    assert UpdateArgs.from_cli(["--watch", "d"]).for_checkpoint("p", "n").weight_version is None
+
+
+class _Ping(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stub_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Ping)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    "how, code",
+    [("SIGTERM", 143), ("SIGINT", 130), ("idle", 0)],
+)
+def test_watcher_process_stops(how, code, stub_server, tmp_path):
+    """One rank (no torchrun) watching an empty folder: a signal stops it with 128 + signal
+    number, --watch-idle-timeout with 0; its files are gone either way."""
+    log = tmp_path / "log"
+    cmd = [sys.executable, "-m", "ckpt_engine.update", "--watch", str(tmp_path / "ckpts")]
+    cmd += ["--endpoint", stub_server, "--device", "cpu", "--inference-parallel-size", "1"]
+    cmd += ["--watch-interval", "0.1"] + (["--watch-idle-timeout", "1"] if how == "idle" else [])
+    env = {**os.environ, "CKPT_ENGINE_SHM_DIR": str(tmp_path)}
+    env.pop("RANK", None)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
+    try:
+        poll(lambda: "watching" in log.read_text() or proc.poll() is not None, 120, "watching")
+        if how != "idle":
+            os.kill(proc.pid, getattr(signal, how))
+        proc.wait(60)
+    finally:
+        stop_group(proc)
+    out = log.read_text()
+    assert proc.returncode == code, out
+    assert ("stopped by " + how) in out if how != "idle" else "no new checkpoint for 1.0 s" in out
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("ckpt-engine-")]
