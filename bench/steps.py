@@ -217,6 +217,12 @@ def run_ours(system, a, spec, base, data, dtype, index) -> list[dict]:
             reply = worker.res.get(timeout=600) if worker.sent else {}
             if k > 1 and f"step{k - 1}" in ps.registered_checkpoints():
                 ps.unregister_checkpoint(f"step{k - 1}")
+            if system == "ours":
+                parts["phases"] = {k: round(v, 4) for k, v in ps.last_step_timings.items()}
+            parts["update_phases"] = {
+                k: round(v, 4) if isinstance(v, float) else v
+                for k, v in ps.last_update_timings.items()
+            }
             steps.append(record(k, seconds, error, reply, dtype, index, parts))
             steps[-1]["pool"] = {"allocated": ps._registry.pool.allocated}
     finally:
@@ -308,6 +314,7 @@ def main() -> None:
     ap.add_argument("--workload", default="dense", choices=WORKLOADS)
     ap.add_argument("--tensors", type=int, default=50_000)
     ap.add_argument("--bucket-mib", type=int, default=0)
+    ap.add_argument("--read-chunk-mib", type=int, default=0, help="ours: staged read chunk size")
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--result-dir", required=True)
     ap.add_argument(
@@ -317,6 +324,10 @@ def main() -> None:
         help="print every thread's stack after this many seconds (before bench/run.py's limit)",
     )
     a = ap.parse_args()
+    if a.read_chunk_mib:
+        from ckpt_engine.ps import staging
+
+        staging.READ_CHUNK_BYTES = a.read_chunk_mib << 20
     if a.dump_after_s > 0:
         faulthandler.dump_traceback_later(a.dump_after_s, exit=False)
     from ckpt_engine import device as ce_device

@@ -106,6 +106,9 @@ class ParameterServer:
         self._owns_process_group = False
         self._updates = 0
         self.last_update_timings: dict[str, float | int] = {}  # phases of the last broadcast
+        # phases of the last register_and_update, seconds: register (headers, buffers), gather,
+        # update, wait_reads (after it), reads (first to last chunk), mover_waited (for bytes)
+        self.last_step_timings: dict[str, float] = {}
         self._p2p = None  # ckpt_engine.p2p.service.OwnerService, started on first publication
         self._p2p_groups: dict[tuple[int, ...], tuple[ControlGroup, object]] = {}
         logger.info(
@@ -179,6 +182,7 @@ class ParameterServer:
             timeout = timeout.total_seconds()
         timeout_s = float(timeout) if timeout is not None else self.config.timeout_s
         error: BaseException | None = None
+        t0 = time.perf_counter()
         try:
             self._registry.register(
                 name, files=files or (), named_tensors=named_tensors, defer_reads=True
@@ -186,14 +190,26 @@ class ParameterServer:
         except Exception as e:  # join the gather anyway, so every rank fails the same way
             error = e
         try:
+            t1 = time.perf_counter()
             self.gather_metas(name)
             if error is not None:
                 raise error
+            t2 = time.perf_counter()
             self.update(name, req_func, timeout=timeout_s, wire=wire)
+            t3 = time.perf_counter()
             ckpt = self._registry.get(name)
-            ckpt.reads.wait_all(time.monotonic() + timeout_s)
-            ckpt.reads.close()
+            reads = ckpt.reads
+            reads.wait_all(time.monotonic() + timeout_s)
+            reads.close()
             ckpt.reads = None
+            self.last_step_timings = {
+                "register": t1 - t0,
+                "gather": t2 - t1,
+                "update": t3 - t2,
+                "wait_reads": time.perf_counter() - t3,
+                "reads": (reads.finished or t3) - reads.started,
+                "mover_waited": reads.waited_s,
+            }
         except BaseException as e:
             if name in self._registry:
                 self.unregister_checkpoint(name)

@@ -41,6 +41,9 @@ class StagedReads:
             self._paths[buffer] = job.path
             chunks.extend((job, buffer, k) for k in range(count))
         self._left = len(chunks)
+        self.started = time.perf_counter()
+        self.finished: float | None = None  # when the last chunk landed (perf_counter)
+        self.waited_s = 0.0  # time the update's mover spent waiting for bytes (wait_range)
         try:
             for job in jobs:
                 if job.path not in self._fds:
@@ -71,6 +74,8 @@ class StagedReads:
                 self._pending[buffer].discard(k)
             self._left -= 1
             done = self._left == 0
+            if done:
+                self.finished = time.perf_counter()
             self._cond.notify_all()
         if done:
             self._close_fds()
@@ -106,9 +111,13 @@ class StagedReads:
         if pending is None or end <= start:
             return
         first, last = start // READ_CHUNK_BYTES, (end - 1) // READ_CHUNK_BYTES
-        self._wait(
-            lambda: not any(first <= k <= last for k in pending), self._paths[buffer], deadline
-        )
+        t0 = time.perf_counter()
+        try:
+            self._wait(
+                lambda: not any(first <= k <= last for k in pending), self._paths[buffer], deadline
+            )
+        finally:
+            self.waited_s += time.perf_counter() - t0
 
     def wait_all(self, deadline: float) -> None:
         """Until every read landed (the host copy is complete); raises the first read error."""
