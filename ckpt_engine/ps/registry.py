@@ -105,6 +105,20 @@ def _check_named(named: Mapping[str, torch.Tensor]) -> None:
             raise CheckpointError(f"named_tensors[{name!r}] is not a dense tensor")
 
 
+def copy_into(dst: torch.Tensor, tensor: torch.Tensor) -> bool:
+    """Copy ``tensor``'s bytes into the host bytes ``dst`` (uint8, as many bytes) by torch: a
+    strided host tensor, or a tensor in device memory (a trainer's weights on its GPU). Device
+    memory is copied straight into ``dst`` (pinned: the registry pins before it copies), queued
+    on the device's current stream, so it runs after the kernels that produced the tensor and
+    no pageable host copy is made; returns True when such a copy is queued, and the caller
+    synchronizes that stream once before the bytes are read. (A strided device tensor is made
+    contiguous on its device first; that temporary is freed in stream order.)"""
+    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    queued = flat.device.type == "cuda"
+    dst.copy_(flat, non_blocking=queued)
+    return queued
+
+
 class Registry:
     """The checkpoints registered on this rank, by name."""
 
@@ -324,8 +338,9 @@ class Registry:
         self, ckpt: RegisteredCheckpoint, named: Mapping[str, torch.Tensor], *, label: str
     ) -> list[TensorMeta]:
         """Pack the tensors, in order, into buffers of about NAMED_CHUNK_BYTES (a larger tensor
-        gets one of its own), allocated and pinned in parallel; then copy them in (host tensors
-        on the read threads, device tensors by torch)."""
+        gets one of its own), allocated and pinned in parallel (or taken from the pool, pinned
+        already); then copy them in (contiguous host tensors on the read threads, device and
+        strided tensors by torch, device-to-host straight into the pinned buffers: `copy_into`)."""
         if not named:
             return []
         names, tensors = list(named), list(named.values())
@@ -355,6 +370,7 @@ class Registry:
         # sides continue (views into one flat buffer, e.g. a trainer's); others by torch
         host_jobs: list[list[int]] = []
         bases = [b.tensor.data_ptr() for b in ckpt.buffers[first:]]
+        devices: set[torch.device] = set()
         for tensor, nbytes, chunk, offset in zip(tensors, sizes, where, offsets):
             if not nbytes:
                 continue
@@ -366,11 +382,14 @@ class Registry:
                 else:
                     host_jobs.append([dst, src, nbytes])
             else:  # device memory or strided: torch's copy
-                flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-                ckpt.buffers[first + chunk].tensor[offset : offset + nbytes].copy_(flat)
+                dst = ckpt.buffers[first + chunk].tensor[offset : offset + nbytes]
+                if copy_into(dst, tensor):
+                    devices.add(tensor.device)
         kinds = [dtypes.from_torch(t.dtype) for t in tensors]
         shapes = [tuple(t.shape) for t in tensors]
         buffers = [first + w for w in where]
         metas = list(map(TensorMeta._make, zip(names, kinds, shapes, sizes, buffers, offsets)))
         self._copy_host(host_jobs, label=label)
+        for device in devices:  # the device-to-host copies queued by copy_into
+            torch.cuda.current_stream(device).synchronize()
         return metas

@@ -1,0 +1,133 @@
+"""The trainer pattern: weights in the trainer's own memory (on GPU: a gathered FSDP or Megatron
+shard) pushed every step with ``register_and_update(name, req_func, named_tensors=weights)``,
+the previous step unregistered first, so its pinned buffers serve the next step (host memory:
+one checkpoint).
+
+Device tensors are copied device-to-host straight into the pool's pinned buffers
+(``ckpt_engine.ps.registry.copy_into``, one stream synchronization per device); strided host
+tensors take the same function, so the CPU run covers its path. The colocated worker is a
+spawned process (CUDA IPC needs a second process) that answers the sha256 of every tensor it
+received; world size 1."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+
+import pytest
+import torch
+
+from ckpt_engine import ParameterServer, PSConfig
+from ckpt_engine.ps import registry as registry_mod
+
+STEPS = 3
+
+
+def digest(t: torch.Tensor) -> list:
+    flat = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+    return [str(t.dtype), list(t.shape), hashlib.sha256(flat.numpy()).hexdigest()]
+
+
+def worker(conn, index: int) -> None:
+    """Apply each update it is sent the address of; answer {name: digest} (or the error)."""
+    import zmq
+
+    from ckpt_engine import update_weights_from_ipc
+
+    ctx = zmq.Context()
+    while conn.poll(120):
+        address = conn.recv()
+        if address is None:
+            break
+        got: dict = {}
+        try:
+            update_weights_from_ipc(
+                ctx,
+                address,
+                index,
+                run=lambda ws, got=got: got.update((n, digest(t)) for n, t in ws),
+            )
+            conn.send({"digests": got})
+        except Exception as e:
+            conn.send({"error": f"{type(e).__name__}: {e}"})
+    ctx.term()
+
+
+def trainer_weights(device: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    flat = torch.randn(64 * 96 + 500, generator=g).to(device)
+    mat = torch.randn(96, 64, generator=g).to(device)
+    return {
+        "embed": torch.randn(300, 64, generator=g).to(device=device, dtype=torch.bfloat16),
+        "w_t": mat.t(),  # strided: made contiguous on its device, then copied
+        "w_rows": mat[::3],  # strided
+        "flat_view": flat[500:].view(64, 96),  # a view at a storage offset
+        "half": torch.randn(77, generator=g).to(device=device, dtype=torch.float16),
+        "ints": torch.randint(-100, 100, (1000,), generator=g, dtype=torch.int8).to(device),
+        "mask": (torch.rand(33, generator=g) > 0.5).to(device),
+        "scalar": torch.tensor(3.5, dtype=torch.float64, device=device),
+    }
+
+
+def train_step(weights: dict[str, torch.Tensor]) -> None:
+    """New values in place, as an optimizer step (on the device's current stream)."""
+    with torch.no_grad():
+        for name, t in weights.items():
+            if t.dtype == torch.bool:
+                t.logical_not_()
+            elif name != "w_rows":  # a view of w_t's storage: changed with it
+                t.add_(1)
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setenv("CKPT_ENGINE_SHM_DIR", str(shm))
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+
+
+@pytest.mark.parametrize(
+    "device",
+    [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)],
+)
+def test_trainer_weights_every_step_bit_exact_pool_reused(device, env, monkeypatch):
+    copies = []
+    real = registry_mod.copy_into
+    monkeypatch.setattr(
+        registry_mod, "copy_into", lambda dst, t: copies.append(t.device.type) or real(dst, t)
+    )
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=worker, args=(there, 0), daemon=True)
+    proc.start()
+    config = PSConfig(timeout_s=60.0, connect_poll_s=0.1)
+    ps = ParameterServer(rank=0, world_size=1, device_type=device, config=config)
+    weights = trainer_weights(device)
+    try:
+        for step in range(STEPS):
+            train_step(weights)
+            want = {n: digest(t) for n, t in weights.items()}
+            if step:  # its pinned buffers serve this step
+                ps.unregister_checkpoint(f"step{step - 1}")
+            ps.register_and_update(
+                f"step{step}", lambda paths: here.send(paths[0][1]), named_tensors=weights
+            )
+            assert here.poll(60), "the worker did not answer"
+            reply = here.recv()
+            assert reply.get("digests") == want, reply.get("error")
+            ckpt = ps.checkpoint(f"step{step}")
+            assert all(b.pinned for b in ckpt.buffers) == (device == "cuda")
+            if step == 0:
+                first = ps.host_pool.allocated_bytes
+        assert ps.host_pool.allocated_bytes == first, "later steps reuse the pinned buffers"
+        assert ps.host_pool.reused >= STEPS - 1
+        # on GPU every tensor went device-to-host through copy_into; on CPU the strided ones
+        per_step = len(weights) if device == "cuda" else 2
+        assert copies == [device] * per_step * STEPS
+    finally:
+        here.send(None)
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+        ps.close()
