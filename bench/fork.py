@@ -20,6 +20,10 @@ GPU (2 GPUs, about 3 minutes; the checkpoint is kept in --dir for the next run):
     .venv/bin/python bench/fork.py --dir /tmp/ckpt-engine-fork --results bench/RESULTS.md
 CPU smoke test (tiny shapes, gloo):
     .venv/bin/python bench/fork.py --cpu --small
+Another TP size on the client (`--client-tp 2`: a TP=2 client of the TP=1 seed, slice mode:
+each client rank receives only the rows it keeps; `--whole-tensors`: full mode, each receives
+the whole model); the table ends with the bytes moved per link (seed -> each client rank):
+    .venv/bin/python bench/fork.py --cpu --small --client-tp 2 [--whole-tensors]
 
 `--backend transfer_engine` forks one-sided through Mooncake instead (the seed started with
 `--remote-instance-weight-loader-start-seed-via-transfer-engine`; protocol: RDMA where a device
@@ -198,13 +202,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=None, help="append the table here")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--backend", default="nccl", choices=("nccl", "transfer_engine"))
+    parser.add_argument("--client-tp", type=int, default=1, help="nccl/gloo: the client's TP")
+    parser.add_argument(
+        "--whole-tensors", action="store_true", help="client: full mode (whole tensors per rank)"
+    )
     parser.add_argument("--clients", type=int, default=2, help="transfer_engine: clients at once")
     parser.add_argument("--same-gpu", action="store_true", help="transfer_engine: clients on GPU 0")
     args = parser.parse_args(argv)
     device = "cpu" if args.cpu else "cuda"
-    gpus_needed = 1 if args.same_gpu else 2
+    gpus_needed = 1 if args.same_gpu else 1 + args.client_tp
     if device == "cuda" and torch.cuda.device_count() < gpus_needed:
-        raise SystemExit("needs 2 CUDA GPUs (seed on GPU 0, client on GPU 1); or pass --cpu")
+        raise SystemExit(
+            f"needs {gpus_needed} CUDA GPUs (seed on GPU 0, client on the next); or pass --cpu"
+        )
     if args.backend == "transfer_engine":
         return one_sided(args, device)
 
@@ -222,16 +232,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         disk_total = seed.wait_healthy(args.timeout)
         disk_load = seed.seconds(r"auto weights loaded on \S+ in ([\d.]+) s")
-        fork = [*common, "--base-gpu-id", "0" if args.cpu else "1"]
-        fork += ["--load-format", "remote_instance"]
+        fork = ["--device", device, "--tp", str(args.client_tp)]
+        fork += ["--base-gpu-id", "0" if args.cpu else "1", "--load-format", "remote_instance"]
         fork += ["--remote-instance-weight-loader-seed-instance-ip", "127.0.0.1"]
         fork += ["--remote-instance-weight-loader-seed-instance-service-port", str(seed.port)]
-        fork += ["--remote-instance-weight-loader-send-weights-group-ports", f"[{free_port()}]"]
+        ports = json.dumps([free_port() for _ in range(args.client_tp)])
+        fork += ["--remote-instance-weight-loader-send-weights-group-ports", ports]
+        if args.whole_tensors:
+            fork += ["--remote-instance-weight-loader-whole-tensors"]
         client = Server("client", ckpt, fork, tmp)
         fork_total = client.wait_healthy(args.timeout)
         transfer = client.seconds(r"forked [\d.]+ GB from \S+ in ([\d.]+) s")
         confirmed = client.seconds(r"the seed's answer in after ([\d.]+) s")
         sent = seed.seconds(r"fork \S+: sent \d+ bytes \(\w+ mode\) in ([\d.]+) s")
+        mode, links = links_of(seed.output())
         fork_load = client.seconds(r"remote_instance weights loaded on \S+ in ([\d.]+) s")
         verified = "skipped"
         if not args.no_verify:
@@ -270,6 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     lines = ["| what | bytes | seconds | GB/s |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {name} | {nbytes} | {s:.3f} | {gb / s:.2f} |" for name, s in rows]
+    lines += ["", "| link | bytes moved | of the checkpoint |", "| --- | ---: | ---: |"]
+    lines += [
+        f"| seed rank 0 -> client rank {j} ({mode} mode) | {n} | {n / nbytes:.1%} |"
+        for j, n in sorted(links.items())
+    ]
     table = "\n".join(lines)
     note = f"{gb:.2f} GB, {cache}; verification: {verified}"
     print(table)
@@ -280,6 +299,16 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.results, "a") as f:
             f.write(f"\n## Fork vs disk ({stamp}, {gpu}, bench/fork.py)\n\n{table}\n\n{note}\n")
     return 0
+
+
+def links_of(seed_log: str) -> tuple[str, dict[int, int]]:
+    """The last send's mode and bytes per client rank, from the seed's log line."""
+    found = re.findall(r"fork \S+: sent \d+ bytes \((\w+) mode\) in [\d.]+ s \(([^)]*)\)", seed_log)
+    if not found:
+        raise SystemExit("no bytes per link in the seed's log")
+    mode, text = found[-1]
+    links = {int(j): int(n) for j, n in re.findall(r"client rank (\d+): (\d+)", text)}
+    return mode, links
 
 
 def one_sided(args, device: str) -> int:

@@ -7,8 +7,8 @@ The tests run in file order on two module-scoped servers ("disk": checkpoint A l
 tokens and its /weights_info is the checkpoint files' sha256s (expert tensors in checkpoint
 layout); a broadcast update (many buckets) fills the target with A; a P2P join moves checkpoint B
 into the disk server from the host memory of a job that registered B (and serves it, asleep);
-a TP=1 client forks from the target ("full" mode: experts unsharded over the seed's TP group)
-and verifies every tensor's sha256.
+a TP=1 client forks from the target ("slice" mode: the fused experts gathered over the seed's
+TP group, each sent as its two halves, one per seed rank) and verifies every tensor's sha256.
 """
 
 from __future__ import annotations
@@ -151,11 +151,12 @@ def test_p2p_join_moves_checkpoint_b(fleet, ckpts):
 
 @pytest.mark.parametrize(
     "backend, said",
-    [("gloo", "full mode"), ("transfer_engine", "one-sided (transfer_engine)")],
+    [("gloo", "slice mode"), ("transfer_engine", "one-sided (transfer_engine)")],
 )
 def test_tp1_client_forks_every_expert_from_the_tp2_seed(fleet, ckpts, backend, said):
-    """gloo: the seed unshards every expert tensor and sends it; transfer_engine (Mooncake over
-    TCP): the client reads the rows it keeps of each expert (~100k ranges)."""
+    """gloo: the seed gathers each fused expert parameter and sends the client its pieces;
+    transfer_engine (Mooncake over TCP): the client reads the rows it keeps of each expert
+    (~100k ranges)."""
     seed = fleet["target"]
     args = ["--tp", "1", "--device", "cpu", "--dtype", "float32", "--api-key", "secret"]
     args += ["--load-format", "remote_instance", "--remote-instance-weight-loader-verify-checksums"]

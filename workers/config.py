@@ -155,6 +155,13 @@ class ServerArgs:
         default=False,
         metadata=_opt("fork: after loading, compare every tensor's sha256 with the seed's"),
     )
+    remote_instance_weight_loader_whole_tensors: bool = field(
+        default=False,
+        metadata=_opt(
+            "fork at another TP size over nccl/gloo: receive every whole checkpoint tensor "
+            "(full mode) instead of only the rows/columns each rank keeps (slice mode)"
+        ),
+    )
     log_level: str = field(
         default="info",
         metadata=_opt(

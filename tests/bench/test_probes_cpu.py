@@ -3,6 +3,7 @@ the fork transfer backend alone (gloo), and the register probe without pinning."
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,10 +29,17 @@ def test_fork_link_gloo_moves_every_tensor_exactly():
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_fork_bench_cpu_small_verifies_the_fork(tmp_path):
-    out = run("fork.py", "--cpu", "--small", "--dir", str(tmp_path / "ckpt"), timeout=170)
+    """A TP=2 client of the TP=1 seed: slice mode, about half the checkpoint per link."""
+    ckpt = str(tmp_path / "ckpt")
+    out = run("fork.py", "--cpu", "--small", "--client-tp", "2", "--dir", ckpt, timeout=170)
     assert "fork (CPU, gloo): transfer (client: send call to last byte)" in out
     assert "fork: seed's send (first tensor to all flushed)" in out
     assert "sha256 of" in out and "/generate match" in out
+    links = re.findall(
+        r"\| seed rank 0 -> client rank (\d) \(slice mode\) \| (\d+) \| ([\d.]+)%", out
+    )
+    assert [j for j, _, _ in links] == ["0", "1"], out
+    assert all(45 < float(share) < 60 for _, _, share in links), links
 
 
 @pytest.mark.timeout(120)

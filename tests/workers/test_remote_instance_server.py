@@ -1,12 +1,16 @@
 """End to end, remote-instance fork on CPU (gloo): a TP=2 seed loaded from disk; a TP=2 client
-(shard mode) and a TP=1 client (full mode) fork from it at the same time and serve the same
-weights (checksums) and tokens; a forked client serves as a seed in turn; a mismatched manifest
-or a wrong key is refused naming the cause; a client killed mid-transfer leaves the seed serving;
-a seed killed mid-transfer makes the client exit non-zero within its timeout."""
+(shard mode) and a TP=1 client (slice mode) fork from it at the same time and serve the same
+weights (checksums) and tokens; a forked client serves as a seed in turn: from that TP=1 seed,
+a TP=2 client in slice mode moves per rank only what it keeps (half of each sharded tensor, the
+norms whole: counted in bytes) and one in full mode (--...-whole-tensors) the whole model, both
+bit-exact against the checkpoint; a mismatched manifest or a wrong key is refused naming the
+cause; a client killed mid-transfer leaves the seed serving; a seed killed mid-transfer makes
+the client exit non-zero within its timeout."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -66,35 +70,78 @@ def same_weights_and_tokens(a, b) -> None:
     assert out_a["output_ids"] == out_b["output_ids"] and out_b["weight_version"] == VERSION
 
 
-def test_two_clients_fork_at_once_then_a_client_seeds_another(seed, tmp_path):
+def forked_bytes(server, tp: int) -> list[int]:
+    """Bytes each rank of a forked client received, from its log."""
+    found = dict(re.findall(r"rank (\d+): forked .*; (\d+) bytes received", server.output()))
+    return [int(found[str(j)]) for j in range(tp)]
+
+
+def checkpoint_bytes(model) -> tuple[int, int]:
+    """(all bytes, bytes of the replicated tensors: norms) of the checkpoint, as float32."""
+    state = model.state_dict()
+    total = sum(t.numel() * 4 for t in state.values())
+    norms = sum(t.numel() * 4 for n, t in state.items() if n.endswith("norm.weight"))
+    return total, norms
+
+
+def same_as_checkpoint(server, model) -> None:
+    """Every tensor the server holds is bit-exact the checkpoint's (served as float32)."""
+    from workers.models.weights import tensor_digest
+
+    served = server.get("/weights_info", headers=KEY).json()["tensors"]
+    want = {n: tensor_digest(t.float())["sha256"] for n, t in model.state_dict().items()}
+    assert {n: served[n]["sha256"] for n in want} == want
+
+
+def test_two_clients_fork_at_once_then_a_client_seeds_another(seed, checkpoints, tmp_path):
     seed_server, path = seed
+    _, hf_model = checkpoints["qwen3"]
+    total, norms = checkpoint_bytes(hf_model)
     verify = ["--remote-instance-weight-loader-verify-checksums"]
     tp2 = start_client(path, seed_server, tp=2, log=tmp_path / "tp2.log", extra=verify)
     tp1 = start_client(path, seed_server, tp=1, log=tmp_path / "tp1.log")
-    third = None
+    sliced = whole = None
     try:
         wait_until_up(tp2)
         wait_until_up(tp1)
-        assert "shard mode" in tp2.output() and "full mode" in tp1.output()
+        assert "shard mode" in tp2.output() and "slice mode" in tp1.output()
         assert "sha256 matches the seed's" in tp2.output()
+        assert forked_bytes(tp1, 1) == [total]  # a TP=1 client keeps everything
         same_weights_and_tokens(seed_server, tp2)
         same_weights_and_tokens(seed_server, tp1)
         assert seed_server.get("/health").status_code == 200
-        # A client that finished loading is a seed in its turn (TP=1 -> TP=1: shard mode).
+        # A client that finished loading is a seed in its turn: TP=1 -> TP=2, in slice mode
+        # (each rank receives only its rows) and in full mode (each receives everything).
         progress = {"CKPT_ENGINE_PROGRESS": "log", "CKPT_ENGINE_PROGRESS_INTERVAL_S": "1e-9"}
-        third = start_client(path, tp1, tp=1, log=tmp_path / "third.log", env=progress)
-        wait_until_up(third)
-        same_weights_and_tokens(seed_server, third)
-        assert f"fork from {tp1.url}: " in third.output()  # progress lines of its load
-        fork = {  # tp1 served one send (to third): /metrics counts it and its bytes
+        sliced = start_client(path, tp1, tp=2, log=tmp_path / "sliced.log", env=progress)
+        whole = start_client(
+            path,
+            tp1,
+            tp=2,
+            log=tmp_path / "whole.log",
+            extra=["--remote-instance-weight-loader-whole-tensors"],
+        )
+        wait_until_up(sliced)
+        wait_until_up(whole)
+        assert "slice mode" in sliced.output() and "full mode" in whole.output()
+        half = norms + (total - norms) // 2  # per rank: half of each sharded tensor, norms whole
+        assert forked_bytes(sliced, 2) == [half, half]
+        assert forked_bytes(whole, 2) == [total, total]
+        assert half < 0.6 * total
+        for client in (sliced, whole):
+            same_as_checkpoint(client, hf_model)
+            same_weights_and_tokens(seed_server, client)
+        assert f"fork from {tp1.url}: " in sliced.output()  # progress lines of its load
+        assert f"client rank 0: {half}, client rank 1: {half}" in tp1.output()  # the seed's log
+        fork = {  # tp1 served two sends: /metrics counts them and their bytes
             (s.name, tuple(s.labels.values())): s.value
             for f in text_string_to_metric_families(tp1.get("/metrics").text)
             for s in f.samples
         }
-        assert fork[("ckpt_engine_fork_sends_total", ("ok",))] == 1
-        assert fork[("ckpt_engine_fork_sent_bytes_total", ())] > 0
+        assert fork[("ckpt_engine_fork_sends_total", ("ok",))] == 2
+        assert fork[("ckpt_engine_fork_sent_bytes_total", ())] == 2 * half + 2 * total
     finally:
-        for server in (tp2, tp1, third):
+        for server in (tp2, tp1, sliced, whole):
             if server is not None:
                 server.stop()
 

@@ -9,7 +9,8 @@ Per client rank, in `RankWorker.create` (before the server answers anything):
 3. Rank 0 POSTs /init_weights_send_group_for_remote_instance while every rank joins its pair
    group (`plan`) on its port; rank 0 then POSTs /send_weights_to_remote_instance while every
    rank receives, tensor by tensor, in the seed manifest's order, each into the tensor of the same
-   name (shard mode: straight into the parameter; full mode: a buffer through `load_weights`).
+   name (shard mode: straight into the parameter; slice mode, at another TP size: only the
+   pieces it keeps, into the parameter (`slices`); full mode: a buffer through `load_weights`).
 4. `process_weights_after_loading` rebuilds derived state (buffers are compared, never sent);
    optionally every tensor's sha256 is compared with the seed's /weights_info.
 Every step has the timeout; a failure raises `RemoteInstanceError` naming the seed and the tensor,
@@ -40,13 +41,25 @@ from workers.errors import (
 from workers.model_loader import LoadFormat, WeightAccounting
 from workers.remote_instance.backend import close_later, get_backend
 from workers.remote_instance.manifest import Manifest, build_manifest
-from workers.remote_instance.plan import SHARD, fork_mode, pair_group_name
+from workers.remote_instance.plan import SHARD, SLICE, fork_mode, pair_group_name
+from workers.remote_instance.reads import layout_from_json
 from workers.remote_instance.seed_client import SeedClient
 from workers.remote_instance.settings import (
     LOAD_FORMAT,
     MODELEXPRESS,
     TRANSFER_ENGINE,
     RemoteInstanceSettings,
+)
+from workers.remote_instance.slices import (
+    ParamSlices,
+    SliceRequest,
+    at_rank,
+    client_targets,
+    layouts_of,
+    plan_digest,
+    plan_slices,
+    span_numel,
+    zero_padding,
 )
 
 logger = logging.getLogger(__name__)
@@ -58,8 +71,11 @@ ONE_SIDED = (TRANSFER_ENGINE, MODELEXPRESS)
 class RemoteInstanceFormat(LoadFormat):
     name = LOAD_FORMAT
 
-    def __init__(self, settings: RemoteInstanceSettings) -> None:
+    def __init__(self, settings: RemoteInstanceSettings, *, slices: bool = True) -> None:
         self.settings = settings
+        # slice mode where the seed offers it (a reference seed; not with a vLLM client,
+        # whose parameters are vLLM's own, nor with --...-whole-tensors)
+        self.slices = slices and not settings.whole_tensors
         self.seed = (
             None
             if settings.seed_ip is None  # modelexpress: the registry names it
@@ -84,7 +100,8 @@ class RemoteInstanceFormat(LoadFormat):
         seed = self.seed.manifest()
         if problems := seed.mismatches(build_manifest(model)):
             raise ManifestMismatchError(problems, self.seed.url)
-        mode = fork_mode(seed.tp_size, tp.size)
+        plans, request = self._slice_plans(model, seed)
+        mode = fork_mode(seed.tp_size, tp.size, slices=plans is not None)
         base = "send_weights_" + _shared_token(tp, device)
         port = s.ports[tp.rank]
         name = pair_group_name(base, port, tp.rank)
@@ -100,7 +117,12 @@ class RemoteInstanceFormat(LoadFormat):
             )
 
         def init():
-            self.seed.init_group(ports=s.ports, group_name=base, backend=s.backend)
+            if request is None:
+                self.seed.init_group(ports=s.ports, group_name=base, backend=s.backend)
+            else:
+                self.seed.init_group(
+                    ports=s.ports, group_name=base, backend=s.backend, slices=request.to_json()
+                )
 
         group = _together(device, connect, init if tp.rank == 0 else None, s.timeout)[0]
         start = time.perf_counter()
@@ -109,7 +131,10 @@ class RemoteInstanceFormat(LoadFormat):
 
             def receive():
                 nonlocal landed
-                received = self._receive(model, group, seed, mode, device, write)
+                if mode == SLICE:
+                    received = self._receive_slices(model, group, seed, plans, device)
+                else:
+                    received = self._receive(model, group, seed, mode, device, write)
                 landed = time.perf_counter()  # every byte is here (flushed)
                 # Leave the group as soon as every byte is here, without waiting for the seed's
                 # answer (holding our end open until then could make both ends wait on each
@@ -133,7 +158,7 @@ class RemoteInstanceFormat(LoadFormat):
         self.stats = {"mode": mode, "bytes": received, "seconds": seconds, "confirmed": confirmed}
         logger.info(
             "rank %d: forked %.3f GB from %s in %.3f s (%.1f GB/s, %s mode; from the send call "
-            "to the last byte); the seed's answer in after %.3f s",
+            "to the last byte); the seed's answer in after %.3f s; %d bytes received",
             tp.rank,
             received / 1e9,
             self.seed.url,
@@ -141,6 +166,7 @@ class RemoteInstanceFormat(LoadFormat):
             received / 1e9 / max(seconds, 1e-9),
             mode,
             confirmed,
+            received,
         )
         if s.verify:
             self._verify(model)
@@ -178,6 +204,71 @@ class RemoteInstanceFormat(LoadFormat):
         )
         if s.verify:
             self._verify(model)
+
+    def _slice_plans(
+        self, model, seed: Manifest
+    ) -> tuple[list[ParamSlices] | None, SliceRequest | None]:
+        """Slice mode's plan and the init call's request, where it applies: another TP size, a
+        seed that lists its layouts, the same parameters on both sides; else (None, None)."""
+        tp = model.tp
+        if not self.slices or seed.layouts is None or seed.tp_size == tp.size:
+            return None, None
+        order = [p.name for p in seed.parameters]
+        named = list(model.named_parameters())
+        if set(order) != {n for n, _ in named}:
+            logger.info("rank %d: the seed's parameters are not ours: full mode", tp.rank)
+            return None, None
+        mine = layouts_of(named)
+        plans = plan_slices(order, seed.layouts, seed.tp_size, mine, tp.size)
+        return plans, SliceRequest(tp_size=tp.size, layouts=mine, digest=plan_digest(plans))
+
+    def _receive_slices(self, model, group, seed: Manifest, plans, device) -> int:
+        """Slice mode: per parameter, the pieces this rank keeps, in place (a strided piece
+        through a buffer), padding zeroed; a parameter planned whole arrives as checkpoint
+        tensors and loads through `load_weights`."""
+        j = model.tp.rank
+        params = dict(model.named_parameters())
+
+        def nbytes(plan: ParamSlices) -> int:
+            param = params[plan.name]
+            if plan.whole:
+                return _dtype_bytes(param.dtype, _whole_shapes(seed, plan.name))
+            shape = tuple(param.shape)
+            numel = sum(span_numel(sp, shape) for sp in plan.per_rank[j].spans)
+            return numel * param.element_size()
+
+        total = sum(map(nbytes, plans))
+        progress = Progress(f"fork from {self.seed.url}", total, rank=j)
+        received = 0
+        for k, plan in enumerate(plans):
+            data = params[plan.name].data
+            try:
+                if plan.whole:
+                    for name, shape in _whole_shapes(seed, plan.name, model).items():
+                        target = torch.empty(shape, dtype=data.dtype, device=device)
+                        group.recv(target)
+                        model.load_weights([(name, target)])
+                else:
+                    for buf, dst in client_targets(plan.per_rank[j], data):
+                        group.recv(buf)
+                        if dst is not None:
+                            dst.copy_(buf)
+                    zero_padding(plan.per_rank[j], data)
+            except (TransferError, RuntimeError) as e:
+                progress.close()
+                raise RemoteInstanceError(
+                    f"fork from seed {self.seed.url} broke at {plan.name} ({k + 1} of "
+                    f"{len(plans)} parameters) on port {group.name}: {e}"
+                ) from e
+            n = nbytes(plan)
+            received += n
+            progress.advance(n)
+        progress.close()
+        try:
+            group.flush()
+        except (TransferError, RuntimeError) as e:
+            raise RemoteInstanceError(f"fork from seed {self.seed.url}: {e}") from e
+        return received
 
     def _receive(self, model, group, seed: Manifest, mode: str, device, write) -> int:
         received = 0
@@ -238,6 +329,20 @@ class RemoteInstanceFormat(LoadFormat):
                 f"{theirs.get('weight_version')}): {len(bad)} tensor(s): {', '.join(bad[:20])}"
             )
         logger.info("rank 0: every tensor's sha256 matches the seed's")
+
+
+def _whole_shapes(seed: Manifest, pname: str, model=None) -> dict:
+    """A parameter sent whole: {checkpoint name (with `model`, else shard id): full shape}, in
+    the seed's send order (its layout's parts)."""
+    layout = at_rank(layout_from_json(seed.layouts[pname]), 0)
+    return {
+        (sid if model is None else model.checkpoint_name(pname, sid)): layout.full_shape(sid)
+        for sid in layout.shard_ids()
+    }
+
+
+def _dtype_bytes(dtype: torch.dtype, shapes: dict) -> int:
+    return sum(math.prod(shape) for shape in shapes.values()) * dtype.itemsize
 
 
 def _nbytes(spec) -> int:

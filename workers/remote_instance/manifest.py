@@ -13,18 +13,22 @@ must match too (the "shard" mode copies parameters verbatim); buffers are compar
 dtype always, by shape only with equal TP sizes (a TP-local buffer changes shape with TP), when
 both manifests list buffers: a vLLM manifest (`workers.vllm.checkpoint_view`) lists none, as
 vLLM rebuilds its derived state itself.
+
+A reference seed's manifest also lists its parameters' shard layouts (rank 0's; not compared):
+with them a client of another TP size asks for only the rows it keeps (`slices`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from workers.errors import ProtocolError
+from workers.remote_instance.slices import layouts_of
 
 MANIFEST_FORMAT = 1
 
@@ -55,6 +59,9 @@ class Manifest:
     tp_size: int
     weight_version: str | None = None
     format: int = MANIFEST_FORMAT
+    # {parameter: shard layout JSON, rank 0's}: a reference seed's, so a client of another TP
+    # size can ask for only its rows (`slices`); None where the seed does not offer that.
+    layouts: dict[str, Any] | None = field(default=None, compare=False)
 
     @property
     def total_bytes(self) -> int:
@@ -91,15 +98,17 @@ class Manifest:
                 tp_size=int(raw["tp_size"]),
                 weight_version=raw.get("weight_version"),
                 format=int(raw["format"]),
+                layouts=_layouts(raw.get("layouts")),
                 **specs,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ProtocolError(f"malformed manifest: {e!r}") from e
 
 
-def build_manifest(model, *, weight_version: str | None = None) -> Manifest:
+def build_manifest(model, *, weight_version: str | None = None, layouts: bool = False) -> Manifest:
     """This rank's view of `model` (a `CheckpointWeights` model with `config` and `tp`); local,
-    no collective: checkpoint shapes come from the parameters' `shard_layout`."""
+    no collective: checkpoint shapes come from the parameters' `shard_layout`. `layouts`: list
+    them (a seed that serves slice mode)."""
     tensors = []
     params = dict(model.named_parameters())
     for pname, param in params.items():
@@ -114,7 +123,16 @@ def build_manifest(model, *, weight_version: str | None = None) -> Manifest:
         buffers=tuple(_spec(n, b) for n, b in model.named_buffers()),
         tp_size=model.tp.size,
         weight_version=weight_version,
+        layouts=layouts_of(params.items()) if layouts else None,
     )
+
+
+def _layouts(raw: Any) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise TypeError(f"layouts: expected an object, got {type(raw).__name__}")
+    return raw
 
 
 def _spec(name: str, t: torch.Tensor) -> TensorSpec:

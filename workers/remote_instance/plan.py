@@ -9,12 +9,16 @@ Modes (the seed and the client derive the same one from the two TP sizes):
 - "shard" (equal TP sizes): seed rank i sends its own parameters verbatim, by name in its
   manifest's `parameters` order, and client rank i receives them in place into the parameter of
   the same name: no gather, no copy, each byte crosses the link once.
-- "full" (different TP sizes): every seed rank iterates `checkpoint_tensors()` (gathered over the
-  seed's TP group, in checkpoint layout) and sends each full tensor to its clients, in the
-  manifest's `tensors` order; each client rank keeps its slice through `model.load_weights`.
-  Costs: the seed gathers, and each client rank receives the whole model (client_tp copies in
-  all) -- simple and correct for any pair of TP sizes; sending only the needed slices is the
-  optimisation a cross-node backend should add.
+- "slice" (different TP sizes, both layouts known: a reference seed lists its layouts in its
+  manifest, the client sends its own with the init call): each client rank receives only the
+  rows/columns of each parameter it keeps, as pieces (`slices`), straight into its parameters;
+  the seed gathers a parameter over its TP group only where a piece lies on another seed rank.
+  A TP=2 client of a TP=1 seed moves half of each sharded tensor per rank.
+- "full" (different TP sizes, a layout unknown: a vLLM seed or client, or
+  `--remote-instance-weight-loader-whole-tensors`): every seed rank iterates
+  `checkpoint_tensors()` (gathered over the seed's TP group, in checkpoint layout) and sends
+  each full tensor to its clients, in the manifest's `tensors` order; each client rank keeps its
+  slice through `model.load_weights` (each client rank receives the whole model).
 """
 
 from __future__ import annotations
@@ -22,11 +26,15 @@ from __future__ import annotations
 import json
 
 SHARD = "shard"
+SLICE = "slice"
 FULL = "full"
 
 
-def fork_mode(seed_tp: int, client_tp: int) -> str:
-    return SHARD if seed_tp == client_tp else FULL
+def fork_mode(seed_tp: int, client_tp: int, *, slices: bool = False) -> str:
+    """The mode both ends use; `slices`: the client asked for slice mode (init's `slices`)."""
+    if seed_tp == client_tp:
+        return SHARD
+    return SLICE if slices else FULL
 
 
 def clients_of(seed_rank: int, seed_tp: int, client_tp: int) -> list[int]:

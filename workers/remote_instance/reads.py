@@ -19,14 +19,18 @@ registered addresses. A layout pair that does not correspond (other parts, other
 `LayoutMismatch` naming the parameter.
 
 Fused MoE experts (`StackedLayout`: one inner layout per expert, stacked along dim 0) are planned
-as their inner layout, the reads repeated per expert at that expert's offset on each side (and
-merged where contiguous, so equal TP sizes still read one range).
+as their inner layout, one dim further: a span covers every expert at once (merged where
+contiguous, so equal TP sizes still read one range).
+
+The row selection itself is `plan_spans` (which indices along the TP dim of which seed rank's
+parameter); `plan_parameter` turns its spans into byte ranges. The fork's slice mode over
+gloo/NCCL (`slices`) sends the same spans as pieces.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from workers.layers.sharding import Part, ShardLayout, StackedLayout
@@ -110,31 +114,49 @@ def _check(name: str, client: ShardLayout, seed: ShardLayout) -> None:
         raise LayoutMismatch(f"{name}: parts {theirs} on the seed, {ours} here")
 
 
-def plan_parameter(
+@dataclass(frozen=True)
+class Span:
+    """Indices ``[seed_start, seed_start + length)`` along ``dim`` of seed rank ``seed_rank``'s
+    parameter are indices ``[client_start, ...)`` along the same dim of the client's; every
+    other dim is taken whole. ``dim`` None: the whole parameter (replicated, or one stacked)."""
+
+    seed_rank: int
+    dim: int | None
+    seed_start: int
+    client_start: int
+    length: int
+
+
+@dataclass(frozen=True)
+class SpanPlan:
+    """What client rank keeps of one parameter, as spans of the seed ranks' parameters, and
+    the padding it zeroes locally (nothing to read)."""
+
+    spans: tuple[Span, ...]
+    zeros: tuple[Zero, ...]
+
+
+def plan_spans(
     name: str,
-    client: ShardLayout,
-    seed_layouts: list[ShardLayout],
+    client: ShardLayout | StackedLayout,
+    seed_layouts: list[ShardLayout | StackedLayout],
     *,
-    itemsize: int,
     client_rank: int,
-) -> ParamPlan:
-    """The reads (and local zero fills) that give client TP rank `client_rank` its parameter
-    `name` from the seed ranks (`seed_layouts[i]`: seed rank i's layout of it)."""
+) -> SpanPlan:
+    """The row selection: which indices (along the TP dim) of which seed rank's parameter give
+    client TP rank ``client_rank`` its parameter ``name`` (``seed_layouts[i]``: seed rank i's
+    layout of it). `plan_parameter` turns it into byte ranges (one-sided reads); the fork's
+    slice mode sends each span as one piece (`slices`)."""
     if isinstance(client, StackedLayout) or isinstance(seed_layouts[0], StackedLayout):
-        return _plan_stacked(name, client, seed_layouts, itemsize=itemsize, client_rank=client_rank)
+        return _spans_stacked(name, client, seed_layouts, client_rank=client_rank)
     s, c, j = len(seed_layouts), client.size, client_rank
     seed = seed_layouts[0]
     _check(name, client, seed)
     if client.dim is None:  # replicated: the whole tensor, from one seed rank
-        nbytes = math.prod(client.local_shape()) * itemsize
-        return ParamPlan((Read(j % s, 0, 0, nbytes),) if nbytes else (), ())
+        return SpanPlan((Span(j % s, None, 0, 0, 0),), ())
     d = client.dim
-    shape_c, shape_s = client.local_shape(), seed.local_shape()
-    leading = math.prod(shape_c[:d])
-    unit = math.prod(shape_c[d + 1 :]) * itemsize  # bytes of one index along d
-    rows_c, rows_s = shape_c[d], shape_s[d]
     off_c, off_s = _offsets(client), _offsets(seed)
-    spans: list[tuple[int, int, int, int]] = []  # (seed rank, seed row, client row, rows)
+    spans: list[Span] = []
     zeros: list[Zero] = []
     for part_c, part_s in zip(client.parts, seed.parts, strict=True):
         full = part_c.full_shape[d]
@@ -149,41 +171,61 @@ def plan_parameter(
             if a < b:
                 rank = k * step + j % step
                 seed_row = off_s[part_s.shard_id] + a - k * n_s
-                spans.append((rank, seed_row, off_c[part_c.shard_id] + a - start, b - a))
-    reads: list[Read] = []
-    for rank, seed_row, client_row, rows in spans:
-        if rows == rows_s == rows_c:  # the whole parameter on both sides: one range
-            reads.append(Read(rank, 0, 0, leading * rows * unit))
-            continue
-        for t in range(leading):  # dim 0: one range; a later dim: one run per leading index
-            remote = (t * rows_s + seed_row) * unit
-            reads.append(Read(rank, remote, (t * rows_c + client_row) * unit, rows * unit))
-    return ParamPlan(tuple(_merge(reads)), tuple(zeros))
+                spans.append(Span(rank, d, seed_row, off_c[part_c.shard_id] + a - start, b - a))
+    return SpanPlan(tuple(spans), tuple(zeros))
 
 
-def _plan_stacked(name, client, seed_layouts, *, itemsize: int, client_rank: int) -> ParamPlan:
+def _spans_stacked(name, client, seed_layouts, *, client_rank: int) -> SpanPlan:
+    """Fused experts: the inner layout's spans, one dim further (every expert at once)."""
     if not all(isinstance(x, StackedLayout) for x in (client, *seed_layouts)):
         raise LayoutMismatch(f"{name}: stacked (experts) on one side only")
     if any(x.count != client.count for x in seed_layouts):
         raise LayoutMismatch(
             f"{name}: {seed_layouts[0].count} rows on the seed, {client.count} here"
         )
-    inner = plan_parameter(
-        name,
-        client.inner,
-        [x.inner for x in seed_layouts],
-        itemsize=itemsize,
-        client_rank=client_rank,
-    )
-    row_c = math.prod(client.inner.local_shape()) * itemsize
-    row_s = math.prod(seed_layouts[0].inner.local_shape()) * itemsize
-    reads = [
-        Read(r.seed_rank, e * row_s + r.remote, e * row_c + r.local, r.nbytes)
-        for e in range(client.count)
-        for r in inner.reads
-    ]
+    inner = plan_spans(name, client.inner, [x.inner for x in seed_layouts], client_rank=client_rank)
+    spans = tuple(replace(sp, dim=None if sp.dim is None else sp.dim + 1) for sp in inner.spans)
     zeros = tuple(Zero(z.dim + 1, z.start, z.length) for z in inner.zeros)
-    return ParamPlan(tuple(_merge(reads)), zeros)
+    return SpanPlan(spans, zeros)
+
+
+def plan_parameter(
+    name: str,
+    client: ShardLayout | StackedLayout,
+    seed_layouts: list[ShardLayout | StackedLayout],
+    *,
+    itemsize: int,
+    client_rank: int,
+) -> ParamPlan:
+    """The reads (and local zero fills) that give client TP rank `client_rank` its parameter
+    `name` from the seed ranks (`seed_layouts[i]`: seed rank i's layout of it): the spans of
+    `plan_spans` as byte ranges of row-major parameters."""
+    plan = plan_spans(name, client, seed_layouts, client_rank=client_rank)
+    shape_c, shape_s = client.local_shape(), seed_layouts[0].local_shape()
+    reads: list[Read] = []
+    runs: list[tuple[Span, int, int, int]] = []  # (span, rows here, rows on the seed, bytes/row)
+    for sp in plan.spans:
+        if sp.dim is None:
+            nbytes = math.prod(shape_c) * itemsize
+            if nbytes:
+                reads.append(Read(sp.seed_rank, 0, 0, nbytes))
+            continue
+        d = sp.dim
+        unit = math.prod(shape_c[d + 1 :]) * itemsize  # bytes of one index along d
+        if sp.length == shape_s[d] == shape_c[d]:  # the whole parameter on both sides
+            reads.append(Read(sp.seed_rank, 0, 0, math.prod(shape_c) * itemsize))
+            continue
+        runs.append((sp, shape_c[d], shape_s[d], unit))
+    # Dim 0: one range per span; a later dim: one run per leading index, leading index first,
+    # so the runs of one index (the parts of a fused parameter, one expert) merge where they
+    # are contiguous on both sides.
+    leading = math.prod(shape_c[: runs[0][0].dim]) if runs else 0  # one TP dim per parameter
+    for t in range(leading):
+        for sp, rows_c, rows_s, unit in runs:
+            remote = (t * rows_s + sp.seed_start) * unit
+            local = (t * rows_c + sp.client_start) * unit
+            reads.append(Read(sp.seed_rank, remote, local, sp.length * unit))
+    return ParamPlan(tuple(_merge(reads)), plan.zeros)
 
 
 def _merge(reads: list[Read]) -> list[Read]:

@@ -5,7 +5,8 @@
 | POST /init_weights_send_group_for_remote_instance  | {success, message} once the groups started |
 |                                                    | forming (they form in the background)     |
 | POST /send_weights_to_remote_instance              | {success, message, weight_version, mode,  |
-|                                                    |  bytes, seconds} once everything was sent |
+|                                                    |  bytes, bytes_per_client_rank, seconds}   |
+|                                                    |  once everything was sent                 |
 | GET  /get_remote_instance_transfer_engine_info     | Mooncake session + parameter addresses    |
 |      (?rank=N: SGLang's one-rank shape)            | and layouts of every rank; generation     |
 
@@ -22,6 +23,8 @@ the weights are not servable (503): a client never forks dummy or half-updated w
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
@@ -46,6 +49,8 @@ class InitWeightsSendGroupRequest(_Strict):
     world_size: int
     group_name: str = Field(default="weight_send_group", min_length=1, max_length=200)
     backend: str = "nccl"
+    # ours (SGLang sends none): the client's layouts for slice mode (`slices.SliceRequest`)
+    slices: dict[str, Any] | None = None
 
 
 class SendWeightsRequest(_Strict):
@@ -113,6 +118,8 @@ def add_seed_routes(app: FastAPI, front, require_key) -> None:
                 "transfer_engine client reads one-sided: it forms no group)"
             )
         kwargs = req.model_dump(exclude={"group_rank", "world_size"})
+        if req.slices is None:
+            del kwargs["slices"]
         try:
             await front.run_exclusive("init_weights_send_group", kwargs, servable=True)
         except RankError as e:
@@ -134,12 +141,14 @@ def add_seed_routes(app: FastAPI, front, require_key) -> None:
         sent = sum(v["bytes"] for v in values)
         front.metrics.fork_sent(sent)
         seconds = max(v["seconds"] for v in values)
+        links = {j: n for v in values for j, n in v.get("links", {}).items()}
         body = {
             "success": True,
             "message": f"sent {sent} bytes in {seconds:.3f} s (weight version {version})",
             "weight_version": version,
             "mode": values[0]["mode"],
             "bytes": sent,
+            "bytes_per_client_rank": dict(sorted(links.items(), key=lambda kv: int(kv[0]))),
             "seconds": seconds,
         }
         return JSONResponse(body)

@@ -65,7 +65,15 @@ class SeedClient(SeedAddress):
     def manifest(self) -> Manifest:
         return Manifest.from_json(self._call("GET", MANIFEST_PATH))
 
-    def init_group(self, *, ports: tuple[int, ...], group_name: str, backend: str) -> None:
+    def init_group(
+        self,
+        *,
+        ports: tuple[int, ...],
+        group_name: str,
+        backend: str,
+        slices: dict | None = None,
+    ) -> None:
+        """`slices`: ask for slice mode (a `slices.SliceRequest`'s JSON)."""
         body = {
             "master_address": self.ip,
             "ports": ",".join(map(str, ports)),
@@ -74,6 +82,8 @@ class SeedClient(SeedAddress):
             "group_name": group_name,
             "backend": backend,
         }
+        if slices is not None:
+            body["slices"] = slices
         self._call("POST", INIT_PATH, body)
 
     def send(self, *, ports: tuple[int, ...], group_name: str, read_timeout: float) -> dict:

@@ -13,7 +13,8 @@ seed's API key; default: this server's own --api-key, as a fleet usually shares 
 without progress), `...-seed-api` (`ckpt-engine`: a reference server, SGLang's routes; `vllm`: a
 vLLM seed through `/collective_rpc`, `workers.vllm.seed`; gloo or nccl only) and
 `...-verify-checksums` (compare every tensor's sha256 with the seed's
-/weights_info after loading; costs a gather and hashing on both sides).
+/weights_info after loading; costs a gather and hashing on both sides), `...-whole-tensors` (at
+another TP size, receive whole checkpoint tensors: full mode, not slice mode; `plan`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class RemoteInstanceSettings:
     verify: bool
     modelexpress: ModelExpressConfig | None = None
     seed_api: str = "ckpt-engine"
+    whole_tensors: bool = False  # full mode even where slice mode could run
 
     @classmethod
     def from_server_args(cls, args) -> RemoteInstanceSettings:
@@ -68,8 +70,7 @@ class RemoteInstanceSettings:
             mx = ModelExpressConfig.parse(args.modelexpress_config, default_model=args.model_path)
         if args.load_format != LOAD_FORMAT:
             given = [flag(n) for n in CLIENT_FIELDS if get(n) is not None]
-            if get("verify_checksums"):
-                given.append(flag("verify_checksums"))
+            given += [flag(n) for n in ("verify_checksums", "whole_tensors") if get(n)]
             if given:
                 raise ConfigError(f"{', '.join(given)} given without --load-format {LOAD_FORMAT}")
             if mx is not None and not mx.source:
@@ -98,6 +99,7 @@ class RemoteInstanceSettings:
             api_key=key if key is not None else args.api_key,
             timeout=get("timeout"),
             verify=get("verify_checksums"),
+            whole_tensors=get("whole_tensors"),
             modelexpress=mx,
         )
         if backend == MODELEXPRESS:

@@ -149,7 +149,8 @@ class RemoteInstanceModelLoader(BaseModelLoader):
                 f"remote_instance ports {list(s.ports)}: this vLLM has TP {view.tp.size}, one "
                 "port per TP rank is needed"
             )
-        fork = RemoteInstanceFormat(s)
+        # vLLM's own parameters take checkpoint tensors (full mode), never slices
+        fork = RemoteInstanceFormat(s, slices=False)
         fork.load(view, model_config.model)
         self.stats = {**fork.stats, "total_seconds": time.perf_counter() - started}
         logger.info(
