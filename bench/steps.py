@@ -327,7 +327,7 @@ def main() -> None:
     if a.read_chunk_mib:
         from ckpt_engine.ps import staging
 
-        staging.READ_CHUNK_BYTES = a.read_chunk_mib << 20
+        staging.STAGED_CHUNK_BYTES = a.read_chunk_mib << 20
     if a.dump_after_s > 0:
         faulthandler.dump_traceback_later(a.dump_after_s, exit=False)
     from ckpt_engine import device as ce_device

@@ -98,11 +98,19 @@ class SlotMover:
             raise RuntimeError(f"rank {self.rank} owns bucket {bucket.id} but holds no checkpoint")
         reads = self.checkpoint.reads  # register_and_update: reads may still be running
         deadline = time.monotonic() + self.timeout_s
+        buffers = self.checkpoint.buffers
         for c in bucket.copies:
-            if reads is not None:
-                reads.wait_range(c.buffer, c.src, c.src + c.nbytes, deadline)
-            src = self.checkpoint.buffers[c.buffer].tensor[c.src : c.src + c.nbytes]
-            view[c.dst : c.dst + c.nbytes].copy_(src, non_blocking=non_blocking)
+            src = buffers[c.buffer].tensor
+            if reads is None:
+                view[c.dst : c.dst + c.nbytes].copy_(src[c.src : c.src + c.nbytes], non_blocking)
+                continue
+            # each read chunk goes to the device as soon as it landed, while it is still in
+            # the CPU's cache: the copy engine then does not read it back from memory, which
+            # the reads themselves keep busy (ckpt_engine.ps.staging)
+            for start, end in reads.pieces(c.src, c.src + c.nbytes):
+                reads.wait_range(c.buffer, start, end, deadline)
+                dst = c.dst + start - c.src
+                view[dst : dst + end - start].copy_(src[start:end], non_blocking=non_blocking)
         return True
 
     def launch(self, bucket: Bucket, slot: int) -> Launched:

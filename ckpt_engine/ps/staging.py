@@ -2,8 +2,9 @@
 
 `ParameterServer.register_and_update` registers a checkpoint without waiting for its bytes:
 the headers are parsed and the (pooled, pinned) buffers taken at once, the reads start here on
-the read threads in file order, in chunks of READ_CHUNK_BYTES, and the update's mover waits
-only for the byte ranges of the bucket it copies next (`wait_range`). So the host-to-device
+the read threads in file order, in chunks of STAGED_CHUNK_BYTES, and the update's mover waits
+only for the byte ranges of the bucket it copies next (`wait_range`), and copies each chunk to
+the device as soon as it has landed (`pieces`). So the host-to-device
 copies and broadcasts of the buckets already read overlap the reads of the later ones, and a
 step costs about max(read, transfer) instead of their sum. When every chunk has landed the
 host copy is complete, as after a plain registration (P2P serving, the next update).
@@ -15,13 +16,19 @@ for those running, so a buffer never goes back to the pool with a read still wri
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ckpt_engine.errors import CheckpointFileError
-from ckpt_engine.safetensors_io import READ_CHUNK_BYTES, ReadJob, _pread_exact
+from ckpt_engine.safetensors_io import ReadJob, _pread_exact
+
+# Small enough that a chunk is still in the CPU's cache when the mover sends it to the device
+# (the read threads work on about threads x chunk bytes at a time), large enough that a read
+# and a copy per chunk cost little (bench/steps.py: 16 GiB, 1x H200).
+STAGED_CHUNK_BYTES = 4 * 1024 * 1024
 
 
 class StagedReads:
@@ -34,9 +41,10 @@ class StagedReads:
         self._error: BaseException | None = None
         self._stopped = False
         self._fds: dict[str, int] = {}
+        self.chunk_bytes = STAGED_CHUNK_BYTES
         chunks = []
         for job, buffer in zip(jobs, buffers):
-            count = -(-len(job.dest) // READ_CHUNK_BYTES)
+            count = -(-len(job.dest) // self.chunk_bytes)
             self._pending[buffer] = set(range(count))
             self._paths[buffer] = job.path
             chunks.extend((job, buffer, k) for k in range(count))
@@ -58,11 +66,11 @@ class StagedReads:
             self._close_fds()
 
     def _read(self, job: ReadJob, buffer: int, k: int) -> None:
-        start = k * READ_CHUNK_BYTES
+        start = k * self.chunk_bytes
         with self._cond:
             skip = self._stopped or self._error is not None
         if not skip:
-            dest = job.dest[start : start + READ_CHUNK_BYTES]
+            dest = job.dest[start : start + self.chunk_bytes]
             try:
                 _pread_exact(self._fds[job.path], job.path, dest, job.offset + start)
             except CheckpointFileError as e:
@@ -110,14 +118,22 @@ class StagedReads:
         pending = self._pending.get(buffer)
         if pending is None or end <= start:
             return
-        first, last = start // READ_CHUNK_BYTES, (end - 1) // READ_CHUNK_BYTES
+        first, last = start // self.chunk_bytes, (end - 1) // self.chunk_bytes
         t0 = time.perf_counter()
         try:
             self._wait(
-                lambda: not any(first <= k <= last for k in pending), self._paths[buffer], deadline
+                lambda: not any(k in pending for k in range(first, last + 1)),
+                self._paths[buffer],
+                deadline,
             )
         finally:
             self.waited_s += time.perf_counter() - t0
+
+    def pieces(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Bytes [start, end) of a buffer cut at the read chunks' bounds."""
+        cuts = range((start // self.chunk_bytes + 1) * self.chunk_bytes, end, self.chunk_bytes)
+        bounds = [start, *cuts, end]
+        return list(itertools.pairwise(bounds))
 
     def wait_all(self, deadline: float) -> None:
         """Until every read landed (the host copy is complete); raises the first read error."""
