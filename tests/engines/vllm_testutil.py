@@ -143,13 +143,18 @@ class VllmServer:
 
 
 def start_vllm(
-    checkpoint: Path, *args: str, log: Path, tp: int = 1, env: dict | None = None
+    checkpoint: Path,
+    *args: str,
+    log: Path,
+    tp: int = 1,
+    env: dict | None = None,
+    load_format: str = "dummy",
 ) -> VllmServer:
-    """A vLLM server on a free port with dummy weights, in its own process group, up and
-    healthy (fails with its log otherwise)."""
+    """A vLLM server on a free port with dummy weights (or ``load_format``), in its own process
+    group, up and healthy (fails with its log otherwise)."""
     port = free_port()
     cmd = [str(PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint)]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--load-format", "dummy"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--load-format", load_format]
     cmd += ["--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "4"]
     cmd += ["--enforce-eager", "--tensor-parallel-size", str(tp), *args]
     full_env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}

@@ -24,6 +24,8 @@ server needs:
   possibly across buckets, and ckpt-engine's views point into an IPC slot that is reused for the
   next bucket: each tensor is copied before vLLM sees it (the copy lives until vLLM drops it).
 - ``finish()``: ``finalize_layerwise_reload`` once, after the last bucket.
+- MoE (``workers.vllm.experts``): the dry run accounts for every expert tensor (name and full
+  shape), and while the reload runs, vLLM's CPU experts prepack their weights again.
 - ``abandon()``: after a failure once the reload has started, every layer still waiting for
   weights gets its own tensors back (vLLM's ``restore`` data: the weights from before this
   update), so the model is servable again (no meta tensors): layers completed before the failure
@@ -38,6 +40,7 @@ from typing import Any
 import torch
 
 from workers.errors import WeightCheckError
+from workers.vllm.experts import check_experts, repack_after_reload, unpacked
 
 logger = logging.getLogger(__name__)
 
@@ -86,13 +89,19 @@ class _Swap:
 def check_manifest(model: torch.nn.Module, manifest: Manifest, *, complete: bool = True) -> None:
     """Raise WeightCheckError unless ``manifest`` loads into ``model`` (see the module doc);
     ``complete``: every model parameter must be loaded (vLLM's own loader checks this for
-    unquantized models only: quantized ones may hold parameters no checkpoint carries)."""
+    unquantized models only: quantized ones may hold parameters no checkpoint carries); for
+    unquantized models, MoE expert tensors are accounted for one by one first
+    (``workers.vllm.experts.check_experts``: vLLM's expert loader does not)."""
     from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
     from vllm.model_executor.model_loader.reload.meta import (
         restore_layer_on_meta,
         to_meta_tensor,
     )
 
+    if complete:
+        problems = check_experts(model, manifest)
+        if problems:
+            raise WeightCheckError(problems)
     swap = _Swap(model)
     try:
         for layer, *_ in swap.saved:
@@ -148,6 +157,7 @@ class ModelReload:
         self.model = model
         self.model_config = model_config
         self.started = False
+        self._undo_repack = None
 
     def check(self, manifest: Manifest) -> None:
         quantized = getattr(self.model_config, "quantization", None) is not None
@@ -158,6 +168,7 @@ class ModelReload:
             from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
             self.started = True
+            self._undo_repack = repack_after_reload(self.model)
             initialize_layerwise_reload(self.model)
         # copies: vLLM may keep them past this call (until their layer is complete)
         self.model.load_weights(weights=[(name, t.clone()) for name, t in weights])
@@ -169,6 +180,12 @@ class ModelReload:
             return
         finalize_layerwise_reload(self.model, self.model_config)
         self.started = False
+        self._end_repack()
+
+    def _end_repack(self) -> None:
+        if self._undo_repack is not None:
+            self._undo_repack()
+            self._undo_repack = None
 
     @torch.no_grad()
     def abandon(self) -> None:
@@ -197,6 +214,7 @@ class ModelReload:
                     layer.register_buffer(name, buffer, persistent=persistent)
             info.reset()
         self.started = False
+        self._end_repack()
         logger.warning(
             "weight update abandoned: %d layers kept their previous weights, the others hold "
             "the new ones",
@@ -209,10 +227,16 @@ def effective_weight(layer: torch.nn.Module, name: str, param: torch.Tensor) -> 
     """``layer``'s parameter ``name`` as the layer computes with it, on its device: a repacked
     linear weight (``layer.weight`` empty) is recovered as its output for the identity matrix
     (``quant_method.apply(layer, I) = W^T``; exact for unquantized weights), anything else is
-    the parameter itself (detached, no copy)."""
+    the parameter itself (detached, no copy); CPU-prepacked MoE experts are unpacked into
+    checkpoint order (``workers.vllm.experts.unpacked``, a copy)."""
+    experts = unpacked(layer, name, param)
+    if experts is not None:
+        return experts
     quant = getattr(layer, "quant_method", None)
     if name == "weight" and param.numel() == 0 and hasattr(quant, "apply"):
         size = getattr(layer, "input_size_per_partition", None)
+        if size is None:  # ReplicatedLinear (e.g. an MoE router's GateLinear): not sharded
+            size = layer.input_size
         eye = torch.eye(size, dtype=param.dtype, device=param.device)
         return quant.apply(layer, eye).t().contiguous()
     return param.detach()

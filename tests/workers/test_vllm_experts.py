@@ -1,0 +1,104 @@
+"""workers.vllm.experts' accounting of expert tensors (pure: fake layers with the attributes of
+vLLM's ``RoutedExperts``). The real layers, their loader and the CPU repack run in
+tests/engines/test_vllm_moe.py."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from workers.errors import WorkersError
+from workers.vllm.experts import expected_tensors, expert_problems
+
+LAYER = "model.layers.0.mlp.experts"
+
+
+def fake_layer(*, experts=2, inter=8, hidden=4, tp=1, bias=False, mapping=None):
+    def get_expert_mapping():
+        if mapping is not None:
+            return mapping
+        return [
+            ("experts.w13_" if s != "w2" else "experts.w2_", f"experts.{e}.{p}.", e, s)
+            for e in range(experts)
+            for p, s in (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3"))
+        ]
+
+    config = SimpleNamespace(
+        intermediate_size_per_partition_unpadded=inter // tp,
+        tp_size=tp,
+        hidden_dim_unpadded=hidden,
+        has_bias=bias,
+    )
+    return SimpleNamespace(
+        layer_name=LAYER, moe_config=config, get_expert_mapping=get_expert_mapping
+    )
+
+
+def test_expected_tensors_are_full_checkpoint_shapes_at_any_tp():
+    want = expected_tensors(fake_layer(tp=2))
+    assert len(want) == 6
+    assert want[f"{LAYER}.1.gate_proj.weight"] == (8, 4)
+    assert want[f"{LAYER}.1.up_proj.weight"] == (8, 4)
+    assert want[f"{LAYER}.0.down_proj.weight"] == (4, 8)
+
+
+def test_expected_tensors_with_bias():
+    want = expected_tensors(fake_layer(bias=True))
+    assert want[f"{LAYER}.0.up_proj.bias"] == (8,) and want[f"{LAYER}.0.down_proj.bias"] == (4,)
+
+
+def test_an_undeclared_mapping_is_an_error_naming_it():
+    layer = fake_layer(mapping=[("experts.w13_", "block_sparse_moe.0.w1.", 0, "w1")])
+    with pytest.raises(WorkersError, match=r"block_sparse_moe\.0\.w1"):
+        expected_tensors(layer)
+
+
+def manifest(**edits):
+    """The complete manifest of fake_layer(), then edits: name -> shape (None: removed)."""
+    rows = {n: s for n, s in expected_tensors(fake_layer()).items()}
+    rows["model.layers.0.mlp.gate.weight"] = (2, 4)
+    for name, shape in edits.items():
+        name = f"{LAYER}.{name}"
+        if shape is None:
+            rows.pop(name)
+        else:
+            rows[name] = shape
+    return [(n, torch.float32, s) for n, s in rows.items()]
+
+
+@pytest.mark.parametrize(
+    "edits, expect",
+    [
+        ({}, []),
+        (
+            {"1.up_proj.weight": (4, 4)},
+            ["1.up_proj.weight: shape [4, 4], the model's experts take [8, 4]"],
+        ),
+        (
+            {"0.down_proj.weight": None},
+            ["1 expert tensors not in the update", "0.down_proj.weight"],
+        ),
+        (
+            {"2.gate_proj.weight": (8, 4)},
+            ["2.gate_proj.weight: not an expert tensor of this model"],
+        ),
+        ({"0.gate_proj.weight": (8, 4, 1)}, ["0.gate_proj.weight: shape [8, 4, 1]"]),
+    ],
+    ids=["complete", "wrong_shape", "missing", "unknown_expert", "extra_dim"],
+)
+def test_expert_problems_name_the_tensor(edits, expect):
+    problems = expert_problems({LAYER: expected_tensors(fake_layer())}, manifest(**edits))
+    text = "\n".join(problems)
+    assert bool(problems) == bool(expect), problems
+    for piece in expect:
+        assert piece in text, text
+
+
+def test_a_checkpoint_of_fused_experts_is_left_to_vllm():
+    fused = [
+        (f"{LAYER}.gate_up_proj", torch.float32, (2, 16, 4)),
+        (f"{LAYER}.down_proj", torch.float32, (2, 4, 8)),
+    ]
+    assert expert_problems({LAYER: expected_tensors(fake_layer())}, fused) == []
