@@ -6,7 +6,9 @@ item 5), on one device, the dense workload (bench/workload.py):
   server (``/ping``, ``POST /collective_rpc``) that hands each update to the colocated worker.
   Step k: the trainer writes ``DIR/step-k/`` (new bytes: bench/steps.py's ``step_bits``; not
   timed), then the marker ``COMPLETE``; the clock runs from the marker to the worker's post-hook
-  (so it includes the poll interval, ``--watch-interval``, 0.02 s here). The updater's own
+  (so it includes the poll interval, ``--watch-interval``, 0.02 s here). The updater's start
+  (process, imports, CUDA, process group, /ping: what a fresh updater pays every step) is
+  printed apart; step 1 starts once it watches. The updater's own
   ``push_seconds`` (its --json-out) is shown beside it. Step k-1's folder is deleted after step k.
 - ``trainer``: the weights on the trainer's device (as a gathered FSDP / Megatron shard),
   pushed in this process: ``unregister_checkpoint(previous)`` + ``register_and_update(name,
@@ -181,16 +183,23 @@ def run_watch(a, base, worker, dtype, out: Path) -> list[dict]:
     root.mkdir(parents=True)
     server = stub_server(worker)
     json_out = out / "watch-updater.jsonl"
+    json_out.unlink(missing_ok=True)  # appended to by the updater: this run's lines only
     cmd = [sys.executable, "-m", "ckpt_engine.update", "--watch", str(root)]
     cmd += ["--endpoint", f"http://127.0.0.1:{server.server_address[1]}", "--device", dtype]
     cmd += ["--inference-parallel-size", "1", "--watch-interval", "0.02", "--timeout", "120"]
     cmd += ["--register-mode", a.register_mode, "--json-out", str(json_out)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
     log = open(out / "watch-updater.log", "wb")  # noqa: SIM115
+    started = time.perf_counter()
     updater = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
     trainer = Trainer(base, root / ".trainer")  # hidden: never looked at by the watcher
     steps = []
     try:
+        while "watching" not in (out / "watch-updater.log").read_text(errors="replace"):
+            if updater.poll() is not None or time.perf_counter() - started > a.step_limit_s:
+                raise RuntimeError(f"the updater did not start (exit code {updater.poll()})")
+            time.sleep(0.05)
+        print(f"watch: updater up in {time.perf_counter() - started:.1f} s", flush=True)
         for k in range(1, a.steps + 1):
             folder = root / f"step-{k}"
             folder.mkdir()

@@ -18,7 +18,8 @@ killed with SIGKILL cannot, and on a host that runs an RL loop for weeks they wo
 - `install_sigterm_cleanup()`: opt-in for a process (the torchrun updater) that torchrun may
   SIGTERM: the main thread exits through its ``finally`` blocks (SystemExit); if it is blocked
   in a collective and cannot, a thread removes the files of every run of this process after a
-  grace period and exits with 128 + SIGTERM.
+  grace period and exits with 128 + SIGTERM. `StopSignals.soften` (the watching updater) turns
+  SIGTERM and SIGINT into a stop request the main thread acts on at its next safe point.
 """
 
 from __future__ import annotations

@@ -43,6 +43,11 @@ redis://... --publish-metas NAME`` on the running job, ``--metas-registry redis:
 --find-metas NAME --update-method p2p`` on the new one (it waits for them up to
 ``--ready-timeout``); the Redis key is as secret as the file (updater/metas_registry.py).
 ``all`` (broadcast, then P2P in one job) is not supported: run the two commands above.
+
+``--watch DIR`` (instead of ``--checkpoint-path``): the updater stays up and pushes each new
+complete checkpoint ``DIR/<name>/`` (its marker ``COMPLETE`` written last), keeping its ranks,
+process group, server connection and pinned host memory; rank 0 decides what to push, SIGTERM
+/ SIGINT stop it after the push in flight (143 / 130). See ckpt_engine/updater/watch.py.
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ from ckpt_engine.ps.collectives import ControlGroup
 from ckpt_engine.updater.client import InferenceClient, InferenceError, refused_before_write
 from ckpt_engine.updater.config import ConfigError, UpdateArgs
 from ckpt_engine.updater.metas_registry import MetasPublisher, find_metas
-from ckpt_engine.updater.report import update_record, write_json_line
+from ckpt_engine.updater.report import format_result, json_line, result_of
 from ckpt_engine.updater.split import (
     Share,
     greedy_split,
@@ -334,59 +339,6 @@ def update_steps(job: Job, share: Share | None) -> None:
                 )
             ),
         )
-
-
-def result_of(job: Job, metas: CheckpointMetas, split: str) -> dict[str, Any]:
-    """Rank 0's summary of one update (printed, --result-file)."""
-    nbytes = metas.nbytes
-    return {
-        "bytes": nbytes,
-        "tensors": metas.num_tensors,
-        "ranks": job.ps.world_size,
-        "split": split,
-        "device": job.ps.device_type,
-        "register_s": job.timings["register"],
-        "gather_s": job.timings["gather"],
-        "update_s": job.timings["update"],
-        "update_gb_s": nbytes / job.timings["update"] / 1e9,
-    }
-
-
-def json_line(
-    job: Job | None,
-    endpoint: str,
-    *,
-    result: dict[str, Any] | None,
-    rank_bytes: int | None,
-    error: Exception | None,
-    extra: dict[str, Any] | None = None,
-) -> None:
-    """--json-out: this rank's line for this update (updater/report.py); ``extra``: more keys
-    (--watch: the push's)."""
-    if job is None or job.args.json_out is None:
-        return
-    record = update_record(
-        args=job.args,
-        rank=job.rank,
-        world_size=job.ps.world_size,
-        endpoint=endpoint,
-        seconds=job.own_timings,
-        slowest=job.timings,
-        result=result,
-        rank_bytes=rank_bytes,
-        update_timings=job.ps.last_update_timings,
-        error=error,
-    )
-    write_json_line(job.args.json_out, {**record, **(extra or {})})
-
-
-def format_result(r: dict[str, Any]) -> str:
-    return (
-        f"ckpt-engine update: {r['bytes']} bytes ({r['tensors']} tensors, split by "
-        f"{r['split']} over {r['ranks']} {r['device']} ranks): register {r['register_s']:.3f} s, "
-        f"gather {r['gather_s']:.3f} s, update {r['update_s']:.3f} s "
-        f"({r['update_gb_s']:.3f} GB/s)"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

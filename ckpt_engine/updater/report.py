@@ -86,3 +86,57 @@ def write_json_line(path: str, record: dict[str, Any]) -> None:
         os.write(fd, line)
     finally:
         os.close(fd)
+
+
+def result_of(job: Any, metas: Any, split: str) -> dict[str, Any]:
+    """Rank 0's summary of one update (printed, --result-file)."""
+    nbytes = metas.nbytes
+    return {
+        "bytes": nbytes,
+        "tensors": metas.num_tensors,
+        "ranks": job.ps.world_size,
+        "split": split,
+        "device": job.ps.device_type,
+        "register_s": job.timings["register"],
+        "gather_s": job.timings["gather"],
+        "update_s": job.timings["update"],
+        "update_gb_s": nbytes / job.timings["update"] / 1e9,
+    }
+
+
+def json_line(
+    job: Any,
+    endpoint: str,
+    *,
+    result: dict[str, Any] | None,
+    rank_bytes: int | None,
+    error: Exception | None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """--json-out: this rank's line for this update of the updater's ``job`` (none without
+    --json-out); ``extra``: more keys (--watch: the push's)."""
+    if job is None or job.args.json_out is None:
+        return
+    record = update_record(
+        args=job.args,
+        rank=job.rank,
+        world_size=job.ps.world_size,
+        endpoint=endpoint,
+        seconds=job.own_timings,
+        slowest=job.timings,
+        result=result,
+        rank_bytes=rank_bytes,
+        update_timings=job.ps.last_update_timings,
+        error=error,
+    )
+    write_json_line(job.args.json_out, {**record, **(extra or {})})
+
+
+def format_result(r: dict[str, Any]) -> str:
+    """Rank 0's printed line."""
+    return (
+        f"ckpt-engine update: {r['bytes']} bytes ({r['tensors']} tensors, split by "
+        f"{r['split']} over {r['ranks']} {r['device']} ranks): register {r['register_s']:.3f} s, "
+        f"gather {r['gather_s']:.3f} s, update {r['update_s']:.3f} s "
+        f"({r['update_gb_s']:.3f} GB/s)"
+    )

@@ -282,6 +282,7 @@ def push_checkpoint(
     single update (--register-mode), then free the pool's unused buffers. Raises on every rank
     alike when refused; one --json-out line per rank either way."""
     from ckpt_engine import update as upd
+    from ckpt_engine.updater.report import json_line, result_of
     from ckpt_engine.updater.split import register_share, split_checkpoint
 
     ps, name = job.ps, pushed.name
@@ -303,7 +304,7 @@ def push_checkpoint(
             job.step("gather", lambda: ps.gather_metas(name))
             upd.update_steps(job, None)
         metas = ps.get_metas(name)
-        result = upd.result_of(job, metas, mode)
+        result = result_of(job, metas, mode)
         own = sum(metas.ranks[ps.rank].buffer_bytes)
     except Exception as e:
         error = e
@@ -327,7 +328,7 @@ def push_checkpoint(
             "freed_bytes": freed,
         },
     }
-    upd.json_line(job, endpoint, result=result, rank_bytes=own, error=error, extra=extra)
+    json_line(job, endpoint, result=result, rank_bytes=own, error=error, extra=extra)
     if error is not None:
         raise error
     if ps.rank == 0:
