@@ -257,7 +257,7 @@ def run_watch(args: Any, stop_signals: Any = None) -> int:
         )
 
         def push(path: Path, pushed: Pushed) -> None:
-            push_checkpoint(job, args, path, pushed, previous=watcher.last, endpoint=endpoint)
+            push_checkpoint(job, args, path, pushed, endpoint=endpoint)
 
         def fatal(error: BaseException) -> bool:
             broken = control.broken or ps.broken
@@ -274,9 +274,7 @@ def run_watch(args: Any, stop_signals: Any = None) -> int:
             dist.destroy_process_group()
 
 
-def push_checkpoint(
-    job: Any, args: Any, path: Path, pushed: Pushed, *, previous: str | None, endpoint: str
-) -> None:
+def push_checkpoint(job: Any, args: Any, path: Path, pushed: Pushed, *, endpoint: str) -> None:
     """One push of the watch loop: prepare (split: every file's header checked), drop the
     previous checkpoint (its buffers back to the pool), register + gather + update as in a
     single update (--register-mode), then free the pool's unused buffers. Raises on every rank
@@ -294,8 +292,8 @@ def push_checkpoint(
     try:
         job.step("prepare", lambda: splits.append(split_checkpoint(path, ps.world_size)))
         mode, share = splits[0][0], splits[0][1][ps.rank]
-        if previous is not None and previous in ps.registered_checkpoints():
-            ps.unregister_checkpoint(previous)  # its buffers go back to the pool for this one
+        for old in ps.registered_checkpoints():  # the previous one (only ever one)
+            ps.unregister_checkpoint(old)  # its buffers go back to the pool for this one
         if args.register_mode == "overlap":
             job.timings["register"] = job.timings["gather"] = 0.0
             upd.update_steps(job, share)
