@@ -2,7 +2,8 @@
 the checkpoints a "trainer" (this test) writes into DIR, into a reference server (`--tp 2
 --load-format dummy --wait-for-initial-weights`), on CPU.
 
-One watcher, one server, in phases; each phase waits on observable state (the server's
+One watcher per register mode (overlap: one pass; separate: register, gather, update), one
+server, in phases; each phase waits on observable state (the server's
 /weights_info version and checksum, the watcher's log and --json-out lines), never on sleeps:
 1. step-01 and step-02 complete before the watcher starts: step-02 is served, step-01 skipped
    as superseded;
@@ -60,13 +61,14 @@ def digest(state: dict) -> str:
 class Watcher:
     """The updater process (its own session), its log, its --json-out lines."""
 
-    def __init__(self, url: str, directory: Path, tmp: Path) -> None:
+    def __init__(self, url: str, directory: Path, tmp: Path, register_mode: str) -> None:
         self.log, self.json_out = tmp / "watch.log", tmp / "watch.jsonl"
         cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", "examples/update.py"]
         cmd += ["--watch", str(directory), "--watch-interval", "0.2", "--watch-max-updates", "4"]
         cmd += ["--endpoint", url, "--device", "cpu", "--inference-parallel-size", "2"]
         cmd += ["--api-key", "secret", "--inference-api", "update_weights_from_ipc"]
-        cmd += ["--register-mode", "overlap", "--timeout", "120", "--json-out", str(self.json_out)]
+        cmd += ["--register-mode", register_mode, "--timeout", "120"]
+        cmd += ["--json-out", str(self.json_out)]
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
                 cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -85,8 +87,9 @@ class Watcher:
             raise AssertionError(f"watcher exited ({self.proc.returncode}):\n{self.output()}")
 
 
-@pytest.fixture
-def server(tmp_path):
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("watch-server")
     model = make_hf_model("qwen3", seed=0)
     path = save_checkpoint(model, tmp_path / "model")
     args = ["--tp", "2", "--device", "cpu", "--dtype", "float32", "--api-key", "secret"]
@@ -99,7 +102,8 @@ def server(tmp_path):
         srv.stop()
 
 
-def test_watch_pushes_each_complete_checkpoint_in_order(server, tmp_path):
+@pytest.mark.parametrize("register_mode", ["overlap", "separate"])
+def test_watch_pushes_each_complete_checkpoint_in_order(server, tmp_path, register_mode):
     srv, base = server
     steps = {k: {n: t + 0.01 * k for n, t in base.items()} for k in range(1, 7)}
     root = tmp_path / "ckpts"
@@ -119,7 +123,7 @@ def test_watch_pushes_each_complete_checkpoint_in_order(server, tmp_path):
 
     write_step(root, "step-01", steps[1])
     write_step(root, "step-02", steps[2])
-    watcher = Watcher(srv.url, root, tmp_path)
+    watcher = Watcher(srv.url, root, tmp_path, register_mode)
     try:
         until_served("step-02", 2)  # 1: the newest complete one; step-01 superseded
         assert "skipping step-01: superseded by step-02" in watcher.output()

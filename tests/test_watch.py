@@ -197,3 +197,64 @@ def test_watcher_process_stops(how, code, stub_server, tmp_path):
     assert proc.returncode == code, out
     assert ("stopped by " + how) in out if how != "idle" else "no new checkpoint for 1.0 s" in out
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("ckpt-engine-")]
+
+
+def _rank(rank: int, port: int, root: str, out: str) -> None:
+    """One of two gloo ranks running the loop, each with a folder of its own: rank 1's holds
+    other names, so a rank acting on its own listing would push something else."""
+    import json
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+        timeout=timedelta(seconds=60),
+    )  # fmt: skip
+    control = ControlGroup(dist.new_group(backend="gloo"), rank=rank, world_size=2)
+    stop = StopRequest()
+    pushed = []
+
+    def push(path, info):
+        pushed.append(path.name)
+        if rank == 0 and path.name == "step-3":  # the trainer's next checkpoint
+            make(Path(root) / "rank0", "step-4")
+        if rank == 1 and len(pushed) == 2:
+            stop(signal.SIGTERM)  # one rank's signal stops both, after this push
+
+    folder = Path(root) / f"rank{rank}"
+    code = Watcher(folder, control, interval_s=0.05, timeout_s=60, stop=stop).run(push)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"pushed": pushed, "code": code}))
+    dist.destroy_process_group()
+
+
+def test_ranks_push_what_rank_0_decides_and_stop_together(tmp_path):
+    """Two gloo ranks: both push what rank 0 lists (rank 1's own folder differs), and a stop
+    request on rank 1 alone ends both after the push in flight, with 143."""
+    import json
+
+    import torch.multiprocessing as mp
+    from workers_testutil import free_port
+
+    make(tmp_path / "rank0", "step-1")
+    make(tmp_path / "rank0", "step-2")
+    make(tmp_path / "rank0", "step-3")
+    make(tmp_path / "rank1", "step-9")  # never pushed: rank 1 does not list
+    (tmp_path / "rank1" / "step-1").mkdir()  # its view of a checkpoint: no marker
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [
+        ctx.Process(target=_rank, args=(r, port, str(tmp_path), str(tmp_path))) for r in (0, 1)
+    ]
+    for p in procs:
+        p.start()
+    try:  # step-3 (the newest), then step-4 (written during step-3's push), then the stop
+        for p in procs:
+            p.join(120)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["pushed"] for r in results] == [["step-3", "step-4"]] * 2
+    assert [r["code"] for r in results] == [143, 143]
