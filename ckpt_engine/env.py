@@ -199,6 +199,15 @@ def p2p_serve() -> bool | None:
     return value == "1"
 
 
+def p2p_shards() -> bool | None:
+    value = _get("CKPT_ENGINE_P2P_SHARDS")
+    if value is None:
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"CKPT_ENGINE_P2P_SHARDS must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def p2p_transport() -> str | None:
     return _get("CKPT_ENGINE_P2P_TRANSPORT")
 

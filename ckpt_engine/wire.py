@@ -6,7 +6,7 @@ else raises ProtocolError. Bytes (CUDA IPC handles) travel as base64 strings.
 
 Sequence of one update over a REQ (PS) / REP (worker) pair::
 
-    PS  -> Plan{buffer handle, slots, manifest, layout}            worker -> Ack{of: plan} | Error
+    PS  -> Plan{buffer handle, slots, manifest, layout}      worker -> Ack{of: plan, keeps} | Error
     PS  -> Bucket{id, slot}                                        -> Ack{of: bucket, id} | Error
     ...                                                                    (once per bucket)
     PS  -> Done      (worker checks it got every tensor, releases buffer)  -> Ack{of: done} | Error
@@ -192,6 +192,31 @@ class Layout(_Columns):
         return cls(_uint_column(obj, "counts", where), _uint_column(obj, "offsets", where))
 
 
+@dataclass(frozen=True, eq=True)
+class Keeps(_Columns):
+    """What a worker reads of the manifest's tensors where it reads only part (a tensor-parallel
+    rank keeps its rows): tensor ``indices[i]`` (manifest index) only along dim ``dims[i]``,
+    indices ``starts[i]`` to ``starts[i] + lengths[i]``; every other tensor whole. Sent with
+    the Ack of the plan, so a sender may move only those rows (P2P: each receiver reads only
+    them)."""
+
+    indices: tuple[int, ...]
+    dims: tuple[int, ...]
+    starts: tuple[int, ...]
+    lengths: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @classmethod
+    def parse(cls, obj: Any, where: str) -> Keeps:
+        obj = _dict(obj, where)
+        cols = [_uint_column(obj, k, where) for k in ("indices", "dims", "starts", "lengths")]
+        if len({len(c) for c in cols}) > 1:
+            raise ProtocolError(f"{where}: indices, dims, starts and lengths differ in length")
+        return cls(*cols)
+
+
 @dataclass(frozen=True)
 class ShmBuffer:
     """CPU IPC buffer: a shared-memory file of ``nbytes`` bytes, owned (and unlinked) by the PS."""
@@ -351,13 +376,20 @@ class Ack:
     update_id: str
     of: str  # one of ACK_OF
     id: int | None = None  # the bucket id for ``of == "bucket"``
+    keeps: Keeps | None = None  # ``of == "plan"``: the rows the worker reads, where not all
 
     @classmethod
     def parse(cls, obj: dict, w: str) -> Ack:
         of = _str(obj, "of", w)
         if of not in ACK_OF:
             raise ProtocolError(f"{w}: ack of unknown stage {of!r}")
-        return cls(update_id=_str(obj, "update_id", w), of=of, id=_int(obj, "id", w, optional=True))
+        keeps = obj.get("keeps")
+        return cls(
+            update_id=_str(obj, "update_id", w),
+            of=of,
+            id=_int(obj, "id", w, optional=True),
+            keeps=None if keeps is None else Keeps.parse(keeps, f"{w}.keeps"),
+        )
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import math
 import os
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -233,6 +233,7 @@ def update_weights_from_ipc(
     validate: Callable[[list[TensorSpec]], None] | None = None,
     timeout_s: float | None = None,
     wire: str | None = None,
+    keeps: Callable[[list[TensorSpec]], Mapping[str, tuple[int, int, int]]] | None = None,
 ) -> None:
     """Receive one update from the parameter server at ``zmq_handle``; see the module docstring.
 
@@ -240,6 +241,12 @@ def update_weights_from_ipc(
     will deliver, before the first bucket; if it raises, the update fails and nothing is written.
     ``timeout_s`` bounds the wait for the first message (default CKPT_ENGINE_WORKER_TIMEOUT_S or
     60 s); later waits use the limit the parameter server announces in its plan.
+
+    ``keeps(manifest)``, if given, returns ``{name: (dim, start, length)}``: the only indices
+    along ``dim`` of that tensor that ``run`` reads (a tensor-parallel rank's rows; tensors it
+    reads whole are left out). Reported to the parameter server with the Ack of the plan; a P2P
+    receiver then reads only those rows, and the rest of such a tensor's view holds whatever the
+    slot held before: ``run`` must read nothing else of it.
 
     ``wire="upstream"`` (default: CKPT_ENGINE_WIRE, else ``"ckpt-engine"``) accepts an upstream
     checkpoint-engine 0.4.x ParameterServer instead: opt-in, unsafe against local attackers,
@@ -258,7 +265,7 @@ def update_weights_from_ipc(
             validate=validate,
             timeout_s=timeout_s,
         )
-    _receive(zmq_ctx, zmq_handle, device_id, run, post_hook, validate, timeout_s)
+    _receive(zmq_ctx, zmq_handle, device_id, run, post_hook, validate, timeout_s, keeps)
 
 
 def _receive(
@@ -269,6 +276,7 @@ def _receive(
     post_hook: Callable[[], None] | None,
     validate: Callable[[list[TensorSpec]], None] | None,
     timeout_s: float | None,
+    keeps: Callable[[list[TensorSpec]], Mapping[str, tuple[int, int, int]]] | None = None,
 ) -> None:
     """Our own wire (ckpt_engine.wire); ``wire`` above shadows the module's name."""
     first_timeout = env.resolve_worker_timeout_s(timeout_s, DEFAULT_FIRST_MESSAGE_TIMEOUT_S)
@@ -291,7 +299,8 @@ def _receive(
             is_cuda = isinstance(msg.buffer, wire.CudaBuffer)
             buffer = open_ipc_buffer(msg.buffer, device_id)
             session.map_buffer(buffer)
-            session.send(wire.Ack(update_id=msg.update_id, of="plan"))
+            kept = None if keeps is None else _keeps(msg.manifest, keeps(msg.manifest.specs()))
+            session.send(wire.Ack(update_id=msg.update_id, of="plan", keeps=kept))
         except Exception as e:
             failure = e
             session.send(session.error("plan", e))
@@ -352,3 +361,24 @@ def _receive(
         if not session.released:
             release_ipc_buffer("cuda" if is_cuda else "cpu", device_id)
         session.close()
+
+
+def _keeps(manifest: wire.Manifest, kept: Mapping[str, tuple[int, int, int]]) -> wire.Keeps:
+    """The worker's ``keeps`` answer as the Ack's columns (manifest indices); a name outside
+    the manifest or rows outside the tensor are a bug of the engine's answer: refused here."""
+    index = {name: i for i, name in enumerate(manifest.names)}
+    cols: tuple[list[int], ...] = ([], [], [], [])
+    for name, (dim, start, length) in kept.items():
+        i = index.get(name)
+        if i is None:
+            raise ProtocolError(f"keeps: {name!r} is not in the update")
+        shape = manifest.shapes[i]
+        if not (
+            0 <= dim < len(shape) and start >= 0 and length >= 0 and start + length <= shape[dim]
+        ):
+            raise ProtocolError(
+                f"keeps: {name!r} rows {start}+{length} along dim {dim} of {list(shape)}"
+            )
+        for col, value in zip(cols, (i, dim, start, length), strict=True):
+            col.append(value)
+    return wire.Keeps(*map(tuple, cols))

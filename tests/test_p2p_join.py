@@ -57,6 +57,7 @@ def test_new_instance_joins_over_p2p(tmp_path, through, request):
         log=tmp_path / "new.log",
     )  # fmt: skip
     metas = tmp_path / "metas.json"
+    report = tmp_path / "B.jsonl"
     procs = []
     try:
         wait_until_up(disk)
@@ -72,7 +73,8 @@ def test_new_instance_joins_over_p2p(tmp_path, through, request):
             assert metas.stat().st_mode & 0o777 == 0o600
             joiner = updater(
                 "--load-metas-file", str(metas), "--update-method", "p2p", "--endpoint", new.url,
-                "--timeout", "60", log=tmp_path / "B.log", env=PROGRESS_LINES,
+                "--timeout", "60", "--json-out", str(report), log=tmp_path / "B.log",
+                env=PROGRESS_LINES,
             )  # fmt: skip
             procs.append(joiner)
         else:  # B waits for the metas A publishes in Redis; both over Mooncake
@@ -84,7 +86,8 @@ def test_new_instance_joins_over_p2p(tmp_path, through, request):
             joiner = updater(
                 "--metas-registry", url, "--find-metas", "job-a", "--update-method", "p2p",
                 "--endpoint", new.url, "--timeout", "60", "--ready-timeout", "150",
-                log=tmp_path / "B.log", env=mooncake,
+                "--json-out", str(report), log=tmp_path / "B.log",
+                env={**mooncake, "CKPT_ENGINE_P2P_SHARDS": "0"},
             )  # fmt: skip
             procs.append(joiner)
             owners = updater(
@@ -105,6 +108,15 @@ def test_new_instance_joins_over_p2p(tmp_path, through, request):
         )
         assert got["status"] == "ready"
         assert got["tensors"] == want["tensors"] and got["checksum"] == want["checksum"]
+        read = {r["rank"]: (r["p2p_read_bytes"], r["p2p_sharded"]) for r in _records(report)}
+        total, kept = _checkpoint_bytes(ckpt)
+        if through == "file":  # each rank read only the rows its TP rank keeps
+            assert read == {0: (kept, True), 1: (kept, True)}, (read, total)
+            assert kept < 0.75 * total
+        else:  # CKPT_ENGINE_P2P_SHARDS=0: each bucket read once, whole (with the alignment
+            # gaps inside its copy runs), and broadcast
+            assert total <= sum(n for n, _ in read.values()) < 1.01 * total, (read, total)
+            assert not read[0][1] and not read[1][1]
     finally:
         for proc in procs:
             stop_group(proc)
@@ -117,3 +129,24 @@ def test_new_instance_joins_over_p2p(tmp_path, through, request):
 
         registry = RedisRegistry(request.getfixturevalue("redis_server").url)
         assert registry.get_document("p2p-metas/job-a") is None
+
+
+def _records(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _checkpoint_bytes(ckpt: Path) -> tuple[int, int]:
+    """(all bytes, bytes one rank of TP=2 reads when it reads only its rows): rows along dim 0
+    (q/k/v, gate/up, embedding, LM head) halved; column shards (o_proj, down_proj: strided) and
+    norms whole."""
+    from safetensors.torch import load_file
+
+    total = kept = 0
+    for path in ckpt.glob("*.safetensors"):
+        for name, t in load_file(path).items():
+            total += t.nbytes
+            whole = t.dim() == 1 or name.endswith(("o_proj.weight", "down_proj.weight"))
+            kept += t.nbytes if whole else t.nbytes // 2
+    return total, kept

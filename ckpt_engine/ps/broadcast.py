@@ -61,6 +61,7 @@ class BroadcastUpdate:
         self.in_flight: list[Launched] = []
         self.launched: dict[int, Launched] = {}  # launched, not yet handed to the worker
         self.depth = 1  # buckets launched ahead of the worker (set in the handshake)
+        self.plan_ack: wire.Ack | None = None  # the worker's Ack of the plan (its keeps)
         self.timings: dict[str, float | int] = {}  # seconds per phase, for benchmarks and logs
 
     # -- error bookkeeping ---------------------------------------------------------------------
@@ -155,8 +156,7 @@ class BroadcastUpdate:
             self.req = link.req = ReqFuncThread(self.zmq_ctx, self.req_func, socket_paths)
             self.req.start()
             self.depth = min(ctx.config.num_slots, getattr(self.mover, "max_in_flight", 1))
-            for j in range(min(self.depth, len(plan.buckets))):  # while the worker connects
-                self._launch(plan, j)
+            self._launch_ahead(plan)  # while the worker connects
         except Exception as e:
             self._fail(e)
         self.bucket = None
@@ -171,13 +171,20 @@ class BroadcastUpdate:
             if not self._vote(pending=state != "ready"):
                 return
 
+    def _launch_ahead(self, plan: BucketPlan) -> None:
+        """Launch the first ``depth`` buckets (the P2P driver defers this until the worker has
+        said which rows it keeps)."""
+        for j in range(min(self.depth, len(plan.buckets))):
+            self._launch(plan, j)
+
     def _advance(self, state: str, plan: BucketPlan, deadline: float) -> str:
         round_end = min(deadline, time.monotonic() + self.ctx.config.connect_poll_s)
         link = self.link
         if state == "connect" and link.wait_connected(round_end):
             link.send(self._plan_message(plan), what="plan")
             state = "plan"
-        if state == "plan" and link.reply(round_end, of="plan") is not None:
+        if state == "plan" and (ack := link.reply(round_end, of="plan")) is not None:
+            self.plan_ack = ack
             state = "ready"
         if state != "ready" and time.monotonic() >= deadline:
             what = "connect" if state == "connect" else "acknowledge the plan"

@@ -54,6 +54,9 @@ class PSConfig:
       RDMA or TCP); an explicit one that cannot run here is an error.
     - p2p_host: address P2P servers bind to and publish; default: this host's address towards
       MASTER_ADDR (127.0.0.1 on a single host).
+    - p2p_shards: a P2P receiver whose worker reports the rows it keeps (every receiver's must)
+      reads only those rows from the owners, each receiver every bucket, no broadcast
+      (``ps/p2p.py``); off: one receiver reads each bucket whole and broadcasts it.
     """
 
     bucket_bytes: int = field(default_factory=lambda: _env_or(env.bucket_bytes(), GiB // 2))
@@ -74,6 +77,7 @@ class PSConfig:
     p2p_serve: bool = field(default_factory=lambda: _env_or(env.p2p_serve(), True))
     p2p_transport: str = field(default_factory=lambda: _env_or(env.p2p_transport(), "auto"))
     p2p_host: str | None = field(default_factory=env.p2p_host)
+    p2p_shards: bool = field(default_factory=lambda: _env_or(env.p2p_shards(), True))
 
     def __post_init__(self) -> None:
         if self.bucket_bytes < 4096:

@@ -34,9 +34,10 @@ from ckpt_engine.metas import CheckpointMetas
 from ckpt_engine.p2p.assign import assign
 from ckpt_engine.p2p.prefetch import Fetch, Prefetcher
 from ckpt_engine.p2p.service import open_reader
+from ckpt_engine.p2p.shards import Kept, kept_by_name, shard_copies
 from ckpt_engine.planner import Bucket, BucketPlan
 from ckpt_engine.progress import Progress
-from ckpt_engine.ps.broadcast import BroadcastUpdate
+from ckpt_engine.ps.broadcast import BroadcastUpdate, _Voted
 from ckpt_engine.ps.context import UpdateContext, choose_plan
 from ckpt_engine.ps.mover import Launched, await_landing, drain_moves, finish_move
 
@@ -75,7 +76,8 @@ class P2PLaunched(Launched):
 
 
 class P2PMover:
-    """SlotMover's interface (launch / wait / drain) for a receiver; ``close`` at the end."""
+    """SlotMover's interface (launch / wait / drain) for a receiver; ``start`` once the workers
+    said which rows they keep, ``close`` at the end."""
 
     def __init__(
         self,
@@ -92,16 +94,17 @@ class P2PMover:
         self.world_size = ctx.world_size
         self.group = ctx.data_group
         self.buffer = buffer
+        self.plan, self.fetches, self.open_reader = plan, fetches, open_reader
         self.slot_bytes = plan.slot_bytes
         self.take_timeout_s = take_timeout_s
         cuda = ctx.device_type == "cuda"
         self.stream = (
             torch.cuda.Stream(device=torch.device("cuda", ctx.device_index)) if cuda else None
         )
-        mine = [fetches[b.id] for b in plan.buckets if b.owner == global_rank and b.nbytes]
+        reads = sum(1 for b in plan.buckets if b.nbytes)
         self.staging: list[host_memory.HostBuffer] = []
         try:
-            for _ in range(min(STAGING_DEPTH, len(mine))):
+            for _ in range(min(STAGING_DEPTH, reads)):
                 self.staging.append(
                     host_memory.allocate(
                         plan.slot_bytes,
@@ -114,34 +117,62 @@ class P2PMover:
         except BaseException:
             self._free()
             raise
-        self.prefetch = Prefetcher(mine, self.staging, open_reader, rank=global_rank)
+        self.prefetch: Prefetcher | None = None
+        self.sharded = False
+        self.mine: dict[int, Fetch] = {}
         self._drained = True
         total = sum(b.nbytes for b in plan.buckets)  # every receiver lands every bucket
         self.progress = Progress(f"p2p pull {ctx.name!r}", total, rank=ctx.rank)
+
+    def start(self, kept: dict[str, Kept] | None) -> None:
+        """Start reading. ``kept`` (the rows this rank's worker keeps, by tensor name): every
+        bucket, only those rows (`p2p.shards`), no broadcast; None: the buckets the plan gives
+        this rank, whole, then broadcast over the receivers."""
+        self.sharded = kept is not None
+        buckets = [b for b in self.plan.buckets if b.nbytes]
+        if self.sharded:
+            mine = [Fetch(b.id, self.fetches[b.id].owner, shard_copies(b, kept)) for b in buckets]
+        else:
+            mine = [self.fetches[b.id] for b in buckets if b.owner == self.rank]
+        self.mine = {f.bucket: f for f in mine}
+        self.prefetch = Prefetcher(mine, self.staging, self.open_reader, rank=self.rank)
+
+    @property
+    def read_bytes(self) -> int:
+        """Bytes this rank has read from the owners so far."""
+        return self.prefetch.read_bytes if self.prefetch is not None else 0
 
     def launch(self, bucket: Bucket, slot: int) -> P2PLaunched:
         start = slot * self.slot_bytes
         view = self.buffer[start : start + bucket.nbytes]
         launched = P2PLaunched(bucket, slot)
         src = None
-        if bucket.owner == self.rank and bucket.nbytes:
+        if (self.sharded or bucket.owner == self.rank) and bucket.nbytes:
             try:
                 launched.staging = self.prefetch.take(bucket.id, self.take_timeout_s)
                 src = self.staging[launched.staging].tensor[: bucket.nbytes]
             except Exception as e:  # broadcast anyway: the others are in this collective
                 launched.error = e
-        needs_broadcast = self.world_size > 1 and bucket.nbytes > 0
+        # sharded: only the ranges read (the rest of the slot is never looked at)
+        ranges = (
+            [(c.dst, c.nbytes) for c in self.mine[bucket.id].copies]
+            if self.sharded and src is not None
+            else [(0, bucket.nbytes)]
+        )
+        needs_broadcast = not self.sharded and self.world_size > 1 and bucket.nbytes > 0
         if self.stream is not None:
             with torch.cuda.stream(self.stream):
                 if src is not None:
-                    view.copy_(src, non_blocking=True)
+                    for a, n in ranges:
+                        view[a : a + n].copy_(src[a : a + n], non_blocking=True)
                 if needs_broadcast:
                     dist.broadcast(view, src=bucket.owner, group=self.group, async_op=True).wait()
                 launched.event = torch.cuda.Event()
                 launched.event.record(self.stream)
         else:
             if src is not None:
-                view.copy_(src)
+                for a, n in ranges:
+                    view[a : a + n].copy_(src[a : a + n])
                 self._release(launched)
             if needs_broadcast:
                 launched.work = dist.broadcast(
@@ -169,7 +200,7 @@ class P2PMover:
     def close(self, timeout_s: float) -> None:
         """Stop the prefetch thread and free the staging buffers (kept if still in use)."""
         self.progress.close()
-        stopped = self.prefetch.stop(timeout_s)
+        stopped = self.prefetch is None or self.prefetch.stop(timeout_s)
         if stopped and self._drained:
             self._free()
         else:
@@ -199,6 +230,36 @@ class P2PUpdate(BroadcastUpdate):
 
     def _check_local(self) -> None:
         check_sources(self.ctx.metas, self.ctx.name)
+
+    def _launch_ahead(self, plan: BucketPlan) -> None:
+        """Deferred to the end of the handshake: what to read depends on the workers' Acks."""
+
+    def _handshake(self, plan: BucketPlan, socket_paths: list[tuple[str, str]]) -> None:
+        """The broadcast handshake, then the mode, voted: sharded when every receiver's worker
+        reported the rows it keeps (and ``p2p_shards``), else whole buckets and broadcast;
+        then the first buckets start."""
+        super()._handshake(plan, socket_paths)
+        kept = None
+        try:
+            ack = self.plan_ack
+            if self.ctx.config.p2p_shards and ack is not None and ack.keeps is not None:
+                kept = kept_by_name(plan.manifest.names, ack.keeps)
+        except Exception as e:
+            self._fail(e)
+        failed, whole = self.ctx.control.all_reduce(
+            [int(self.error is not None), int(kept is None)],
+            op="max",
+            timeout_s=self.vote_timeout_s,
+            what="vote (keeps)",
+        )
+        if failed:
+            raise _Voted
+        self.timings["p2p_sharded"] = int(not whole)
+        try:
+            self.mover.start(None if whole else kept)
+            BroadcastUpdate._launch_ahead(self, plan)
+        except Exception as e:
+            self._fail(e)
 
     def _make_plan(self, min_free: int) -> BucketPlan:
         plan, self.fetches = p2p_plan(
@@ -232,4 +293,11 @@ class P2PUpdate(BroadcastUpdate):
             super()._cleanup(reason)
         finally:
             if isinstance(self.mover, P2PMover):
+                self.timings["p2p_read_bytes"] = self.mover.read_bytes
+                logger.info(
+                    "rank %d: P2P read %d bytes from the owners (%s)",
+                    self.ctx.rank,
+                    self.mover.read_bytes,
+                    "only the rows its worker keeps" if self.mover.sharded else "whole buckets",
+                )
                 self.mover.close(self.vote_timeout_s)

@@ -356,7 +356,13 @@ class ParameterServer:
         if ranks is not None:
             from ckpt_engine.ps.p2p import P2PUpdate
 
-            P2PUpdate(ctx, req_func, global_ranks=ranks, transport=self.config.p2p_transport).run()
+            update = P2PUpdate(
+                ctx, req_func, global_ranks=ranks, transport=self.config.p2p_transport
+            )
+            try:
+                update.run()
+            finally:
+                self.last_update_timings = dict(update.timings)
             return
         driver = BroadcastUpdate
         if wire == "upstream":

@@ -10,7 +10,9 @@ ranks on one host never interleave; ``-`` prints to stdout instead), on success 
      "bytes": <whole checkpoint>, "tensors": <whole checkpoint>, "rank_bytes": <this rank's share>,
      "buckets": <buckets of the update, null for p2p>, "split": "files" | "tensors" | "p2p",
      "seconds": {phase: this rank's seconds}, "slowest_seconds": {phase: the slowest rank's},
-     "update_phases": {phase: seconds inside the parameter server's update (broadcast)}}
+     "update_phases": {phase: seconds inside the parameter server's update (broadcast)},
+     "p2p_read_bytes": <p2p: bytes this rank read from the owners, else null>,
+     "p2p_sharded": <p2p: true when each rank read only the rows its worker keeps, else null>}
 
 Phases are the updater's steps (register, ready, gather, [pause], update, [resume]); a failed
 update has the phases that ran, and figures it did not reach are null.
@@ -72,6 +74,10 @@ def update_record(
         "seconds": dict(seconds),
         "slowest_seconds": dict(slowest),
         "update_phases": {k: v for k, v in update_timings.items() if isinstance(v, float)},
+        "p2p_read_bytes": update_timings.get("p2p_read_bytes"),
+        "p2p_sharded": (
+            None if "p2p_sharded" not in update_timings else bool(update_timings["p2p_sharded"])
+        ),
     }
 
 

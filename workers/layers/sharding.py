@@ -98,13 +98,31 @@ class ShardLayout:
             param.data.copy_(loaded)
             return
         n = self.piece_len(part)
-        start = (self.rank * part.chunks // self.size) * n
-        length = max(0, min(n, part.full_shape[self.dim] - start))
+        start, length = self._rows(part)
         dst = param.data.narrow(self.dim, offset, n)
         if length:
             dst.narrow(self.dim, 0, length).copy_(loaded.narrow(self.dim, start, length))
         if length < n:
             dst.narrow(self.dim, length, n - length).zero_()
+
+    def _rows(self, part: Part) -> tuple[int, int]:
+        """(start, length) along `dim` of `part`'s checkpoint tensor that this rank keeps (the
+        rest of its piece, past the tensor's end, is padding)."""
+        n = self.piece_len(part)
+        start = (self.rank * part.chunks // self.size) * n
+        return start, max(0, min(n, part.full_shape[self.dim] - start))
+
+    def kept(self, shard_id: ShardId = None) -> tuple[int, int, int] | None:
+        """(dim, start, length): the only indices of checkpoint tensor `shard_id` that `load`
+        reads; None when it reads all of it. What a worker reports, so that a sender may move
+        it only those rows."""
+        part, _ = self._find(shard_id)
+        if self.dim is None:
+            return None
+        start, length = self._rows(part)
+        if start == 0 and length == part.full_shape[self.dim]:
+            return None
+        return self.dim, start, length
 
     def unshard(self, shards: list[torch.Tensor]) -> dict[ShardId, torch.Tensor]:
         """Checkpoint tensors from every rank's parameter (`shards[r]` is rank r's data)."""
@@ -156,6 +174,10 @@ class StackedLayout:
 
     def full_shape(self, shard_id: ShardId) -> tuple[int, ...]:
         return self.inner.full_shape(self._split(shard_id)[1])
+
+    def kept(self, shard_id: ShardId = None) -> tuple[int, int, int] | None:
+        """As `ShardLayout.kept`, of one expert's checkpoint tensor (dims of that tensor)."""
+        return self.inner.kept(self._split(shard_id)[1])
 
     @torch.no_grad()
     def load(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: ShardId = None) -> None:

@@ -216,7 +216,8 @@ class RankWorker:
         - run: `model.load_weights` on each bucket, counted, so a failure after some bucket was
           written reports `weights_modified` and the front stops serving (fail closed);
         - post_hook: `model.process_weights_after_loading()` (every module's, then the
-          model's own), once, after every rank received every bucket.
+          model's own), once, after every rank received every bucket;
+        - keeps: the rows of each tensor this rank loads (P2P receivers read only those).
         Returns {"tensors": written, "bytes": received}; the front commits the weight version
         when every rank returns."""
         if not isinstance(zmq_handles, dict) or not all(
@@ -249,8 +250,28 @@ class RankWorker:
             run=run,
             validate=self._validate_manifest,
             post_hook=self.model.process_weights_after_loading,
+            keeps=self._keeps,
         )
         return {"tensors": self.tensors_written - before, "bytes": received}
+
+    def _keeps(self, manifest: list) -> dict[str, tuple[int, int, int]]:
+        """{checkpoint name: (dim, start, length)} of the tensors this rank loads only rows of
+        (its parameters' `ShardLayout.kept`), for the parameter server (P2P: each receiver then
+        reads only those rows). Only where loading is the layout's own `load`."""
+        params = dict(self.model.named_parameters())
+        out = {}
+        for spec in manifest:
+            try:
+                pname, sid = self.model.resolve(spec.name)
+            except KeyError:
+                continue
+            param = params.get(pname)
+            layout = getattr(param, "shard_layout", None)
+            if layout is None or getattr(param, "weight_loader", None) != layout.load:
+                continue
+            if (kept := layout.kept(sid)) is not None:
+                out[spec.name] = kept
+        return out
 
     @functools.cached_property
     def _zmq_ctx(self):
