@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from vllm_testutil import (
     EXTENSION,
     Checkpoint,
+    kill_updater_mid_update,
     push,
     require_vllm,
     start_vllm,
@@ -97,6 +98,7 @@ def expected_checksums(checkpoint: Checkpoint) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def vllm(ckpts, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vllm-moe")
+    delay_file = tmp / "bucket-delay"
     server = start_vllm(
         ckpts["A"].path,
         "--worker-extension-cls",
@@ -105,7 +107,9 @@ def vllm(ckpts, tmp_path_factory):
         '{"backend": "ckpt_engine"}',
         log=tmp / "vllm.log",
         load_format="auto",
+        env={"CKPT_ENGINE_TEST_BUCKET_DELAY_FILE": str(delay_file)},
     )
+    server.delay_file = delay_file
     yield server
     server.stop()
 
@@ -167,3 +171,16 @@ def test_bad_expert_tensor_is_refused_before_any_write(vllm, ckpts, bad, api):
     else:
         info = status(vllm)
         assert info["status"] == "ready" and "refused before any write" in info["detail"]
+
+
+def test_killed_updater_leaves_a_servable_mix_and_the_next_update_is_exact(vllm, ckpts, tmp_path):
+    kill_updater_mid_update(vllm, ckpts["B"], log=tmp_path / "updater.log")  # from A, way (1)
+    info = status(vllm)
+    assert info["status"] == "weights_inconsistent", info
+    vllm.greedy()  # servable: layers done hold B (prepacked), the others A
+
+    rc, out = push(vllm, ckpts["B"], *WEIGHT_TRANSFER, "--weight-version", "b", env=SMALL_BUCKETS)
+    assert rc == 0, out
+    assert vllm.greedy() == ckpts["B"].greedy()
+    assert checksums(vllm) == expected_checksums(ckpts["B"])
+    assert status(vllm)["status"] == "ready"  # one status per model, whichever way updates it

@@ -50,7 +50,7 @@ from vllm.distributed.weight_transfer.base import (
 
 from ckpt_engine import device_key
 from ckpt_engine.compat import WIRES
-from workers.vllm.extension import UpdateStatus, receive_update, reports_failures
+from workers.vllm.extension import receive_update, reports_failures, status_of
 from workers.vllm.reload import ModelReload
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class CkptEngineWeightTransferEngine(
     def __init__(self, config, vllm_config, device: torch.device, model: torch.nn.Module):
         super().__init__(config, vllm_config, device, model)
         self.init_info = CkptEngineInitInfo()
-        self.status = UpdateStatus()
+        self.status = status_of(model)  # shared with the worker extension's, if enabled
         self.landed = False  # a complete update since start_weight_update
         self.sessions_left_open = False  # the last rank: a failure left the others' open
         self._zmq_ctx = None

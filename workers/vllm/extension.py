@@ -27,6 +27,7 @@ import functools
 import hashlib
 import logging
 import time
+import weakref
 from typing import Any
 
 import torch
@@ -96,6 +97,15 @@ class UpdateStatus:
             "failures": self.failures,
             "last_update_s": self.last_update_s,
         }
+
+
+_STATUSES: weakref.WeakKeyDictionary[torch.nn.Module, UpdateStatus] = weakref.WeakKeyDictionary()
+
+
+def status_of(model: torch.nn.Module) -> UpdateStatus:
+    """``model``'s update status: one per model, whichever way updates it (this extension or the
+    weight-transfer engine, ``workers.vllm.engine``; a server may enable both)."""
+    return _STATUSES.setdefault(model, UpdateStatus())
 
 
 def receive_update(
@@ -187,7 +197,7 @@ class CkptEngineWorkerExtension:
 
     @functools.cached_property
     def _ckpt_engine_update_status(self) -> UpdateStatus:
-        return UpdateStatus()
+        return status_of(self.model_runner.model)
 
     def _ckpt_engine_models(self) -> list:
         """The target model, then the drafter's model when speculative decoding has one."""
@@ -234,7 +244,8 @@ class CkptEngineWorkerExtension:
             )
 
     def ckpt_engine_status(self) -> dict[str, Any]:
-        """This worker's update status (``UpdateStatus``) and its device key."""
+        """This worker's update status (``UpdateStatus`` of its target model, updated by either
+        way) and its device key."""
         return {
             **self._ckpt_engine_update_status.as_dict(),
             "device": self._ckpt_engine_device()[0],
