@@ -170,6 +170,8 @@ def test_watch_pushes_each_complete_checkpoint_in_order(server, tmp_path, regist
         assert [r["weight_version"] for r in ok] == ["step-02", "step-03", "step-04", "step-06"]
         assert ok[0]["watch"]["skipped"] == ["step-01"]
         assert all(r["push_seconds"] > 0 and r["seconds"]["update"] > 0 for r in ok)
+        # marker to applied >= the push (less the filesystem clock's coarseness)
+        assert all(r["since_complete_seconds"] >= r["push_seconds"] - 0.05 for r in ok)
         # same-size checkpoints: the first push's buffers, reused; nothing allocated after it
         held = {r["pool"]["held_bytes"] for r in ok}
         allocated = {r["pool"]["allocated_bytes"] for r in mine}

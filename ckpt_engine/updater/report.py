@@ -23,6 +23,8 @@ With ``--watch`` (updater/watch.py) there is one line per rank per checkpoint pu
 name, and three more keys:
 
     "push_seconds": <this rank's seconds for the whole push, prepare to the pool trimmed>,
+    "since_complete_seconds": <from the marker's mtime to the end of the push: what the
+                               training loop waits for, the poll interval included>,
     "watch": {"directory": DIR, "push": <n-th push of this watcher>, "skipped": [superseded]},
     "pool": {"held_bytes": <host memory of the pool: registered + free>, "allocated_bytes":
              <bytes ever allocated by it>, "buffers_allocated", "buffers_reused", "freed_bytes":

@@ -109,6 +109,7 @@ class Pushed:
     name: str
     skipped: tuple[str, ...]
     number: int  # 1 for the first push of this watcher
+    complete_at: float | None = None  # the marker's mtime (unix s, rank 0's clock)
 
 
 @dataclass
@@ -169,7 +170,9 @@ class Watcher:
                 self.stop.wait(self.interval_s)
                 continue
             name = decision["name"]
-            pushed = Pushed(name, tuple(decision["skipped"]), self.pushes + 1)
+            pushed = Pushed(
+                name, tuple(decision["skipped"]), self.pushes + 1, decision.get("complete_at")
+            )
             try:
                 push(self.directory / name, pushed)
             except Exception as e:
@@ -212,7 +215,16 @@ class Watcher:
                     newest,
                 )
             self.refused.update(skipped)  # never pushed later (they sort before `newest`)
-            return {"action": "push", "name": newest, "skipped": skipped}
+            try:
+                complete_at = (self.directory / newest / MARKER).stat().st_mtime
+            except OSError:
+                complete_at = None
+            return {
+                "action": "push",
+                "name": newest,
+                "skipped": skipped,
+                "complete_at": complete_at,
+            }
         if self.idle_timeout_s is not None and time.monotonic() - idle_since >= self.idle_timeout_s:
             return {"action": "stop", "why": f"no new checkpoint for {self.idle_timeout_s} s"}
         return {"action": "wait"}
@@ -310,9 +322,13 @@ def push_checkpoint(job: Any, args: Any, path: Path, pushed: Pushed, *, endpoint
             ps.unregister_checkpoint(name)
     freed = ps.host_pool.trim()  # the pool keeps what is registered, nothing more
     seconds = time.perf_counter() - start
+    # from the trainer's marker to the servers applying it (poll wait included); the marker's
+    # mtime is the filesystem's clock: on a shared filesystem, clock skew shows here
+    since = None if pushed.complete_at is None else time.time() - pushed.complete_at
     pool = ps.host_pool
     extra = {
         "push_seconds": seconds,
+        "since_complete_seconds": since,
         "watch": {
             "directory": str(path.parent),
             "push": pushed.number,
@@ -331,10 +347,12 @@ def push_checkpoint(job: Any, args: Any, path: Path, pushed: Pushed, *, endpoint
         raise error
     if ps.rank == 0:
         logger.info(
-            "watch: pushed %s in %.3f s (%d bytes, %d tensors; prepare %.3f s, register %.3f s, "
-            "gather %.3f s, update %.3f s, %.2f GB/s); pool holds %d bytes (%d allocated so far)",
+            "watch: pushed %s in %.3f s, %s s after its marker (%d bytes, %d tensors; prepare "
+            "%.3f s, register %.3f s, gather %.3f s, update %.3f s, %.2f GB/s); pool holds %d "
+            "bytes (%d allocated so far)",
             name,
             seconds,
+            "?" if since is None else f"{since:.3f}",
             result["bytes"],
             result["tensors"],
             job.timings["prepare"],
