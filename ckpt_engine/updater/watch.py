@@ -245,8 +245,8 @@ def run_watch(args: Any, stop_signals: Any = None) -> int:
     denv = ce_env.dist_env()
     endpoint = upd.pick_endpoint(args.endpoints, denv, args.inference_parallel_size)
     # files are always copied into the pool, never mapped in place: the trainer may delete or
-    # rewrite a checkpoint's files once it is pushed
-    config = PSConfig(pin_in_place=False)
+    # rewrite a checkpoint's files once it is pushed; no P2P serving (its flags are refused)
+    config = PSConfig(pin_in_place=False, p2p_serve=False)
     ps = ParameterServer(device_type=resolve_device_type(args.device), config=config)
     stop = StopRequest()
     if stop_signals is not None:
