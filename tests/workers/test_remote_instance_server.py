@@ -252,3 +252,29 @@ def test_fork_over_nccl_from_gpu_0_to_gpu_1(checkpoints, tmp_path, monkeypatch):
         for server in (doomed, client, seed):
             if server is not None:
                 server.stop()
+
+
+@pytest.mark.gpu
+def test_slice_mode_over_nccl_tp1_seed_to_tp2_client(checkpoints, tmp_path):
+    """NCCL: a TP=1 seed on GPU 0, a TP=2 client on GPUs 1-2 in slice mode: each rank receives
+    the norms and half of every other tensor, bit-exact against the checkpoint."""
+    skip_without_gpus("cuda", 3)
+    path, hf_model = checkpoints["qwen3"]
+    total, norms = checkpoint_bytes(hf_model)
+    seed = start_seed(path, tmp_path / "seed.log", device="cuda")
+    client = None
+    try:
+        wait_until_up(seed)
+        client = start_client(
+            path, seed, tp=2, log=tmp_path / "c.log", extra=["--base-gpu-id", "1"], device="cuda"
+        )
+        wait_until_up(client)
+        assert "slice mode" in client.output()
+        half = norms + (total - norms) // 2
+        assert forked_bytes(client, 2) == [half, half]
+        same_as_checkpoint(client, hf_model)
+        same_weights_and_tokens(seed, client)
+    finally:
+        for server in (client, seed):
+            if server is not None:
+                server.stop()
