@@ -40,12 +40,27 @@ class BucketItem(NamedTuple):
 
 @dataclass(frozen=True)
 class CopyRange:
-    """Owner-side copy: ``nbytes`` bytes of host buffer ``buffer`` at ``src`` to slot ``dst``."""
+    """Owner-side copy: ``nbytes`` bytes of host buffer ``buffer`` at ``src`` to slot ``dst``.
+    ``count`` > 1 (only in a P2P receiver's reads of column shards, ``p2p/shards.py``; plans
+    have single runs): ``count`` runs of ``nbytes``, each ``stride`` after the previous on both
+    sides."""
 
     buffer: int
     src: int
     dst: int
     nbytes: int
+    count: int = 1
+    stride: int = 0
+
+    @property
+    def span(self) -> int:
+        """Bytes from the first run's start to the last run's end."""
+        return (self.count - 1) * self.stride + self.nbytes
+
+    @property
+    def total(self) -> int:
+        """Bytes moved."""
+        return self.count * self.nbytes
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,9 @@ from ckpt_engine.errors import TransferError
 from ckpt_engine.host_memory import HostBuffer
 from ckpt_engine.p2p.transport import OwnerServer, Reader, ReadRange, Transport
 
+# Ranges per batch read: Mooncake's TCP transport failed (EFAULT) on one batch of ~2.2k ranges
+# (workers/remote_instance/transfer_engine.py); 1024 keeps a margin.
+BATCH_RANGES = 1024
 logger = logging.getLogger(__name__)
 
 
@@ -196,22 +199,26 @@ class MooncakeReader(Reader):
 
         local, remote, lengths = [], [], []
         for r in ranges:
-            if r.buffer >= len(self.ptrs) or r.offset + r.nbytes > self.sizes[r.buffer]:
+            if r.buffer >= len(self.ptrs) or r.offset + r.span > self.sizes[r.buffer]:
                 raise TransferError(
                     f"{self.owner}: range outside buffer {r.buffer}", owner=self.owner
                 )
-            c_buf = (ctypes.c_char * r.nbytes).from_buffer(r.dst)
-            local.append(ctypes.addressof(c_buf))
-            remote.append(self.ptrs[r.buffer] + r.offset)
-            lengths.append(r.nbytes)
-        if not lengths:
-            return
-        code = self.transport._engine.batch_transfer_sync_read(self.session, local, remote, lengths)
-        if code != 0:
-            raise TransferError(
-                f"mooncake read of {sum(lengths)} bytes from {self.owner} failed (status {code})",
-                owner=self.owner,
+            base = ctypes.addressof((ctypes.c_char * r.span).from_buffer(r.dst))
+            for offset, at in r.runs():  # a column shard: one range per run, one-sided
+                local.append(base + at)
+                remote.append(self.ptrs[r.buffer] + offset)
+                lengths.append(r.nbytes)
+        for i in range(0, len(lengths), BATCH_RANGES):
+            batch = slice(i, i + BATCH_RANGES)
+            code = self.transport._engine.batch_transfer_sync_read(
+                self.session, local[batch], remote[batch], lengths[batch]
             )
+            if code != 0:
+                raise TransferError(
+                    f"mooncake read of {sum(lengths[batch])} bytes from {self.owner} failed "
+                    f"(status {code})",
+                    owner=self.owner,
+                )
 
     def close(self) -> None:
         self.transport.unregister(self._local)

@@ -75,13 +75,20 @@ class Prefetcher:
                 start = time.monotonic()
                 reader.read(
                     [
-                        ReadRange(c.buffer, c.src, c.nbytes, view[c.dst : c.dst + c.nbytes])
+                        ReadRange(
+                            c.buffer,
+                            c.src,
+                            c.nbytes,
+                            view[c.dst : c.dst + c.span],
+                            c.count,
+                            c.stride,
+                        )
                         for c in fetch.copies
                         if c.nbytes
                     ]
                 )
                 self.read_s += time.monotonic() - start
-                self.read_bytes += sum(c.nbytes for c in fetch.copies)
+                self.read_bytes += sum(c.total for c in fetch.copies)
                 with self._cond:
                     self._ready[fetch.bucket] = index
                     self._cond.notify_all()

@@ -1,8 +1,10 @@
 """The wire of the portable P2P transport (pure): typed, versioned records, no pickle.
 
-A reader sends one frame, a JSON ``ReadRequest`` (token, checkpoint, buffer, offset, length);
-the owner answers a JSON ``DataReply`` frame followed by exactly ``length`` raw bytes (sent
-zero-copy from the registered host buffer), or one JSON ``ErrorReply`` frame. Headers are
+A reader sends one frame, a JSON ``ReadRequest`` (token, checkpoint, buffer, offset, length, and
+optionally count and stride: ``count`` runs of ``length`` bytes, each ``stride`` after the
+previous, a column shard); the owner answers a JSON ``DataReply`` frame followed by exactly
+``count * length`` raw bytes (one run: sent zero-copy from the registered host buffer; several:
+packed by one copy), or one JSON ``ErrorReply`` frame. Headers are
 capped at ``MAX_HEADER_BYTES``, reads at ``MAX_READ_BYTES``; ``check_read`` is the owner's
 whole authorization: the token of that checkpoint (compared in constant time) and bounds inside
 one registered buffer. Nothing outside the registered ranges can be named by a request.
@@ -38,6 +40,12 @@ class ReadRequest:
     buffer: int
     offset: int
     length: int
+    count: int = 1  # runs of ``length`` bytes, each ``stride`` after the previous (packed reply)
+    stride: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.count * self.length
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +77,8 @@ _FIELDS: dict[type, dict[str, type]] = {
     DataReply: {"id": int, "length": int},
     ErrorReply: {"id": int, "code": str, "message": str},
 }
+# Fields a reader of an earlier version did not send (their defaults apply).
+_OPTIONAL: dict[type, dict[str, type]] = {ReadRequest: {"count": int, "stride": int}}
 
 
 def encode(msg: Message) -> bytes:
@@ -97,7 +107,10 @@ def decode(data: bytes) -> Message:
     if cls is None:
         raise ProtocolError(f"unknown message type {obj.get('type')!r}")
     fields = {}
-    for name, kind in _FIELDS[cls].items():
+    optional = _OPTIONAL.get(cls, {})
+    for name, kind in {**_FIELDS[cls], **optional}.items():
+        if name in optional and name not in obj:
+            continue
         value = obj.get(name)
         if isinstance(value, bool) or not isinstance(value, kind):
             raise ProtocolError(f"{cls.TYPE}: field {name!r} missing or not {kind.__name__}")
@@ -124,16 +137,21 @@ def check_read(req: ReadRequest, exports: Mapping[str, Export]) -> None:
         raise ReadRefused(
             f"refused: bad token, or checkpoint {req.checkpoint!r} not served", code=BAD_TOKEN
         )
-    if req.length > MAX_READ_BYTES:
+    if req.total > MAX_READ_BYTES:
         raise ReadRefused(
-            f"refused: read of {req.length} bytes > {MAX_READ_BYTES}", code=BAD_REQUEST
+            f"refused: read of {req.total} bytes > {MAX_READ_BYTES}", code=BAD_REQUEST
+        )
+    if req.count < 1 or (req.count > 1 and req.stride < req.length):
+        raise ReadRefused(
+            f"refused: {req.count} runs of {req.length} bytes, {req.stride} apart",
+            code=BAD_REQUEST,
         )
     if req.buffer >= len(export.buffer_bytes):
         raise ReadRefused(f"refused: buffer {req.buffer} does not exist", code=OUT_OF_RANGE)
     size = export.buffer_bytes[req.buffer]
-    if req.offset + req.length > size:
+    end = req.offset + (req.count - 1) * req.stride + req.length
+    if end > size:
         raise ReadRefused(
-            f"refused: bytes [{req.offset}, +{req.length}) are outside buffer {req.buffer} "
-            f"({size} bytes)",
+            f"refused: bytes [{req.offset}, {end}) are outside buffer {req.buffer} ({size} bytes)",
             code=OUT_OF_RANGE,
         )

@@ -10,9 +10,9 @@ put it (so the worker's views, and its loader, are unchanged):
 - rows along dim 0 (or along a later dim when every dim before it has size 1) of a row-major
   tensor are one contiguous byte range: read alone;
 - rows along a later dim (a column shard: row-parallel weights, an expert's ``down_proj``) are
-  one run per leading index, strided: read whole. A P2P read is a request per range, answered
-  from the owner's buffer zero-copy; thousands of small runs per tensor would cost more in
-  requests than the bytes they save, and packing them needs the owner to copy (not done).
+  one run per leading index, at a fixed stride: one strided range (``CopyRange.count`` runs).
+  The tcp transport asks for it in one request per chunk and the owner packs the runs by one
+  copy (``protocol.ReadRequest.count/stride``); Mooncake reads each run one-sided.
 - tensors the worker did not list (replicated ones: norms) are read whole.
 
 The rest of a partly read tensor's slot bytes are never written; the worker reads only its rows.
@@ -40,7 +40,7 @@ class Kept(NamedTuple):
 
 def kept_range(shape: tuple[int, ...], itemsize: int, kept: Kept) -> tuple[int, int] | None:
     """Bytes ``[a, b)`` of a row-major tensor of ``shape`` holding ``kept``'s rows, when they
-    are one contiguous range; None when strided (read the tensor whole)."""
+    are one contiguous range; None when strided (a column shard)."""
     dim, start, length = kept
     if not (0 <= dim < len(shape) and start >= 0 and start + length <= shape[dim]):
         raise ProtocolError(f"rows {start}+{length} along dim {dim} of a tensor of {list(shape)}")
@@ -61,20 +61,37 @@ def shard_copies(bucket: Bucket, kept: Mapping[str, Kept]) -> tuple[CopyRange, .
     for item in bucket.items:
         if not item.nbytes:
             continue
-        rows = kept.get(item.name)
-        span = None if rows is None else kept_range(item.shape, dtypes.itemsize(item.dtype), rows)
-        a, b = span if span is not None else (0, item.nbytes)
-        if a == b:
-            continue
         i = bisect.bisect_right(starts, item.offset) - 1
         if i < 0 or item.offset + item.nbytes > runs[i].dst + runs[i].nbytes:
             raise ValueError(f"bucket {bucket.id}: {item.name} lies in no copy run")
         run = runs[i]
-        src = run.src + (item.offset - run.dst) + a
-        piece = CopyRange(run.buffer, src, item.offset + a, b - a)
+        src = run.src + (item.offset - run.dst)
+        rows = kept.get(item.name)
+        itemsize = dtypes.itemsize(item.dtype)
+        span = None if rows is None else kept_range(item.shape, itemsize, rows)
+        if rows is not None and span is None:  # a column shard: one strided range
+            dim, start, length = rows
+            unit = math.prod(item.shape[dim + 1 :]) * itemsize
+            if length:
+                out.append(
+                    CopyRange(
+                        run.buffer,
+                        src + start * unit,
+                        item.offset + start * unit,
+                        length * unit,
+                        count=math.prod(item.shape[:dim]),
+                        stride=item.shape[dim] * unit,
+                    )
+                )
+            continue
+        a, b = span if span is not None else (0, item.nbytes)
+        if a == b:
+            continue
+        piece = CopyRange(run.buffer, src + a, item.offset + a, b - a)
         last = out[-1] if out else None
         if (
             last is not None
+            and last.count == 1
             and last.buffer == piece.buffer
             and last.src + last.nbytes == piece.src
             and last.dst + last.nbytes == piece.dst

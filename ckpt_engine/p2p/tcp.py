@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
@@ -160,11 +161,22 @@ class TcpServer(OwnerServer):
             reply = protocol.ErrorReply(id=req_id, code=code, message=f"rank {self.rank}: {e}")
             sock.send_multipart([ident, protocol.encode(reply)])
             return
-        data = entry[1][req.buffer][req.offset : req.offset + req.length]
-        head = protocol.encode(protocol.DataReply(id=req.id, length=req.length))
+        view = entry[1][req.buffer]
+        if req.count == 1:
+            data = view[req.offset : req.offset + req.length]
+        else:  # a column shard: its runs packed by one copy
+            data = _strided(view, req.offset, req.count, req.length, req.stride).copy().data
+        head = protocol.encode(protocol.DataReply(id=req.id, length=req.total))
         # Counted before the send: a reader that has its bytes always sees them counted.
-        self.served_bytes += req.length
+        self.served_bytes += req.total
         sock.send_multipart([ident, head, data], copy=False)
+
+
+def _strided(view: memoryview, offset: int, count: int, run: int, stride: int) -> np.ndarray:
+    """``count`` runs of ``run`` bytes of ``view``, each ``stride`` after the previous, as a
+    (count, run) array over ``view`` (no copy; bounds checked by the caller)."""
+    flat = np.frombuffer(view, dtype=np.uint8)[offset:]
+    return np.lib.stride_tricks.as_strided(flat, shape=(count, run), strides=(stride, 1))
 
 
 def _peer(frame: zmq.Frame) -> str:
@@ -237,31 +249,53 @@ class TcpReader(Reader):
             poller.poll(max(1, int(remaining * 1000)))
 
     def read(self, ranges: Sequence[ReadRange]) -> None:
-        chunks: deque[tuple[int, int, memoryview]] = deque()
+        # (buffer, offset, run bytes, runs, stride, dst): at most one chunk of bytes each
+        chunks: deque[tuple[int, int, int, int, int, memoryview]] = deque()
         for r in ranges:
-            if len(r.dst) != r.nbytes:
-                raise ValueError(f"destination of {len(r.dst)} bytes for a {r.nbytes}-byte range")
-            for start in range(0, r.nbytes, self.chunk_bytes):
-                n = min(self.chunk_bytes, r.nbytes - start)
-                chunks.append((r.buffer, r.offset + start, r.dst[start : start + n]))
-        in_flight: deque[tuple[int, memoryview]] = deque()
+            if len(r.dst) != r.span:
+                raise ValueError(f"destination of {len(r.dst)} bytes for a {r.span}-byte range")
+            if r.count > 1 and r.nbytes < self.chunk_bytes:  # strided: whole runs per chunk
+                rows = self.chunk_bytes // r.nbytes
+                for i in range(0, r.count, rows):
+                    k = min(rows, r.count - i)
+                    a = i * r.stride
+                    dst = r.dst[a : a + (k - 1) * r.stride + r.nbytes]
+                    chunks.append((r.buffer, r.offset + a, r.nbytes, k, r.stride, dst))
+                continue
+            for offset, at in r.runs():
+                for start in range(0, r.nbytes, self.chunk_bytes):
+                    n = min(self.chunk_bytes, r.nbytes - start)
+                    dst = r.dst[at + start : at + start + n]
+                    chunks.append((r.buffer, offset + start, n, 1, 0, dst))
+        in_flight: deque[tuple[int, memoryview, int, int, int]] = deque()
         while chunks or in_flight:
             while chunks and len(in_flight) < self.window:
-                buffer, offset, dst = chunks.popleft()
+                buffer, offset, run, count, stride, dst = chunks.popleft()
                 req = protocol.ReadRequest(
                     id=self._next_id,
                     token=self.token,
                     checkpoint=self.checkpoint,
                     buffer=buffer,
                     offset=offset,
-                    length=len(dst),
+                    length=run,
+                    count=count,
+                    stride=stride,
                 )
                 self._next_id += 1
                 self.sock.send(protocol.encode(req))
-                in_flight.append((req.id, dst))
+                in_flight.append((req.id, dst, run, count, stride))
             self._receive(*in_flight.popleft())
 
-    def _receive(self, req_id: int, dst: memoryview) -> None:
+    def _receive(
+        self, req_id: int, dst: memoryview, run: int = 0, count: int = 1, stride: int = 0
+    ) -> None:
+        if count > 1:  # packed runs: received whole, then put in their places
+            packed = bytearray(run * count)
+            self._receive(req_id, memoryview(packed))
+            _strided(dst, 0, count, run, stride)[:] = np.frombuffer(packed, np.uint8).reshape(
+                count, run
+            )
+            return
         self._wait_reply()
         try:
             reply = protocol.decode(self.sock.recv())

@@ -31,12 +31,30 @@ from ckpt_engine.host_memory import HostBuffer
 @dataclass(frozen=True)
 class ReadRange:
     """``nbytes`` bytes at ``offset`` of the owner's buffer ``buffer`` into ``dst`` (writable,
-    exactly ``nbytes`` long, local host memory from ``Reader.prepare``)."""
+    exactly ``span`` long, local host memory from ``Reader.prepare``). With ``count`` > 1:
+    ``count`` runs of ``nbytes``, each ``stride`` bytes after the previous, on both sides (a
+    column shard of a row-major tensor); the bytes between runs in ``dst`` are left as they
+    were."""
 
     buffer: int
     offset: int
     nbytes: int
     dst: memoryview
+    count: int = 1
+    stride: int = 0
+
+    @property
+    def span(self) -> int:
+        return (self.count - 1) * self.stride + self.nbytes
+
+    @property
+    def total(self) -> int:
+        """Bytes moved."""
+        return self.count * self.nbytes
+
+    def runs(self):
+        """(owner offset, dst offset) of each run."""
+        return ((self.offset + i * self.stride, i * self.stride) for i in range(self.count))
 
 
 class OwnerServer(abc.ABC):

@@ -153,9 +153,10 @@ class P2PMover:
                 src = self.staging[launched.staging].tensor[: bucket.nbytes]
             except Exception as e:  # broadcast anyway: the others are in this collective
                 launched.error = e
-        # sharded: only the ranges read (the rest of the slot is never looked at)
+        # sharded: only the ranges read, a column shard's gaps included (one copy each; the
+        # rest of the slot is never looked at)
         ranges = (
-            [(c.dst, c.nbytes) for c in self.mine[bucket.id].copies]
+            [(c.dst, c.span) for c in self.mine[bucket.id].copies]
             if self.sharded and src is not None
             else [(0, bucket.nbytes)]
         )

@@ -1,7 +1,7 @@
 """The Mooncake P2P transport, for real, over Mooncake's TCP protocol (the CI machine has no RDMA
 device): when ``auto`` takes it (never without the operator's consent and an RDMA device), and a
-named ``mooncake`` reading an owner's registered memory in another process, refusing a range
-outside it, and failing at once when the owner is gone."""
+named ``mooncake`` reading an owner's registered memory in another process (contiguous and
+strided ranges), refusing a range outside it, and failing at once when the owner is gone."""
 
 from __future__ import annotations
 
@@ -104,6 +104,14 @@ def test_named_mooncake_reads_over_tcp(monkeypatch):
         want = _pattern(SIZE).numpy().tobytes()
         assert bytes(dst[: 1 << 20]) == want[: 1 << 20]
         assert bytes(dst[1 << 20 : 2 << 20]) == want[2 << 20 : 3 << 20]
+        # a column shard: 2500 runs of 64 bytes, 1024 apart (more ranges than one batch)
+        local.tensor.fill_(0xEE)
+        span = 2499 * 1024 + 64
+        reader.read([ReadRange(0, 100, 64, dst[:span], count=2500, stride=1024)])
+        got = bytes(dst[:span])
+        for i in (0, 1, 1234, 2499):
+            assert got[i * 1024 : i * 1024 + 64] == want[100 + i * 1024 : 164 + i * 1024]
+        assert got[64:1024] == b"\xee" * 960  # the gaps are left alone
         with pytest.raises(TransferError, match="range outside buffer 0"):
             reader.read([ReadRange(0, SIZE - 8, 16, dst[:16])])
         parent.send("stop")

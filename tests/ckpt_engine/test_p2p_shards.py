@@ -1,6 +1,6 @@
 """A P2P receiver's reads when its worker keeps only some rows (pure): row shards are one range
-each, at the slot offset the whole tensor would have; column shards (strided) and unlisted
-tensors are read whole; adjacent ranges merge; the worker's Keeps travel with the Ack; the
+each, at the slot offset the whole tensor would have; column shards one strided range;
+unlisted tensors are read whole; adjacent ranges merge; the worker's Keeps travel with the Ack; the
 reference layouts report exactly the rows their `load` reads."""
 
 from __future__ import annotations
@@ -68,16 +68,20 @@ def test_shard_copies_cut_each_tensor_to_its_rows_at_its_slot_offset():
     kept = {"a.q": Kept(0, 4, 4), "a.o": Kept(1, 0, 4), "b.q": Kept(0, 0, 4)}
     copies = shard_copies(bucket, kept)
     src = {name: run.src + (off - run.dst) for name, off in at.items()}
-    # rows 4..7 of a.q, a.o whole (columns: strided), norm whole (not listed), rows 0..3 of
-    # b.q: back to back in the owner's buffer and in the slot, so one read
-    assert copies == (CopyRange(0, src["a.q"] + 64, at["a.q"] + 64, 64 + 128 + 16 + 64),)
+    # rows 4..7 of a.q; columns 0..3 of a.o: 4 runs of 16 bytes, 32 apart; norm whole (not
+    # listed); rows 0..3 of b.q
+    assert copies == (
+        CopyRange(0, src["a.q"] + 64, at["a.q"] + 64, 64),
+        CopyRange(0, src["a.o"], at["a.o"], 16, count=4, stride=32),
+        CopyRange(0, src["norm"], at["norm"], 16 + 64),  # norm and b.q: back to back, one read
+    )
     gap = shard_copies(bucket, {"a.q": Kept(0, 0, 4), "b.q": Kept(0, 4, 4)})
     assert gap == (
         CopyRange(0, src["a.q"], at["a.q"], 64),  # rows 0..3 of a.q
-        CopyRange(0, src["a.o"], at["a.o"], 128 + 16),  # a.o, norm
+        CopyRange(0, src["a.o"], at["a.o"], 128 + 16),  # a.o, norm: whole, one read
         CopyRange(0, src["b.q"] + 64, at["b.q"] + 64, 64),  # rows 4..7 of b.q
     )
-    assert sum(c.nbytes for c in copies) == 64 + 128 + 16 + 64  # of 128 + 128 + 16 + 128
+    assert sum(c.total for c in copies) == 64 + 64 + 16 + 64  # of 128 + 128 + 16 + 128
     assert shard_copies(bucket, {}) == bucket.copies  # nothing kept: the plan's reads
 
 
@@ -87,11 +91,16 @@ def test_shard_copies_then_the_workers_view_holds_its_rows():
     owner = torch.arange(bucket.copies[0].nbytes // 4, dtype=torch.float32)
     host = owner.view(torch.uint8)
     slot = torch.full((bucket.nbytes,), 0xFF, dtype=torch.uint8)
-    for c in shard_copies(bucket, {"a.q": Kept(0, 4, 4)}):
-        slot[c.dst : c.dst + c.nbytes] = host[c.src : c.src + c.nbytes]
+    for c in shard_copies(bucket, {"a.q": Kept(0, 4, 4), "a.o": Kept(1, 4, 4)}):
+        for i in range(c.count):
+            a, b = c.src + i * c.stride, c.dst + i * c.stride
+            slot[b : b + c.nbytes] = host[a : a + c.nbytes]
     view = slot[at["a.q"] : at["a.q"] + 128].view(torch.float32).view(8, 4)
     assert torch.equal(view[4:], owner[16:32].view(4, 4))
     assert torch.isnan(view[:4]).all()  # never written: the worker does not read it
+    o = slot[at["a.o"] : at["a.o"] + 128].view(torch.float32).view(4, 8)
+    assert torch.equal(o[:, 4:], owner[32:64].view(4, 8)[:, 4:])  # columns 4..7 of a.o
+    assert torch.isnan(o[:, :4]).all()
 
 
 def test_keeps_travel_with_the_ack_and_map_back_to_names():

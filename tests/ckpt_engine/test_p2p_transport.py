@@ -118,6 +118,25 @@ def test_reads_exact_bytes_chunked_and_pipelined(served):
     assert server.served_bytes == 700_100
 
 
+def test_strided_reads_are_packed_by_the_owner_and_placed_by_the_reader(served):
+    """A column shard: 300 runs of 100 bytes, 1000 apart, in chunks of whole runs; the gaps
+    of the destination stay untouched; a request past the buffer is refused."""
+    server, record, bufs = served
+    dst = bytearray(b"\xee" * (299 * 1000 + 100))
+    view = memoryview(dst)
+    _read(record, [ReadRange(0, 5000, 100, view, count=300, stride=1000)], chunk_bytes=4096)
+    src = bytes(bufs[0].tensor.numpy())
+    for i in range(300):
+        assert dst[i * 1000 : i * 1000 + 100] == src[5000 + i * 1000 : 5100 + i * 1000]
+        assert dst[i * 1000 + 100 : (i + 1) * 1000] == b"\xee" * 900 or i == 299
+    assert server.served_bytes == 300 * 100
+    with pytest.raises(ReadRefused, match="outside buffer 1") as e:
+        _read(record, [ReadRange(1, 0, 100, memoryview(bytearray(4000 + 100)), 2, 4000)])
+    assert e.value.code == protocol.OUT_OF_RANGE
+    with pytest.raises(ReadRefused, match="runs of 100 bytes, 50 apart"):
+        _read(record, [ReadRange(0, 0, 100, memoryview(bytearray(150)), 2, 50)])
+
+
 def test_bad_token_refused_and_logged(served, caplog):
     server, record, _ = served
     caplog.set_level(logging.WARNING, logger="ckpt_engine.p2p.tcp")
