@@ -131,6 +131,12 @@ def test_loaded_from_disk_it_matches_transformers(vllm, ckpts):
     assert got == expected_checksums(ckpts["A"])
 
 
+def test_the_fork_refuses_moe_naming_the_experts(vllm):
+    (answer,) = vllm.rpc("ckpt_engine_fork_manifest")
+    assert answer["success"] is False, answer
+    assert "model.layers.0.mlp.experts.routed_experts.w13_weight" in answer["message"], answer
+
+
 def test_worker_extension_update_gives_the_second_checkpoint_exactly(vllm, ckpts):
     rc, out = push(vllm, ckpts["B"])  # from A, through /collective_rpc
     assert rc == 0, out + vllm.output()[-3000:]

@@ -33,6 +33,7 @@ from workers.errors import ConfigError, WorkersError
 from workers.layers.sharding import Part, ShardLayout
 from workers.models.config import ModelConfig
 from workers.models.weights import CheckpointWeights
+from workers.vllm.experts import moe_layers
 from workers.vllm.reload import effective_weight
 
 # vLLM's fused parameters: fused module -> ((checkpoint module, vLLM's shard id), ...), in the
@@ -175,6 +176,15 @@ class VllmCheckpointView(CheckpointWeights):
                     f"{type(model).__name__} fuses {fused} = {list(parts)}: not declared in "
                     "workers.vllm.checkpoint_view.FUSED"
                 )
+        experts = {id(layer) for layer in moe_layers(model)}
+        for prefix, module in model.named_modules():
+            if id(module) not in experts:
+                continue
+            raise WorkersError(
+                f"{prefix}.w13_weight: fused MoE experts have no "
+                "declared fork layout (workers.vllm.checkpoint_view): the vLLM fork does not "
+                "serve MoE models"
+            )
         modules = dict(model.named_modules())
         self._tensors: dict[str, torch.Tensor] = {}
         for pname, param in model.named_parameters():
