@@ -42,7 +42,6 @@ from workers.model_loader import LoadFormat, WeightAccounting
 from workers.remote_instance.backend import close_later, get_backend
 from workers.remote_instance.manifest import Manifest, build_manifest
 from workers.remote_instance.plan import SHARD, SLICE, fork_mode, pair_group_name
-from workers.remote_instance.reads import layout_from_json
 from workers.remote_instance.seed_client import SeedClient
 from workers.remote_instance.settings import (
     LOAD_FORMAT,
@@ -50,17 +49,7 @@ from workers.remote_instance.settings import (
     TRANSFER_ENGINE,
     RemoteInstanceSettings,
 )
-from workers.remote_instance.slices import (
-    ParamSlices,
-    SliceRequest,
-    at_rank,
-    client_targets,
-    layouts_of,
-    plan_digest,
-    plan_slices,
-    span_numel,
-    zero_padding,
-)
+from workers.remote_instance.slice_client import receive_slices, slice_plan
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +89,7 @@ class RemoteInstanceFormat(LoadFormat):
         seed = self.seed.manifest()
         if problems := seed.mismatches(build_manifest(model)):
             raise ManifestMismatchError(problems, self.seed.url)
-        plans, request = self._slice_plans(model, seed)
+        plans, request = slice_plan(model, seed) if self.slices else (None, None)
         mode = fork_mode(seed.tp_size, tp.size, slices=plans is not None)
         base = "send_weights_" + _shared_token(tp, device)
         port = s.ports[tp.rank]
@@ -132,7 +121,9 @@ class RemoteInstanceFormat(LoadFormat):
             def receive():
                 nonlocal landed
                 if mode == SLICE:
-                    received = self._receive_slices(model, group, seed, plans, device)
+                    received = receive_slices(
+                        model, group, seed, plans, device, where=self.seed.url
+                    )
                 else:
                     received = self._receive(model, group, seed, mode, device, write)
                 landed = time.perf_counter()  # every byte is here (flushed)
@@ -205,71 +196,6 @@ class RemoteInstanceFormat(LoadFormat):
         if s.verify:
             self._verify(model)
 
-    def _slice_plans(
-        self, model, seed: Manifest
-    ) -> tuple[list[ParamSlices] | None, SliceRequest | None]:
-        """Slice mode's plan and the init call's request, where it applies: another TP size, a
-        seed that lists its layouts, the same parameters on both sides; else (None, None)."""
-        tp = model.tp
-        if not self.slices or seed.layouts is None or seed.tp_size == tp.size:
-            return None, None
-        order = [p.name for p in seed.parameters]
-        named = list(model.named_parameters())
-        if set(order) != {n for n, _ in named}:
-            logger.info("rank %d: the seed's parameters are not ours: full mode", tp.rank)
-            return None, None
-        mine = layouts_of(named)
-        plans = plan_slices(order, seed.layouts, seed.tp_size, mine, tp.size)
-        return plans, SliceRequest(tp_size=tp.size, layouts=mine, digest=plan_digest(plans))
-
-    def _receive_slices(self, model, group, seed: Manifest, plans, device) -> int:
-        """Slice mode: per parameter, the pieces this rank keeps, in place (a strided piece
-        through a buffer), padding zeroed; a parameter planned whole arrives as checkpoint
-        tensors and loads through `load_weights`."""
-        j = model.tp.rank
-        params = dict(model.named_parameters())
-
-        def nbytes(plan: ParamSlices) -> int:
-            param = params[plan.name]
-            if plan.whole:
-                return _dtype_bytes(param.dtype, _whole_shapes(seed, plan.name))
-            shape = tuple(param.shape)
-            numel = sum(span_numel(sp, shape) for sp in plan.per_rank[j].spans)
-            return numel * param.element_size()
-
-        total = sum(map(nbytes, plans))
-        progress = Progress(f"fork from {self.seed.url}", total, rank=j)
-        received = 0
-        for k, plan in enumerate(plans):
-            data = params[plan.name].data
-            try:
-                if plan.whole:
-                    for name, shape in _whole_shapes(seed, plan.name, model).items():
-                        target = torch.empty(shape, dtype=data.dtype, device=device)
-                        group.recv(target)
-                        model.load_weights([(name, target)])
-                else:
-                    for buf, dst in client_targets(plan.per_rank[j], data):
-                        group.recv(buf)
-                        if dst is not None:
-                            dst.copy_(buf)
-                    zero_padding(plan.per_rank[j], data)
-            except (TransferError, RuntimeError) as e:
-                progress.close()
-                raise RemoteInstanceError(
-                    f"fork from seed {self.seed.url} broke at {plan.name} ({k + 1} of "
-                    f"{len(plans)} parameters) on port {group.name}: {e}"
-                ) from e
-            n = nbytes(plan)
-            received += n
-            progress.advance(n)
-        progress.close()
-        try:
-            group.flush()
-        except (TransferError, RuntimeError) as e:
-            raise RemoteInstanceError(f"fork from seed {self.seed.url}: {e}") from e
-        return received
-
     def _receive(self, model, group, seed: Manifest, mode: str, device, write) -> int:
         received = 0
         if mode == SHARD:
@@ -329,20 +255,6 @@ class RemoteInstanceFormat(LoadFormat):
                 f"{theirs.get('weight_version')}): {len(bad)} tensor(s): {', '.join(bad[:20])}"
             )
         logger.info("rank 0: every tensor's sha256 matches the seed's")
-
-
-def _whole_shapes(seed: Manifest, pname: str, model=None) -> dict:
-    """A parameter sent whole: {checkpoint name (with `model`, else shard id): full shape}, in
-    the seed's send order (its layout's parts)."""
-    layout = at_rank(layout_from_json(seed.layouts[pname]), 0)
-    return {
-        (sid if model is None else model.checkpoint_name(pname, sid)): layout.full_shape(sid)
-        for sid in layout.shard_ids()
-    }
-
-
-def _dtype_bytes(dtype: torch.dtype, shapes: dict) -> int:
-    return sum(math.prod(shape) for shape in shapes.values()) * dtype.itemsize
 
 
 def _nbytes(spec) -> int:
