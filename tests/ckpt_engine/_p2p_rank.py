@@ -86,7 +86,11 @@ def receiver(spec: dict, rank: int) -> None:
                 result: dict = {"ok": True}
             except UpdateError as e:
                 result = {"ok": False, "type": type(e).__name__, "summary": str(e)}
-            result.update(elapsed=time.monotonic() - start, worker=worker.last_reply)
+            result.update(
+                elapsed=time.monotonic() - start,
+                worker=worker.last_reply,
+                timings=ps.last_update_timings,
+            )
             record(op="update", step=step["step"], **result)
     finally:
         worker.stop()

@@ -1,6 +1,7 @@
 """P2P updates across two jobs on loopback (CPU, gloo): job A's ranks register and serve; job B's
 fresh ranks (holding nothing) pull from A's host memory with A's metas file and hand every
-tensor to their workers, which check each byte. Plus: a tampered token is refused (and logged
+tensor to their workers, which check each byte (workers that report no rows they keep: whole
+buckets, each read once and broadcast). Plus: a tampered token is refused (and logged
 by the owner); owners killed mid-pull make B fail fast naming them; unregistering stops serving.
 """
 
@@ -130,6 +131,19 @@ def test_two_jobs_p2p_update_bad_token_and_owner_killed(tmp_path, device):
                 remove_leftovers(rec["run_id"])
 
     logs = _logs(tmp_path)
+    # These workers report no rows they keep (no `keeps`): whole buckets, each read once by one
+    # receiver and broadcast, so the two receivers read every byte of every tensor between them.
+    from ckpt_engine.metas import CheckpointMetas
+
+    held = CheckpointMetas.load(metas_file)
+    total = sum(t.nbytes for rank in held.ranks for t in rank.tensors)
+    firsts = [
+        next(x for x in _records(tmp_path / f"recv{r}.json") if x.get("step") == "first")
+        for r in range(2)
+    ]
+    assert all(f["timings"]["p2p_sharded"] == 0 for f in firsts), firsts
+    read = sum(f["timings"]["p2p_read_bytes"] for f in firsts)
+    assert total <= read <= sum(sum(rank.buffer_bytes) for rank in held.ranks), (read, total)
     for r in range(2):
         recs = {
             x.get("step"): x for x in _records(tmp_path / f"recv{r}.json") if x["op"] == "update"
