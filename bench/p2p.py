@@ -10,6 +10,10 @@ What it measures:
   parallel readers (--streams; each its own connection, a disjoint share of the bytes), --repeat
   times: best and median GB/s (1 GB = 1e9 bytes). On CUDA also the H2D copy of the staging buffer
   into device memory (the next hop of a P2P update), timed alone.
+- A column shard (what a P2P receiver of TP=2 reads of a row-parallel weight): the buffer as a
+  row-major matrix of rows of 2 x --column-run bytes, the first half of every row read as one
+  strided range (the tcp owner packs the runs, the reader puts them back; Mooncake reads run by
+  run); GB/s of the bytes moved (half the buffer).
 - Every byte is checked against the pattern after the timed reads (outside the timing).
 Loopback on one host: this is the transport's own ceiling (CPU, memcpy, syscalls), not a NIC's.
 
@@ -129,6 +133,31 @@ def timed_read(name: str, record: dict, staging: host_memory.HostBuffer, streams
     return seconds
 
 
+def timed_column_read(name: str, record: dict, staging: host_memory.HostBuffer, run: int):
+    """(seconds, bytes) to read the first ``run`` bytes of every ``2 * run``-byte row."""
+    count = staging.nbytes // (2 * run)
+    span = (count - 1) * 2 * run + run
+    view = staging.memoryview()
+    reader = open_reader(name, record, 60.0)
+    reader.prepare([staging])
+    reader.read([ReadRange(0, 0, 4096, view[:4096])])  # warm the connection
+    t0 = time.perf_counter()
+    reader.read([ReadRange(0, 0, run, view[:span], count=count, stride=2 * run)])
+    seconds = time.perf_counter() - t0
+    reader.close()
+    return seconds, count * run
+
+
+def verify_columns(staging: host_memory.HostBuffer, run: int) -> None:
+    count = staging.nbytes // (2 * run)
+    want = torch.empty_like(staging.tensor)
+    pattern(want)
+    cols = slice(0, run)
+    got = staging.tensor[: count * 2 * run].view(count, 2 * run)[:, cols]
+    if not torch.equal(want[: count * 2 * run].view(count, 2 * run)[:, cols], got):
+        raise SystemExit("verification of the column shard failed")
+
+
 def verify(staging: host_memory.HostBuffer) -> None:
     want = torch.empty_like(staging.tensor)
     pattern(want)
@@ -157,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", action="store_true", help="small CPU smoke run (64 MiB, no pinning)")
     p.add_argument("--mooncake-protocol", default="tcp", choices=("tcp", "rdma", "none"))
     p.add_argument("--results", help="append a markdown section to this file")
+    p.add_argument(
+        "--column-run",
+        type=int,
+        default=12288,
+        help="bytes per row of the column shard read (12288: a TP=2 shard of a bf16 row of 12288)",
+    )
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.cpu
     nbytes = (64 << 20) if args.cpu else int(args.gib * GiB)
@@ -196,6 +231,14 @@ def main(argv: list[str] | None = None) -> int:
                     verify(staging)
                 gbs = [nbytes / t / 1e9 for t in times]
                 rows.append((name, s, max(gbs), statistics.median(gbs)))
+            gbs = []
+            for _ in range(args.repeat):
+                staging.tensor.zero_()
+                seconds, moved = timed_column_read(name, records[name], staging, args.column_run)
+                verify_columns(staging, args.column_run)
+                gbs.append(moved / seconds / 1e9)
+            what = f"{name}, column shard (runs of {args.column_run} B, half the buffer)"
+            rows.append((what, 1, max(gbs), statistics.median(gbs)))
         if cuda:
             gbs = [nbytes / t / 1e9 for t in h2d_seconds(staging, args.repeat)]
             rows.append(("H2D from staging", 1, max(gbs), statistics.median(gbs)))
