@@ -278,3 +278,26 @@ def test_slice_mode_over_nccl_tp1_seed_to_tp2_client(checkpoints, tmp_path):
         for server in (client, seed):
             if server is not None:
                 server.stop()
+
+
+def test_an_init_with_another_slice_plan_is_refused_before_any_group(seed):
+    """The seed plans slice mode itself and refuses (400) a client whose plan digest differs
+    (other versions), or a record it cannot read, naming why; it keeps serving."""
+    seed_server, _ = seed
+    manifest = seed_server.get("/remote_instance_manifest", headers=KEY).json()
+    assert set(manifest["layouts"]) >= {"model.norm.weight", "model.embed_tokens.weight"}
+    body = {
+        "master_address": "127.0.0.1", "ports": str(free_port()), "group_rank": 0,
+        "world_size": 2, "group_name": "send_weights_test", "backend": "gloo",
+    }  # fmt: skip
+    wrong = {"format": 1, "tp_size": 1, "layouts": {}, "digest": "0" * 64}
+    for slices, said in [
+        (wrong, "the client's plan differs from this seed's"),
+        ({**wrong, "format": 7}, "slices: format 7"),
+        ({**wrong, "tp_size": 3}, "the client says TP size 3 but gave 1 ports"),
+    ]:
+        r = seed_server.post(
+            "/init_weights_send_group_for_remote_instance", {**body, "slices": slices}, headers=KEY
+        )
+        assert r.status_code == 400 and said in r.json()["message"], r.text
+    assert seed_server.get("/health").status_code == 200
