@@ -108,7 +108,9 @@ def test_malformed_manifest_is_a_protocol_error():
         (2, 2, SHARD, [[0], [1]]),
         (2, 1, FULL, [[0], []]),
         (1, 2, FULL, [[0, 1]]),
-        (2, 4, FULL, [[0, 2], [1, 3]]),
+        (2, 4, FULL, [[0, 1], [2, 3]]),  # the seed rank holding each client's rows
+        (4, 2, FULL, [[0], [1], [], []]),
+        (2, 3, FULL, [[0, 2], [1]]),
     ],
 )
 def test_plan(seed_tp, client_tp, mode, plan):

@@ -16,6 +16,7 @@ from test_remote_instance_reads import LAYOUTS, layout, loaded
 
 from workers.errors import ProtocolError
 from workers.layers.sharding import StackedLayout, make_param
+from workers.remote_instance.plan import server_of
 from workers.remote_instance.reads import layout_to_json
 from workers.remote_instance.slices import (
     SliceRequest,
@@ -50,7 +51,8 @@ def transfer(ps, seeds: list[torch.Tensor], j: int, client: torch.Tensor) -> int
     returns the bytes moved."""
     moved = 0
     shards = seeds if ps.gather else None  # without a gather only the serving rank's data
-    pieces = seed_pieces(ps.per_rank[j], seeds[j % len(seeds)], shards)
+    serving = server_of(j, len(seeds), len(ps.per_rank))
+    pieces = seed_pieces(ps.per_rank[j], seeds[serving], shards)
     for piece, (buf, dst) in itertools.zip_longest(pieces, client_targets(ps.per_rank[j], client)):
         assert piece.shape == buf.shape and piece.is_contiguous()
         buf.copy_(piece)
@@ -75,7 +77,7 @@ def test_pieces_rebuild_the_client_shard_and_move_only_it(kind, seed_tp, client_
         assert torch.equal(got, want), (kind, seed_tp, client_tp, j, ps)
         assert moved <= want.nbytes  # never more than it keeps (padding is not sent)
         assert moved == sum(span_numel(sp, tuple(want.shape)) for sp in ps.per_rank[j].spans) * 4
-    if seed_tp == 1 or kind == "replicated":
+    if client_tp % seed_tp == 0 or kind == "replicated":
         assert not ps.gather  # every piece on the serving seed rank (checked by `transfer`)
 
 
@@ -94,9 +96,12 @@ def test_a_tp2_client_of_a_tp1_seed_moves_half_of_each_sharded_tensor():
 
 def test_the_seed_gathers_only_when_a_piece_lies_on_another_seed_rank():
     assert plan_of("column", 2, 1).gather  # TP=1 client: the other half is on seed rank 1
-    assert plan_of("column", 2, 4).gather  # client 1 (served by seed 1) keeps rows of seed 0
+    assert plan_of("column", 4, 2).gather
+    assert not plan_of("column", 2, 4).gather  # clients 0, 1 on seed rank 0; 2, 3 on rank 1
     assert not plan_of("column", 1, 4).gather
     assert not plan_of("replicated", 2, 1).gather
+    # KV heads replicated over the seed's ranks: taken from the serving rank, no gather
+    assert not plan_of("fused-qkv-replicated-kv", 2, 4).gather
 
 
 def test_strided_pieces_are_packed_and_dim0_pieces_received_in_place():

@@ -2,8 +2,10 @@
 
 Groups: one two-rank group per client TP rank j, rendezvous on `ports[j]` at the seed's address
 (the seed rank hosts the store, as group rank 0, the broadcast source; the client rank is group
-rank 1). Client rank j is served by seed rank `j % seed_tp`, so each seed rank serves
-ceil(client_tp / seed_tp) clients at most and, with equal TP sizes, rank i serves rank i.
+rank 1). Client rank j is served by seed rank `server_of(j)`: `j * seed_tp // client_tp` when
+the client's TP size is a multiple of the seed's (the seed rank that holds client rank j's rows
+of every parameter sharded evenly: no gather in slice mode), else `j % seed_tp`. Each seed rank
+serves ceil(client_tp / seed_tp) clients at most and, with equal TP sizes, rank i serves rank i.
 
 Modes (the seed and the client derive the same one from the two TP sizes):
 - "shard" (equal TP sizes): seed rank i sends its own parameters verbatim, by name in its
@@ -37,9 +39,16 @@ def fork_mode(seed_tp: int, client_tp: int, *, slices: bool = False) -> str:
     return SLICE if slices else FULL
 
 
+def server_of(client_rank: int, seed_tp: int, client_tp: int) -> int:
+    """The seed rank that serves client rank `client_rank` (module doc)."""
+    if client_tp % seed_tp == 0:
+        return client_rank * seed_tp // client_tp
+    return client_rank % seed_tp
+
+
 def clients_of(seed_rank: int, seed_tp: int, client_tp: int) -> list[int]:
     """The client ranks that seed rank `seed_rank` sends to."""
-    return [j for j in range(client_tp) if j % seed_tp == seed_rank]
+    return [j for j in range(client_tp) if server_of(j, seed_tp, client_tp) == seed_rank]
 
 
 def pair_group_name(base: str, port: int, client_rank: int) -> str:

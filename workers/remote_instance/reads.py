@@ -142,18 +142,21 @@ def plan_spans(
     seed_layouts: list[ShardLayout | StackedLayout],
     *,
     client_rank: int,
+    prefer: int | None = None,
 ) -> SpanPlan:
     """The row selection: which indices (along the TP dim) of which seed rank's parameter give
     client TP rank ``client_rank`` its parameter ``name`` (``seed_layouts[i]``: seed rank i's
     layout of it). `plan_parameter` turns it into byte ranges (one-sided reads); the fork's
-    slice mode sends each span as one piece (`slices`)."""
+    slice mode sends each span as one piece (`slices`). A piece replicated over several seed
+    ranks is taken from one of them, spread by client rank, or from seed rank `prefer` when it
+    holds that piece (the fork's serving seed rank: no gather)."""
     if isinstance(client, StackedLayout) or isinstance(seed_layouts[0], StackedLayout):
-        return _spans_stacked(name, client, seed_layouts, client_rank=client_rank)
+        return _spans_stacked(name, client, seed_layouts, client_rank=client_rank, prefer=prefer)
     s, c, j = len(seed_layouts), client.size, client_rank
     seed = seed_layouts[0]
     _check(name, client, seed)
     if client.dim is None:  # replicated: the whole tensor, from one seed rank
-        return SpanPlan((Span(j % s, None, 0, 0, 0),), ())
+        return SpanPlan((Span(j % s if prefer is None else prefer, None, 0, 0, 0),), ())
     d = client.dim
     off_c, off_s = _offsets(client), _offsets(seed)
     spans: list[Span] = []
@@ -170,12 +173,14 @@ def plan_spans(
             a, b = max(start, k * n_s), min(start + length, (k + 1) * n_s, full)
             if a < b:
                 rank = k * step + j % step
+                if prefer is not None and prefer // step == k:
+                    rank = prefer
                 seed_row = off_s[part_s.shard_id] + a - k * n_s
                 spans.append(Span(rank, d, seed_row, off_c[part_c.shard_id] + a - start, b - a))
     return SpanPlan(tuple(spans), tuple(zeros))
 
 
-def _spans_stacked(name, client, seed_layouts, *, client_rank: int) -> SpanPlan:
+def _spans_stacked(name, client, seed_layouts, *, client_rank: int, prefer=None) -> SpanPlan:
     """Fused experts: the inner layout's spans, one dim further (every expert at once)."""
     if not all(isinstance(x, StackedLayout) for x in (client, *seed_layouts)):
         raise LayoutMismatch(f"{name}: stacked (experts) on one side only")
@@ -183,7 +188,9 @@ def _spans_stacked(name, client, seed_layouts, *, client_rank: int) -> SpanPlan:
         raise LayoutMismatch(
             f"{name}: {seed_layouts[0].count} rows on the seed, {client.count} here"
         )
-    inner = plan_spans(name, client.inner, [x.inner for x in seed_layouts], client_rank=client_rank)
+    inner = plan_spans(
+        name, client.inner, [x.inner for x in seed_layouts], client_rank=client_rank, prefer=prefer
+    )
     spans = tuple(replace(sp, dim=None if sp.dim is None else sp.dim + 1) for sp in inner.spans)
     zeros = tuple(Zero(z.dim + 1, z.start, z.length) for z in inner.zeros)
     return SpanPlan(spans, zeros)

@@ -18,8 +18,9 @@ A parameter the client reported no layout for, or whose two layouts do not corre
 parts, other TP dim), goes whole (`ParamSlices.whole`): the seed sends its checkpoint tensors,
 the client loads them through `load_weights` (full mode's path, for that parameter only).
 
-Client rank j is served by seed rank `j % seed_tp` (`plan.clients_of`). Where a span of a client
-lies on another seed rank (e.g. a TP=2 seed, a TP=1 client: half of each sharded parameter is
+Client rank j is served by seed rank `plan.server_of(j)`, which the spans prefer where a piece
+is replicated over seed ranks; with a client TP size that is a multiple of the seed's, every
+piece lies on the serving rank. Where a span of a client lies on another seed rank (e.g. a TP=2 seed, a TP=1 client: half of each sharded parameter is
 on the other seed rank), the seed's TP group all-gathers that parameter first (`gather`: every
 seed rank derives the same flag from the same plan, so the collective stays matched), as full
 mode gathers every tensor; a TP=1 seed never gathers.
@@ -43,6 +44,7 @@ import torch
 
 from workers.errors import ProtocolError
 from workers.layers.sharding import ShardLayout, StackedLayout
+from workers.remote_instance.plan import server_of
 from workers.remote_instance.reads import (
     LayoutMismatch,
     SpanPlan,
@@ -94,6 +96,7 @@ def plan_slices(
 ) -> list[ParamSlices]:
     """The slice plan of every parameter in `order` (the seed's send order); layouts as JSON,
     rank 0's (`layouts_of`)."""
+    server = [server_of(j, seed_tp, client_tp) for j in range(client_tp)]
     out = []
     for name in order:
         try:
@@ -106,13 +109,14 @@ def plan_slices(
                 raise LayoutMismatch(f"{name}: a layout of TP size {_size(client)}")
             seeds = [at_rank(seed, i) for i in range(seed_tp)]
             per_rank = tuple(
-                plan_spans(name, at_rank(client, j), seeds, client_rank=j) for j in range(client_tp)
+                plan_spans(name, at_rank(client, j), seeds, client_rank=j, prefer=server[j])
+                for j in range(client_tp)
             )
         except (KeyError, LayoutMismatch, ValueError):
             sharded = seed_tp > 1 and seed.dim is not None
             out.append(ParamSlices(name, (None,) * client_tp, gather=sharded))
             continue
-        gather = any(sp.seed_rank != j % seed_tp for j, p in enumerate(per_rank) for sp in p.spans)
+        gather = any(sp.seed_rank != server[j] for j, p in enumerate(per_rank) for sp in p.spans)
         out.append(ParamSlices(name, per_rank, gather))
     return out
 
