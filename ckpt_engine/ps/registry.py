@@ -87,6 +87,7 @@ def _check_named(named: Mapping[str, torch.Tensor]) -> None:
         (not names or (set(map(type, names)) == {str} and all(names)))
         and all(isinstance(t, torch.Tensor) for t in tensors)
         and {t.layout for t in tensors} <= {torch.strided}
+        and "meta" not in {t.device.type for t in tensors}
         and all(map(dtypes.is_storable, {t.dtype for t in tensors}))
     ):
         return
@@ -103,6 +104,8 @@ def _check_named(named: Mapping[str, torch.Tensor]) -> None:
             raise CheckpointError(f"named_tensors[{name!r}]: {e}") from None
         if tensor.is_sparse or tensor.layout != torch.strided:
             raise CheckpointError(f"named_tensors[{name!r}] is not a dense tensor")
+        if tensor.is_meta:
+            raise CheckpointError(f"named_tensors[{name!r}] is on the meta device: no data")
 
 
 def copy_into(dst: torch.Tensor, tensor: torch.Tensor) -> bool:
@@ -371,25 +374,30 @@ class Registry:
         host_jobs: list[list[int]] = []
         bases = [b.tensor.data_ptr() for b in ckpt.buffers[first:]]
         devices: set[torch.device] = set()
-        for tensor, nbytes, chunk, offset in zip(tensors, sizes, where, offsets):
-            if not nbytes:
-                continue
-            if tensor.is_cpu and tensor.is_contiguous():
-                dst, src = bases[chunk] + offset, tensor.data_ptr()
-                last = host_jobs[-1] if host_jobs else None
-                if last is not None and last[0] + last[2] == dst and last[1] + last[2] == src:
-                    last[2] += nbytes
-                else:
-                    host_jobs.append([dst, src, nbytes])
-            else:  # device memory or strided: torch's copy
-                dst = ckpt.buffers[first + chunk].tensor[offset : offset + nbytes]
-                if copy_into(dst, tensor):
-                    devices.add(tensor.device)
-        kinds = [dtypes.from_torch(t.dtype) for t in tensors]
-        shapes = [tuple(t.shape) for t in tensors]
-        buffers = [first + w for w in where]
-        metas = list(map(TensorMeta._make, zip(names, kinds, shapes, sizes, buffers, offsets)))
-        self._copy_host(host_jobs, label=label)
-        for device in devices:  # the device-to-host copies queued by copy_into
-            torch.cuda.current_stream(device).synchronize()
+        try:
+            for name, tensor, nbytes, chunk, offset in zip(names, tensors, sizes, where, offsets):
+                if not nbytes:
+                    continue
+                if tensor.is_cpu and tensor.is_contiguous():
+                    dst, src = bases[chunk] + offset, tensor.data_ptr()
+                    last = host_jobs[-1] if host_jobs else None
+                    if last is not None and last[0] + last[2] == dst and last[1] + last[2] == src:
+                        last[2] += nbytes
+                    else:
+                        host_jobs.append([dst, src, nbytes])
+                else:  # device memory or strided: torch's copy
+                    dst = ckpt.buffers[first + chunk].tensor[offset : offset + nbytes]
+                    try:
+                        if copy_into(dst, tensor):
+                            devices.add(tensor.device)
+                    except RuntimeError as e:
+                        raise CheckpointError(f"named_tensors[{name!r}]: copy failed: {e}") from e
+            kinds = [dtypes.from_torch(t.dtype) for t in tensors]
+            shapes = [tuple(t.shape) for t in tensors]
+            buffers = [first + w for w in where]
+            metas = list(map(TensorMeta._make, zip(names, kinds, shapes, sizes, buffers, offsets)))
+            self._copy_host(host_jobs, label=label)
+        finally:
+            for device in devices:  # copy_into's queued copies land before the pool reuses
+                torch.cuda.current_stream(device).synchronize()
         return metas

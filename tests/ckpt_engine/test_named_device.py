@@ -131,3 +131,58 @@ def test_trainer_weights_every_step_bit_exact_pool_reused(device, env, monkeypat
         if proc.is_alive():
             proc.kill()
         ps.close()
+
+
+def test_a_tensor_without_data_is_refused_naming_it():
+    """A meta tensor (a parameter never materialized) has no bytes: refused before any copy,
+    naming it (it was torch's bare NotImplementedError)."""
+    from ckpt_engine.errors import CheckpointError
+
+    ps = ParameterServer(device_type="cpu")
+    try:
+        named = {"a": torch.ones(4, 4).t(), "layers.0.w": torch.empty(4, device="meta")}
+        with pytest.raises(CheckpointError, match=r"named_tensors\['layers.0.w'\].*meta"):
+            ps.register_checkpoint("x", named_tensors=named)
+        assert ps.registered_checkpoints() == []
+    finally:
+        ps.close()
+
+
+def test_queued_device_copies_are_waited_for_when_a_later_copy_fails(monkeypatch):
+    """Device-to-host copies already queued into the (pooled) buffers are waited for before the
+    failed registration hands the buffers back: no copy may land in a buffer the pool gives
+    to someone else. The error names the tensor whose copy failed."""
+    from ckpt_engine.errors import CheckpointError
+
+    events: list[str] = []
+    calls = []
+
+    def fake_copy_into(dst, tensor):
+        calls.append(tensor)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        events.append("queued")
+        return True  # as a device tensor's copy: queued, not yet done
+
+    class Stream:
+        def synchronize(self):
+            events.append("synchronized")
+
+    monkeypatch.setattr(registry_mod, "copy_into", fake_copy_into)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    ps = ParameterServer(device_type="cpu")
+    real_give_back = ps.host_pool.give_back
+
+    def give_back(base):
+        events.append("given back")
+        real_give_back(base)
+
+    monkeypatch.setattr(ps.host_pool, "give_back", give_back)
+    try:
+        named = {"first": torch.ones(8, 8).t(), "second": torch.ones(8, 8).t()}
+        with pytest.raises(CheckpointError, match=r"named_tensors\['second'\].*illegal memory"):
+            ps.register_checkpoint("x", named_tensors=named)
+        assert events[:2] == ["queued", "synchronized"], events
+        assert "given back" in events
+    finally:
+        ps.close()
