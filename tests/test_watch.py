@@ -258,3 +258,60 @@ def test_ranks_push_what_rank_0_decides_and_stop_together(tmp_path):
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["pushed"] for r in results] == [["step-3", "step-4"]] * 2
     assert [r["code"] for r in results] == [143, 143]
+
+
+def _rank_unlistable(rank: int, port: int, root: str, out: str) -> None:
+    """One of two gloo ranks whose rank 0 cannot list DIR (a file, not a folder)."""
+    import json
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+        timeout=timedelta(seconds=60),
+    )  # fmt: skip
+    control = ControlGroup(dist.new_group(backend="gloo"), rank=rank, world_size=2)
+    folder = Path(root) / ("not-a-folder" if rank == 0 else "rank1")
+    try:
+        Watcher(folder, control, interval_s=0.05, timeout_s=60).run(lambda p, i: None)
+        result = {"error": None}
+    except Exception as e:
+        result = {"error": f"{type(e).__name__}: {e}"}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def test_a_directory_rank_0_cannot_list_fails_every_rank_naming_it(tmp_path):
+    """Rank 0 lists DIR for every rank: when it cannot (here DIR is a file), every rank fails
+    with the same error naming DIR, instead of rank 0 alone leaving the loop while the others
+    wait in the round's all-gather."""
+    import json
+
+    import torch.multiprocessing as mp
+    from workers_testutil import free_port
+
+    from ckpt_engine.errors import CheckpointFileError
+
+    (tmp_path / "not-a-folder").write_text("a file")
+    (tmp_path / "rank1").mkdir()
+    with pytest.raises(CheckpointFileError, match="not-a-folder: cannot list"):
+        Watcher(tmp_path / "not-a-folder", ONE_RANK).run(lambda p, i: None)
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [
+        ctx.Process(target=_rank_unlistable, args=(r, port, str(tmp_path), str(tmp_path)))
+        for r in (0, 1)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(120)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    errors = [json.loads((tmp_path / f"rank{r}.json").read_text())["error"] for r in (0, 1)]
+    assert all(e is not None and e.startswith("CheckpointFileError") for e in errors), errors
+    assert all("not-a-folder: cannot list the --watch directory (rank 0)" in e for e in errors)

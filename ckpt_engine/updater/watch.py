@@ -18,7 +18,8 @@ The rule a trainer follows (docs/update.md#watch-mode):
 Every rank must push the same checkpoint, so only rank 0 lists DIR: each round (every
 ``--watch-interval`` seconds) the ranks all-gather one small record over the control group
 (gloo), rank 0's decision (push NAME, wait, stop) and each rank's stop request, and every rank
-acts on rank 0's decision. SIGTERM / SIGINT on any rank is a stop request: the push in flight
+acts on rank 0's decision (a DIR rank 0 cannot list, e.g. a file, fails every rank alike,
+naming DIR; a DIR that does not exist yet is waited for). SIGTERM / SIGINT on any rank is a stop request: the push in flight
 finishes, then every rank returns 128 + the signal (143 / 130), leaving the server on the last
 pushed weights. A second signal stops at once (as without --watch); a rank still alive 25 s
 after the first (torchrun kills after 30 s) removes its files and exits.
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ckpt_engine.errors import CheckpointFileError
 from ckpt_engine.ps.collectives import ControlGroup
 
 logger = logging.getLogger("ckpt_engine.examples.update")
@@ -162,6 +164,8 @@ class Watcher:
                     )
                 return 128 + signum
             decision = votes[0]["decision"]
+            if decision["action"] == "fail":  # on every rank alike
+                raise CheckpointFileError(decision["path"], decision["why"])
             if decision["action"] == "stop":
                 if rank == 0:
                     logger.info("watch: %s; %d push(es)", decision["why"], self.pushes)
@@ -194,7 +198,11 @@ class Watcher:
     def _decide(self, idle_since: float) -> dict:
         if self.max_updates is not None and self.pushes >= self.max_updates:
             return {"action": "stop", "why": f"--watch-max-updates {self.max_updates} reached"}
-        seen = list_checkpoints(self.directory, after=self.last, refused=self.refused)
+        try:
+            seen = list_checkpoints(self.directory, after=self.last, refused=self.refused)
+        except OSError as e:  # decided, so that every rank leaves the loop, not rank 0 alone
+            why = f"cannot list the --watch directory (rank 0): {e}"
+            return {"action": "fail", "path": str(self.directory), "why": why}
         for name in seen.incomplete + seen.older:
             if name not in self._told:
                 self._told.add(name)
