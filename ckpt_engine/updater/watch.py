@@ -19,9 +19,9 @@ Every rank must push the same checkpoint, so only rank 0 lists DIR: each round (
 ``--watch-interval`` seconds) the ranks all-gather one small record over the control group
 (gloo), rank 0's decision (push NAME, wait, stop) and each rank's stop request, and every rank
 acts on rank 0's decision (a DIR rank 0 cannot list, e.g. a file, fails every rank alike,
-naming DIR; a DIR that does not exist yet is waited for). SIGTERM / SIGINT on any rank is a stop request: the push in flight
-finishes, then every rank returns 128 + the signal (143 / 130), leaving the server on the last
-pushed weights. A second signal stops at once (as without --watch); a rank still alive 25 s
+naming DIR; a DIR that does not exist yet is waited for). SIGTERM / SIGINT on any rank is a
+stop request: the push in flight finishes, then every rank returns 128 + the signal (143 /
+130), leaving the server on the last pushed weights. A second signal stops at once (as without --watch); a rank still alive 25 s
 after the first (torchrun kills after 30 s) removes its files and exits.
 """
 
