@@ -152,3 +152,29 @@ def test_reference_layouts_report_what_load_reads():
             assert torch.equal(got.data, want.data), (layout, sid)
     assert cases[0].kept("k") is None  # one KV piece replicated over both ranks: all of it
     assert cases[1].kept(None) == (0, 4, 3)
+
+
+@pytest.mark.parametrize("rows, size", [(5, 4), (13, 8), (9, 4), (7, 2)])
+def test_a_rank_of_padding_only_keeps_no_rows_inside_the_tensor(rows, size):
+    """A rank whose piece starts past the tensor's end (all padding: 5 rows over 4 ranks by 2,
+    rank 3 starts at row 6) keeps no rows, reported inside the tensor, so the worker's Ack of the
+    plan is accepted (it refused the whole update: rows 6+0 of a tensor of 5) and loading only
+    those rows still gives the same parameter."""
+    from workers.layers.sharding import Part, ShardLayout, make_param
+
+    full = torch.randn(rows, 3)
+    manifest = wire.Manifest(("w",), ("F32",), ((rows, 3),))
+    for rank in range(size):
+        layout = ShardLayout(0, (Part(None, (rows, 3), size),), rank, size)
+        kept = layout.kept()
+        if kept is None:
+            continue
+        dim, start, length = kept
+        assert start >= 0 and start + length <= rows, (rank, kept)
+        assert len(_keeps(manifest, {"w": kept})) == 1
+        want, got = make_param(layout), make_param(layout)
+        layout.load(want, full)
+        partial = torch.full_like(full, float("nan"))
+        partial.narrow(dim, start, length).copy_(full.narrow(dim, start, length))
+        layout.load(got, partial)
+        assert torch.equal(got.data, want.data), rank

@@ -107,10 +107,11 @@ class ShardLayout:
 
     def _rows(self, part: Part) -> tuple[int, int]:
         """(start, length) along `dim` of `part`'s checkpoint tensor that this rank keeps (the
-        rest of its piece, past the tensor's end, is padding)."""
-        n = self.piece_len(part)
-        start = (self.rank * part.chunks // self.size) * n
-        return start, max(0, min(n, part.full_shape[self.dim] - start))
+        rest of its piece, past the tensor's end, is padding; a piece all padding keeps no rows,
+        at the tensor's end)."""
+        n, full = self.piece_len(part), part.full_shape[self.dim]
+        start = min((self.rank * part.chunks // self.size) * n, full)
+        return start, min(n, full - start)
 
     def kept(self, shard_id: ShardId = None) -> tuple[int, int, int] | None:
         """(dim, start, length): the only indices of checkpoint tensor `shard_id` that `load`
