@@ -88,20 +88,31 @@ def make_checkpoints(tmp: Path) -> dict[str, Checkpoint]:
     return out
 
 
-def expected_checksums(model, tp: int = 1) -> dict[str, str]:
-    """What ``ckpt_engine_checksums`` of a TP=1 worker reports for a transformers Qwen3 model:
-    vLLM's fused qkv_proj / gate_up_proj, every other parameter as it is."""
-    assert tp == 1
+def expected_checksums(model, tp: int = 1, rank: int = 0) -> dict[str, str]:
+    """What ``ckpt_engine_checksums`` of TP rank ``rank`` of ``tp`` reports for a transformers
+    Qwen3 model: vLLM's fused qkv_proj / gate_up_proj of this rank's rows, o_proj / down_proj
+    of its columns, embedding and LM head of its vocabulary rows (the vocabulary must split
+    into multiples of vLLM's padding, 64, and the KV heads over the ranks), the rest whole."""
     params = {n: p.detach().float() for n, p in model.named_parameters()}
+    assert model.config.vocab_size % (64 * tp) == 0
+    assert model.config.num_key_value_heads % tp == 0
+
+    def mine(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        return t.chunk(tp, dim)[rank]
+
     out = {}
     for name, tensor in params.items():
         if ".q_proj." in name:
             base = name.replace(".q_proj.", ".")
             parts = [params[base.replace("self_attn.", f"self_attn.{x}_proj.")] for x in "qkv"]
-            out[name.replace("q_proj", "qkv_proj")] = torch.cat(parts)
+            out[name.replace("q_proj", "qkv_proj")] = torch.cat([mine(p) for p in parts])
         elif ".gate_proj." in name:
             up = params[name.replace("gate_proj", "up_proj")]
-            out[name.replace("gate_proj", "gate_up_proj")] = torch.cat([tensor, up])
+            out[name.replace("gate_proj", "gate_up_proj")] = torch.cat([mine(tensor), mine(up)])
+        elif any(f".{x}_proj." in name for x in ("o", "down")):
+            out[name] = mine(tensor, 1)
+        elif "embed_tokens" in name or name.startswith("lm_head"):
+            out[name] = mine(tensor)
         elif not any(f".{x}_proj." in name for x in ("k", "v", "up")):
             out[name] = tensor
     return {

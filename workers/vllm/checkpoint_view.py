@@ -74,6 +74,20 @@ def layout_of(
     """The ``ShardLayout`` of vLLM parameter ``pname`` (``module``'s ``attr``, of checkpoint-
     format ``shape``) on rank ``tp.rank`` of ``tp.size``; ``WorkersError`` for a sharded layer
     this mapping does not declare, or a layout that does not give vLLM's local shape."""
+    layout = declared_layout(pname, module, attr, param, shape, tp)
+    if layout.local_shape() != tuple(shape):
+        raise WorkersError(
+            f"{pname}: vLLM holds {list(shape)} on TP rank {tp.rank}, the declared layout "
+            f"{list(layout.local_shape())} (vocabulary padding of another size?)"
+        )
+    return layout
+
+
+def declared_layout(
+    pname: str, module: torch.nn.Module, attr: str, param: torch.Tensor, shape: tuple, tp
+) -> ShardLayout:
+    """``layout_of`` without its check of the local shape: the parts' sizes along the TP dim
+    come from ``module`` alone, the other dims from ``shape``."""
     from vllm.model_executor.layers.linear import (
         ColumnParallelLinear,
         MergedColumnParallelLinear,
@@ -115,11 +129,6 @@ def layout_of(
         raise WorkersError(
             f"{pname}: no declared layout for {type(module).__name__}.{attr} at TP {size} "
             "(workers.vllm.checkpoint_view.layout_of)"
-        )
-    if layout.local_shape() != shape:
-        raise WorkersError(
-            f"{pname}: vLLM holds {list(shape)} on TP rank {rank}, the declared layout "
-            f"{list(layout.local_shape())} (vocabulary padding of another size?)"
         )
     return layout
 

@@ -11,7 +11,9 @@ worker's, hence the ``ckpt_engine`` prefix of everything but ``update_weights_fr
 checked against every model by a dry run before anything is written (refused: the model is
 untouched); the first bucket starts vLLM's layerwise reload; each bucket is copied and loaded into
 the target model and, in the same pass, the drafter; after the last bucket of every rank,
-``finalize_layerwise_reload`` once per model. A failure after the reload started puts the
+``finalize_layerwise_reload`` once per model. With the plan's Ack, each rank reports the rows
+of each checkpoint tensor its loaders read (``workers.vllm.keeps``; P2P receivers read only
+those). A failure after the reload started puts the
 previous weights back into every layer not yet complete (servable, no meta tensors; the model is
 then a mix of old and new layers), raises to the caller (on the instance's last rank only:
 ``reports_failures``), and ``ckpt_engine_status`` reports
@@ -34,6 +36,7 @@ import torch
 
 from ckpt_engine import device_key, dtypes, update_weights_from_ipc
 from workers.env import ENV
+from workers.vllm.keeps import model_keeps
 from workers.vllm.reload import ModelReload, Weights, effective_weights
 
 logger = logging.getLogger(__name__)
@@ -145,6 +148,15 @@ def receive_update(
         for reload in reloads:
             reload.finish()
 
+    def keeps(specs) -> dict:
+        if len(reloads) != 1:  # a drafter loads the same tensors too: read them whole
+            return {}
+        try:
+            return model_keeps(reloads[0].model, specs)
+        except Exception as e:  # whole tensors are always right: never fail an update here
+            logger.warning("ckpt-engine: no kept rows reported (%s: %s)", type(e).__name__, e)
+            return {}
+
     try:
         update_weights_from_ipc(
             zmq_ctx,
@@ -155,6 +167,7 @@ def receive_update(
             validate=validate,
             timeout_s=timeout_s,
             wire=wire,
+            keeps=keeps,
         )
     except BaseException as e:
         wrote = any(reload.started for reload in reloads)
