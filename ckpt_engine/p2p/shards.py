@@ -38,12 +38,16 @@ class Kept(NamedTuple):
     length: int
 
 
-def kept_range(shape: tuple[int, ...], itemsize: int, kept: Kept) -> tuple[int, int] | None:
+def kept_range(
+    shape: tuple[int, ...], itemsize: int, kept: Kept, *, name: str = "a tensor"
+) -> tuple[int, int] | None:
     """Bytes ``[a, b)`` of a row-major tensor of ``shape`` holding ``kept``'s rows, when they
-    are one contiguous range; None when strided (a column shard)."""
+    are one contiguous range; None when strided (a column shard). ``name``: for the error."""
     dim, start, length = kept
     if not (0 <= dim < len(shape) and start >= 0 and start + length <= shape[dim]):
-        raise ProtocolError(f"rows {start}+{length} along dim {dim} of a tensor of {list(shape)}")
+        raise ProtocolError(
+            f"keeps of {name}: rows {start}+{length} along dim {dim} of a tensor of {list(shape)}"
+        )
     if math.prod(shape[:dim]) != 1:
         return None
     unit = math.prod(shape[dim + 1 :]) * itemsize
@@ -68,7 +72,9 @@ def shard_copies(bucket: Bucket, kept: Mapping[str, Kept]) -> tuple[CopyRange, .
         src = run.src + (item.offset - run.dst)
         rows = kept.get(item.name)
         itemsize = dtypes.itemsize(item.dtype)
-        span = None if rows is None else kept_range(item.shape, itemsize, rows)
+        span = (
+            None if rows is None else kept_range(item.shape, itemsize, rows, name=repr(item.name))
+        )
         if rows is not None and span is None:  # a column shard: one strided range
             dim, start, length = rows
             unit = math.prod(item.shape[dim + 1 :]) * itemsize

@@ -37,6 +37,13 @@ def test_kept_range_refuses_rows_outside_the_tensor():
         kept_range((8, 4), 4, Kept(2, 0, 1))
 
 
+def test_a_worker_reporting_rows_outside_a_tensor_is_refused_naming_it():
+    """The rows come from the worker's Ack: the error names the tensor, not just a shape."""
+    bucket, _ = _bucket()
+    with pytest.raises(ProtocolError, match=r"'a.o'.*rows 6\+4 along dim 1"):
+        shard_copies(bucket, {"a.q": Kept(0, 0, 4), "a.o": Kept(1, 6, 4)})
+
+
 def _bucket():
     """One owner, tensors back to back in one buffer: one copy run for the whole bucket."""
     shapes = {"a.q": (8, 4), "a.o": (4, 8), "norm": (4,), "b.q": (8, 4)}
