@@ -7,7 +7,9 @@ of ``checkpoint_view.FUSED``: ``q_proj`` -> ``qkv_proj`` part ``"q"``, ``gate_pr
 column-, row-, QKV- and merged-column-parallel linears) give ``(dim, start, length)``, the rows
 vLLM's weight loader narrows to on this rank; for vocabulary-parallel embeddings and LM heads,
 vLLM's own ``shard_indices``. A layout is reported only where its size along the TP dim is the
-size vLLM holds per rank (``output_size_per_partition`` / ``input_size_per_partition``).
+size vLLM holds per rank (``output_size_per_partition`` / ``input_size_per_partition``), and
+only where the parameter loads through its layer's own loader (a CPU-repacked weight, an empty
+stand-in at rest, has none; vLLM's reload puts the layer's parameters back before loading).
 Everything else (norms, MoE experts, any layer not declared, a model with a drafter, TP=1) is
 left out: read whole, which is always correct.
 """
@@ -74,6 +76,10 @@ def _kept(pname, module, attr, param, sid, shape, tp) -> Kept | None:
 
     if getattr(param, "is_sharded_weight", False) or getattr(param, "packed_dim", None) is not None:
         return None  # pre-sharded or packed (quantized) weights: not declared
+    loader = getattr(param, "weight_loader", None)
+    own = (getattr(module, "weight_loader", None), getattr(module, "weight_loader_v2", None))
+    if loader is not None and loader not in own:
+        return None  # a model's own loader (e.g. Mamba's conv1d): not the layer's narrowing
     if isinstance(module, VocabParallelEmbedding):
         if attr != "weight" or sid is not None or getattr(param, "output_dim", None) != 0:
             return None
