@@ -147,6 +147,7 @@ def test_watch_pushes_each_complete_checkpoint_in_order(server, tmp_path, regist
             "step-05 refused",
         )
         assert refused[0]["result"] == "failed" and str(file) in refused[0]["error"]
+        assert refused[0]["update_phases"] == {}  # its update never ran (not step-04's phases)
         info = served()
         assert info["weight_version"] == "step-04" and info["checksum"] == digest(steps[4])
         assert srv.get("/health").status_code == 200

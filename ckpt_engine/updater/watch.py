@@ -306,6 +306,7 @@ def push_checkpoint(job: Any, args: Any, path: Path, pushed: Pushed, *, endpoint
     ps, name = job.ps, pushed.name
     job.args = args.for_checkpoint(str(path), name)
     job.timings, job.own_timings = {}, {}
+    ps.last_update_timings = {}  # a refused push reports no phases of the previous one
     start = time.perf_counter()
     splits: list = []
     result, own, error = None, None, None
