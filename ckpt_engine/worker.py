@@ -140,7 +140,14 @@ class _Session:
             raise ProtocolError(f"tensor {twice!r} appears twice in the manifest")
         self.itemsizes = {d: dtypes.itemsize(d) for d in set(manifest.dtypes)}
         size = np.fromiter(map(self.itemsizes.__getitem__, manifest.dtypes), np.int64, len(names))
-        numel = np.fromiter(map(math.prod, manifest.shapes), np.int64, len(names))
+        counts = list(map(math.prod, manifest.shapes))
+        if max(counts, default=0) > plan.slot_bytes:  # before int64 arithmetic can overflow
+            i = next(i for i, n in enumerate(counts) if n > plan.slot_bytes)
+            raise ProtocolError(
+                f"tensor {names[i]!r} of shape {list(manifest.shapes[i])} would overrun the "
+                f"slot of {plan.slot_bytes}"
+            )
+        numel = np.fromiter(counts, np.int64, len(names))
         nbytes = numel * size
         offsets = np.asarray(layout.offsets, dtype=np.int64)
         bad = np.flatnonzero((offsets % size != 0) | (offsets + nbytes > plan.slot_bytes))

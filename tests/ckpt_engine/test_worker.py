@@ -209,6 +209,9 @@ def test_protocol_violations_are_errors(ps, bad, problem):
     [
         ({"layout": wire.Layout((1, 2), (SLOT - 8, 256, 512))}, "overrun the slot"),
         ({"layout": wire.Layout((1, 2), (2, 256, 512))}, "misaligned for F32"),
+        # 2^62 F32 elements: 2^64 bytes, 0 in int64 arithmetic; must not pass as fitting
+        ({"manifest": wire.Manifest.of([("a", "F32", (2**62,)), *SPECS[1:]])}, "overrun"),
+        ({"manifest": wire.Manifest.of([("a", "F32", (2**32, 2**32)), *SPECS[1:]])}, "overrun"),
         ({"manifest": wire.Manifest.of([*SPECS[:2], SPECS[0]])}, "'a' appears twice"),
         ({"slot_bytes": SLOT - 2, "num_slots": 1}, "not a multiple of F32's"),
         ({"num_slots": 3}, "cannot hold 3 slots"),
