@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from workers.errors import WorkersError
+from workers.vllm import experts as experts_mod
 from workers.vllm.experts import expected_tensors, expert_problems
 
 LAYER = "model.layers.0.mlp.experts"
@@ -102,3 +103,27 @@ def test_a_checkpoint_of_fused_experts_is_left_to_vllm():
         (f"{LAYER}.down_proj", torch.float32, (2, 4, 8)),
     ]
     assert expert_problems({LAYER: expected_tensors(fake_layer())}, fused) == []
+
+
+def test_a_repack_patch_left_by_a_failed_update_is_replaced_not_wrapped(monkeypatch):
+    """An update whose undo never ran (its abandon failed) must not make the next one prepack
+    twice."""
+    calls = []
+
+    class Method:
+        def process_weights_after_loading(self, layer):
+            calls.append("process")
+
+    method = Method()
+    layer = SimpleNamespace(quant_method=method)
+    cpu = SimpleNamespace(process_weights_after_loading=lambda layer: calls.append("repack"))
+    monkeypatch.setattr(experts_mod, "moe_layers", lambda model: [layer])
+    monkeypatch.setattr(experts_mod, "_cpu_experts", lambda layer: cpu)
+    experts_mod.repack_after_reload(None)  # its undo is never called
+    undo = experts_mod.repack_after_reload(None)
+    method.process_weights_after_loading(layer)
+    assert calls == ["process", "repack"]
+    undo()
+    calls.clear()
+    method.process_weights_after_loading(layer)
+    assert calls == ["process"]

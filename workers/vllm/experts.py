@@ -134,6 +134,9 @@ def repack_after_reload(model: torch.nn.Module):
         if experts is None:
             continue
         method = layer.quant_method
+        # a patch left by an update whose undo never ran is replaced, not wrapped (wrapping it
+        # would prepack twice: wrong weights)
+        vars(method).pop("process_weights_after_loading", None)
         original = method.process_weights_after_loading
 
         def process_then_repack(layer, _original=original, _experts=experts) -> None:
