@@ -98,17 +98,11 @@ class SlotMover:
             raise RuntimeError(f"rank {self.rank} owns bucket {bucket.id} but holds no checkpoint")
         reads = self.checkpoint.reads  # register_and_update: reads may still be running
         deadline = time.monotonic() + self.timeout_s
-        buffers = self.checkpoint.buffers
         for c in bucket.copies:
-            src = buffers[c.buffer].tensor
-            if reads is None:
-                view[c.dst : c.dst + c.nbytes].copy_(src[c.src : c.src + c.nbytes], non_blocking)
-                continue
-            # one copy per run once all of it is read: a copy per read chunk (1-8 MiB, to send
-            # bytes still in the CPU's cache) was slower, 0.9-1.3 s a 16 GiB step against
-            # 0.50-0.59 s on 1x H200: the mover thread then contends with the read threads
-            reads.wait_range(c.buffer, c.src, c.src + c.nbytes, deadline)
-            view[c.dst : c.dst + c.nbytes].copy_(src[c.src : c.src + c.nbytes], non_blocking)
+            if reads is not None:  # one copy per run once all of it is read (ps/staging.py)
+                reads.wait_range(c.buffer, c.src, c.src + c.nbytes, deadline)
+            src = self.checkpoint.buffers[c.buffer].tensor[c.src : c.src + c.nbytes]
+            view[c.dst : c.dst + c.nbytes].copy_(src, non_blocking=non_blocking)
         return True
 
     def launch(self, bucket: Bucket, slot: int) -> Launched:

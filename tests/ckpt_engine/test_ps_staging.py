@@ -13,7 +13,7 @@ from ckpt_engine.safetensors_io import ReadJob
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(staging, "STAGED_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(staging, "READ_CHUNK_BYTES", 4096)
 
 
 def _reads(tmp_path, sizes, threads=3):

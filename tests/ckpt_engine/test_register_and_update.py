@@ -26,7 +26,7 @@ def ps(tmp_path, monkeypatch):
     monkeypatch.setenv("CKPT_ENGINE_SHM_DIR", str(shm))
     monkeypatch.delenv("MASTER_PORT", raising=False)
     # small read chunks and buckets: many chunks per file, buckets waiting on reads
-    monkeypatch.setattr(staging, "STAGED_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(staging, "READ_CHUNK_BYTES", 4096)
     server = ParameterServer(
         rank=0,
         world_size=1,
