@@ -142,8 +142,9 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _write_file(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> int:
-    """A safetensors file (header padded to 8 bytes) written straight from CPU tensors."""
+def safetensors_header(tensors: list[tuple[str, torch.Tensor]]) -> tuple[bytes, int]:
+    """The length prefix and JSON header (padded to 8 bytes) of a safetensors file holding
+    the bf16 ``tensors`` back to back, and the bytes of its data section."""
     header, offset = {}, 0
     for name, t in tensors:
         nbytes = t.numel() * t.element_size()
@@ -155,11 +156,32 @@ def _write_file(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> int:
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob, offset
+
+
+def _write_file(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> int:
+    """A safetensors file written straight from CPU tensors."""
+    head, nbytes = safetensors_header(tensors)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
+        f.write(head)
         for _, t in tensors:
             f.write(memoryview(t.contiguous().view(torch.uint8).numpy()))
-    return offset
+    return nbytes
+
+
+def flat_params(device_type: str, index: int, spec) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """A worker's expected weights (the workload's tensors, one flat bf16 buffer), its
+    parameters (another, same size) and a view of the parameters per tensor name."""
+    dev = device_of(device_type, index)
+    sizes = [torch.Size(shape).numel() for _, shape in spec]
+    base = torch.empty(sum(sizes), dtype=torch.bfloat16, device=dev)
+    params = torch.empty_like(base)
+    views, start = {}, 0
+    for i, ((name, shape), n) in enumerate(zip(spec, sizes)):
+        base[start : start + n].copy_(gen(i, shape, dev).reshape(-1))
+        views[name] = params[start : start + n].view(shape)
+        start += n
+    return base, params, views
 
 
 def rank_tensors(spec, rank: int, world: int, device: torch.device) -> dict[str, torch.Tensor]:

@@ -29,7 +29,6 @@ import faulthandler
 import json
 import os
 import shutil
-import struct
 import sys
 import time
 import traceback
@@ -79,21 +78,10 @@ class Trainer:
         return [path for path, _ in self.files]
 
     def _write(self, path: str, names: list[str]) -> None:
-        header, offset = {}, 0
-        for name in names:
-            t = self.host[name]
-            nbytes = t.numel() * t.element_size()
-            header[name] = {
-                "dtype": "BF16",
-                "shape": list(t.shape),
-                "data_offsets": [offset, offset + nbytes],
-            }
-            offset += nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
+        head, _ = harness.safetensors_header([(n, self.host[n]) for n in names])
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)  # in place: no truncation
         try:
-            pos = os.pwrite(fd, struct.pack("<Q", len(blob)) + blob, 0)
+            pos = os.pwrite(fd, head, 0)
             for name in names:
                 view = memoryview(self.host[name].view(-1).view(torch.uint8).numpy())
                 done = 0
@@ -113,17 +101,9 @@ def worker_main(kind, device_type, index, spec, q, res, dump_after_s=0.0):
     if dump_after_s > 0:  # where a run that is about to be killed spends its time
         faulthandler.dump_traceback_later(dump_after_s, exit=False)
     try:
-        dev = harness.device_of(device_type, index)
         if device_type == "cuda":
             torch.cuda.set_device(index)
-        sizes = [torch.Size(shape).numel() for _, shape in spec]
-        base = torch.empty(sum(sizes), dtype=torch.bfloat16, device=dev)
-        params = torch.empty_like(base)
-        views, start = {}, 0
-        for i, ((name, shape), n) in enumerate(zip(spec, sizes)):
-            base[start : start + n].copy_(gen(i, shape, dev).reshape(-1))
-            views[name] = params[start : start + n].view(shape)
-            start += n
+        base, params, views = harness.flat_params(device_type, index, spec)
         if kind == "upstream":
             from checkpoint_engine.worker import update_weights_from_ipc
         else:
@@ -218,13 +198,13 @@ def run_ours(system, a, spec, base, data, dtype, index) -> list[dict]:
             if k > 1 and f"step{k - 1}" in ps.registered_checkpoints():
                 ps.unregister_checkpoint(f"step{k - 1}")
             if system == "ours":
-                parts["phases"] = {k: round(v, 4) for k, v in ps.last_step_timings.items()}
+                parts["phases"] = {p: round(v, 4) for p, v in ps.last_step_timings.items()}
             parts["update_phases"] = {
-                k: round(v, 4) if isinstance(v, float) else v
-                for k, v in ps.last_update_timings.items()
+                p: round(v, 4) if isinstance(v, float) else v
+                for p, v in ps.last_update_timings.items()
             }
             steps.append(record(k, seconds, error, reply, dtype, index, parts))
-            steps[-1]["pool"] = {"allocated": ps._registry.pool.allocated}
+            steps[-1]["pool"] = {"allocated": ps.host_pool.allocated}
     finally:
         worker.close()
         ps.close()
@@ -327,7 +307,7 @@ def main() -> None:
     if a.read_chunk_mib:
         from ckpt_engine.ps import staging
 
-        staging.STAGED_CHUNK_BYTES = a.read_chunk_mib << 20
+        staging.READ_CHUNK_BYTES = a.read_chunk_mib << 20
     if a.dump_after_s > 0:
         faulthandler.dump_traceback_later(a.dump_after_s, exit=False)
     from ckpt_engine import device as ce_device

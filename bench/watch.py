@@ -61,17 +61,9 @@ def worker_main(device_type, index, spec, q, res):
     from ckpt_engine import update_weights_from_ipc
 
     try:
-        dev = harness.device_of(device_type, index)
         if device_type == "cuda":
             torch.cuda.set_device(index)
-        sizes = [torch.Size(shape).numel() for _, shape in spec]
-        base = torch.empty(sum(sizes), dtype=torch.bfloat16, device=dev)
-        params = torch.empty_like(base)
-        views, start = {}, 0
-        for i, ((name, shape), n) in enumerate(zip(spec, sizes)):
-            base[start : start + n].copy_(gen(i, shape, dev).reshape(-1))
-            views[name] = params[start : start + n].view(shape)
-            start += n
+        base, params, views = harness.flat_params(device_type, index, spec)
         ctx = zmq.Context()
     except BaseException:
         res.put({"error": traceback.format_exc()})
