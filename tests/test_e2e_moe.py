@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,6 @@ from workers_testutil import (
     KEY,
     NEW_TOKENS,
     PROMPT,
-    REPO,
     free_port,
     hf_greedy,
     make_hf_model,
@@ -33,6 +31,7 @@ from workers_testutil import (
     run_updater,
     save_checkpoint,
     start_server,
+    start_updater,
     stop_group,
     wait_until_up,
 )
@@ -44,7 +43,6 @@ pytestmark = pytest.mark.slow
 MANY_EXPERTS = dict(num_experts=384, num_experts_per_tok=4, moe_intermediate_size=8)
 GENERATE = {"input_ids": PROMPT, "max_new_tokens": NEW_TOKENS, "sampling_params": {"ignore_eos": True}}  # fmt: skip
 COMMON = ["--tp", "2", "--device", "cpu", "--dtype", "float32", "--api-key", "secret"]
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 TE_SEED = "--remote-instance-weight-loader-start-seed-via-transfer-engine"
 TE_ENV = {"CKPT_ENGINE_MOONCAKE_PROTOCOL": "tcp"}  # no RDMA device on the CI machine
 
@@ -117,12 +115,8 @@ def test_broadcast_update_in_many_buckets(fleet, ckpts):
 
 
 def updater(*args: str, log: Path) -> subprocess.Popen:
-    cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", "examples/update.py"]
-    cmd += ["--inference-parallel-size", "2", "--api-key", "secret", "--device", "cpu"]
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            [*cmd, *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    common = ["--inference-parallel-size", "2", "--api-key", "secret", "--device", "cpu"]
+    return start_updater(*common, *args, nproc=2, log=log)
 
 
 def test_p2p_join_moves_checkpoint_b(fleet, ckpts):

@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
 from workers_testutil import (
     KEY,
-    REPO,
     make_hf_model,
     poll,
     save_checkpoint,
     start_server,
+    start_updater,
     stop_group,
     wait_until_up,
 )
@@ -40,7 +38,6 @@ from workers.models.weights import combined_digest, tensor_digest
 
 pytestmark = pytest.mark.slow
 
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 DEADLINE_S = 120  # for each observable change (an update of a tiny model takes seconds)
 
 
@@ -63,16 +60,12 @@ class Watcher:
 
     def __init__(self, url: str, directory: Path, tmp: Path, register_mode: str) -> None:
         self.log, self.json_out = tmp / "watch.log", tmp / "watch.jsonl"
-        cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", "examples/update.py"]
-        cmd += ["--watch", str(directory), "--watch-interval", "0.2", "--watch-max-updates", "4"]
+        cmd = ["--watch", str(directory), "--watch-interval", "0.2", "--watch-max-updates", "4"]
         cmd += ["--endpoint", url, "--device", "cpu", "--inference-parallel-size", "2"]
         cmd += ["--api-key", "secret", "--inference-api", "update_weights_from_ipc"]
         cmd += ["--register-mode", register_mode, "--timeout", "120"]
         cmd += ["--json-out", str(self.json_out)]
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        self.proc = start_updater(*cmd, nproc=2, log=self.log)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

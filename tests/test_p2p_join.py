@@ -11,41 +11,29 @@ only the rows its TP rank keeps (half of every sharded tensor, counted in bytes)
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from workers_testutil import (
     KEY,
-    REPO,
     make_hf_model,
     poll,
     save_checkpoint,
     start_server,
+    start_updater,
     stop_group,
     wait_until_up,
 )
 
 pytestmark = pytest.mark.slow
 
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 COMMON = ["--inference-parallel-size", "2", "--api-key", "secret", "--device", "cpu"]
 PROGRESS_LINES = {"CKPT_ENGINE_PROGRESS": "log", "CKPT_ENGINE_PROGRESS_INTERVAL_S": "1e-9"}
 
 
 def updater(*args: str, log: Path, env: dict | None = None) -> subprocess.Popen:
-    cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", "examples/update.py", *COMMON]
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            [*cmd, *args],
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, **(env or {})},
-        )
+    return start_updater(*COMMON, *args, nproc=2, log=log, env=env)
 
 
 @pytest.mark.parametrize("through", ["file", "registry"])

@@ -14,10 +14,8 @@ every rank keeps its weights exactly.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,7 +28,7 @@ from vllm_testutil import (
     require_vllm,
     start_vllm,
 )
-from workers_testutil import REPO, poll, stop_group
+from workers_testutil import poll, start_updater, stop_group
 
 pytestmark = pytest.mark.slow
 
@@ -85,24 +83,13 @@ def test_the_next_update_after_a_refusal_lands(vllm, ckpts):
     assert vllm.greedy() == ckpts["A"].greedy()
 
 
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 JOIN_TIMEOUT_S = 300  # a 2-rank torchrun job on 2 busy cores: imports, gloo, then the pull
 
 
 def updater(*args: str, log: Path) -> subprocess.Popen:
     """A 2-rank CPU updater job into the vLLM instance, in its own process group."""
-    cmd = [TORCHRUN, "--standalone", "--nproc-per-node", str(TP), "examples/update.py"]
-    cmd += ["--inference-parallel-size", str(TP), "--device", "cpu", "--timeout", "120"]
-    cmd += ["--inference-api", "weight_transfer"]
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            [*cmd, *args],
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=dict(os.environ),
-        )
+    common = ["--inference-parallel-size", str(TP), "--device", "cpu", "--timeout", "120"]
+    return start_updater(*common, "--inference-api", "weight_transfer", *args, nproc=TP, log=log)
 
 
 @pytest.fixture(scope="module")

@@ -235,6 +235,22 @@ def poll(predicate, deadline_s: float, what: str):
 UPDATER_TIMEOUT_S = 180
 
 
+def start_updater(*args: str, nproc: int, log: Path, env: dict | None = None) -> subprocess.Popen:
+    """`torchrun --standalone --nproc-per-node <nproc> examples/update.py <args>` in the
+    background, in its own process group (stop it with stop_group), output to ``log``."""
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    cmd = [torchrun, "--standalone", "--nproc-per-node", str(nproc), "examples/update.py", *args]
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+
+
 def run_updater(
     url: str, checkpoint: Path, *extra: str, nproc: int, device: str, env: dict | None = None
 ) -> tuple[int, str]:
