@@ -11,6 +11,11 @@ and for each bucket calls ``run([(name, tensor_view), ...])``.
 The views point into the shared buffer and are only valid during that ``run`` call: copy what
 you keep (``model.load_weights`` does). On GPU the device is synchronized after each ``run``
 before the bucket is acknowledged, since the parameter server then reuses the slot.
+The cyclic garbage collector is paused while a bucket's views are made and ``run`` uses them
+(``ckpt_engine.bulk``): in an engine's heap, thousands of new view objects per bucket set off
+collections that walk the whole heap (a 150,000-tensor update on CPU: 0.93 s with the
+collector running, 0.37 s paused); what ``run`` leaves as cyclic garbage is collected after the
+bucket as usual.
 
 After the last bucket the worker checks that every tensor of the manifest arrived exactly once,
 releases the buffer, and once every rank has succeeded runs ``post_hook()`` once. If anything
@@ -34,7 +39,7 @@ import torch
 import zmq
 
 from ckpt_engine import dtypes, env, leases, wire
-from ckpt_engine.bulk import without_gc
+from ckpt_engine.bulk import paused_gc, without_gc
 from ckpt_engine.channel import Channel, check_local_address, ipc_path
 from ckpt_engine.compat import check_wire
 from ckpt_engine.errors import ProtocolError, UpdateAborted
@@ -329,9 +334,10 @@ def _receive(
                 continue
             try:
                 if isinstance(msg, wire.Bucket):
-                    weights = session.views(msg)
-                    run(weights)
-                    del weights
+                    with paused_gc():
+                        weights = session.views(msg)
+                        run(weights)
+                        del weights
                     if is_cuda:
                         torch.cuda.synchronize(device_id)
                     session.send(wire.Ack(update_id=session.update_id, of="bucket", id=msg.id))

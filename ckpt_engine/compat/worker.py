@@ -26,6 +26,7 @@ import torch
 import zmq
 
 from ckpt_engine import env, wire
+from ckpt_engine.bulk import paused_gc
 from ckpt_engine.channel import Channel
 from ckpt_engine.compat import upstream_wire, warn_upstream
 from ckpt_engine.errors import ProtocolError, UpdateAborted
@@ -147,9 +148,10 @@ def update_weights_from_upstream_ipc(
                 continue
             try:
                 if isinstance(payload, list) and not released:
-                    weights, specs = upstream_wire.bucket_views(payload, buffer)
-                    run(weights)
-                    del weights
+                    with paused_gc():  # as our own wire's worker (ckpt_engine.worker)
+                        weights, specs = upstream_wire.bucket_views(payload, buffer)
+                        run(weights)
+                        del weights
                     if is_cuda:
                         torch.cuda.synchronize(device_id)
                     received.extend(specs)

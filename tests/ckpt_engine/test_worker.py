@@ -1,5 +1,6 @@
 """The worker primitive against a scripted parameter server (same process, CPU)."""
 
+import gc
 import math
 import threading
 
@@ -329,3 +330,24 @@ def test_worker_connects_only_to_a_private_local_socket(tmp_path, address, why):
     w = Worker(address.format(tmp=tmp_path), timeout_s=0.5)
     error = w.result()
     assert isinstance(error, UpdateAborted) and why in str(error), error
+
+
+def test_collector_paused_during_run_only(ps):
+    """A bucket's views and ``run`` see the cyclic collector paused (thousands of views per
+    bucket would each set off collections over the engine's heap); it runs again afterwards,
+    also when ``run`` raises."""
+    states = []
+
+    def run(weights):
+        states.append(gc.isenabled())
+        if weights[0][0] == "b":
+            raise ValueError("refused")
+
+    assert gc.isenabled()
+    w = Worker(ps.address, run=run)
+    ps.request(ps.plan())
+    assert ps.request(ps.bucket(0)) == wire.Ack("u", "bucket", 0)
+    assert gc.isenabled()
+    assert isinstance(ps.request(ps.bucket(1)), wire.Error)
+    expect_abort(ps, w, ValueError)
+    assert states == [False, False] and gc.isenabled()
