@@ -58,7 +58,11 @@ class UpdateError(CkptEngineError):
 
     ``rank`` and ``bucket`` locate the first failure (either may be None when unknown, e.g. a
     failure before the first bucket); ``message`` is the worker's or the rank's own message;
-    ``errors`` lists every failure reported by any rank, as plain dicts.
+    ``errors`` lists every failure reported by any rank, as plain dicts. ``untouched``: every
+    rank of the update reported that its worker was sent no bucket (nor the end of the
+    update), so no worker wrote a byte and every inference server still holds its previous
+    weights exactly (False whenever that is not proven, e.g. after contact with another rank
+    was lost).
     """
 
     def __init__(
@@ -70,8 +74,10 @@ class UpdateError(CkptEngineError):
         message: str = "",
         traceback: str = "",
         errors: list[dict] | None = None,
+        untouched: bool = False,
     ) -> None:
         super().__init__(summary)
+        self.untouched = untouched
         self.rank = rank
         self.bucket = bucket
         self.message = message

@@ -59,7 +59,8 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -152,7 +153,7 @@ class Job:
 def broadcast_update(job: Job, share: Share | None = None) -> None:
     """``share``: register it in the same pass (``--register-mode overlap``)."""
     name, args = job.args.checkpoint_name, job.args
-    try:
+    with weight_transfer_failures(job):
         if share is not None:
             files, named = share_inputs(share)
             job.ps.register_and_update(
@@ -165,6 +166,15 @@ def broadcast_update(job: Job, share: Share | None = None) -> None:
             )
         else:
             job.ps.update(name, job.req_func, timeout=args.timeout, wire=args.wire)
+
+
+@contextmanager
+def weight_transfer_failures(job: Job) -> Iterator[None]:
+    """Around an update through vLLM's weight-transfer API (paused by ``update_steps``): on an
+    UpdateError, each instance's first rank resumes its server when nothing was written, else
+    leaves it paused, and says which in the error."""
+    try:
+        yield
     except UpdateError as e:
         if job.args.inference_api == "weight_transfer" and job.is_instance_head:
             raise UpdateError(weight_transfer_failed(job.client, e)) from e
@@ -172,8 +182,9 @@ def broadcast_update(job: Job, share: Share | None = None) -> None:
 
 
 def weight_transfer_failed(client: InferenceClient, e: UpdateError) -> str:
-    """vLLM's weight-transfer API after a failed update: resume it when nothing was written
-    (it serves its previous weights), else leave it paused (workers.vllm.engine)."""
+    """vLLM's weight-transfer API after a failed update: resume it when provably nothing was
+    written (``refused_before_write``: it serves its previous weights), else leave it paused
+    (workers.vllm.engine): no request sees a mix of old and new weights."""
     if refused_before_write(e):
         try:
             client.resume()
@@ -185,7 +196,8 @@ def weight_transfer_failed(client: InferenceClient, e: UpdateError) -> str:
 
 def p2p_update(job: Job) -> None:
     ranks = list(range(job.ps.world_size))  # every rank of this (new) job receives
-    job.ps.update(job.args.checkpoint_name, job.req_func, ranks=ranks, timeout=job.args.timeout)
+    with weight_transfer_failures(job):
+        job.ps.update(job.args.checkpoint_name, job.req_func, ranks=ranks, timeout=job.args.timeout)
 
 
 # The one place the update method is dispatched (`preflight` refuses what is not built yet).

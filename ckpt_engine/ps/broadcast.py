@@ -15,7 +15,10 @@ a failure anywhere ends the update everywhere with the same error):
    its post_hook) -> req_func returns -> final vote.
 
 On failure: gather every rank's error record, send Abort to a worker still listening, free
-everything, raise UpdateError (UpdateTimeout when the first failure was a timeout).
+everything, raise UpdateError (UpdateTimeout when the first failure was a timeout). The gather
+also carries whether each rank sent its worker a Bucket, Done or Commit: when none did, no worker
+wrote anything and the error says so (``UpdateError.untouched``; e.g. a manifest refused by a
+worker, a P2P read refused before the first bucket), so a caller may resume serving.
 """
 
 from __future__ import annotations
@@ -62,6 +65,9 @@ class BroadcastUpdate:
         self.launched: dict[int, Launched] = {}  # launched, not yet handed to the worker
         self.depth = 1  # buckets launched ahead of the worker (set in the handshake)
         self.plan_ack: wire.Ack | None = None  # the worker's Ack of the plan (its keeps)
+        # a Bucket, Done or Commit was handed to the socket (the worker may have written): set
+        # before the send, so a send that fails half-way counts as sent
+        self.delivered = False
         self.timings: dict[str, float | int] = {}  # seconds per phase, for benchmarks and logs
 
     # -- error bookkeeping ---------------------------------------------------------------------
@@ -252,6 +258,7 @@ class BroadcastUpdate:
                     launched = self.launched.pop(k)
                     self.mover.wait(launched, self.vote_timeout_s)
                     self.in_flight.remove(launched)
+                    self.delivered = True
                     self.link.send(self._bucket_message(launched), what=f"bucket {k}")
                     sent = k
                 except Exception as e:
@@ -287,6 +294,7 @@ class BroadcastUpdate:
     def _finish(self) -> None:
         ctx, link = self.ctx, self.link
         self.stage = "done"
+        self.delivered = True  # Done, then Commit (the upstream wire's post_hook may run at either)
         try:
             link.request(
                 wire.Done(update_id=self.update_id), time.monotonic() + ctx.timeout_s, of="done"
@@ -345,13 +353,13 @@ class BroadcastUpdate:
         self._t0 = self._t_last = time.perf_counter()
         infos = self._prepare()
         failures = [i["error"] for i in infos if i["error"]]
-        if failures:
-            raise update_error(ctx.name, failures)
+        if failures:  # no worker has been contacted yet
+            raise update_error(ctx.name, failures, untouched=True)
         try:
             plan = self._make_plan(min(i["free"] for i in infos))
         except ValueError as e:  # same inputs on every rank: every rank raises this
             self._fail(e)
-            raise update_error(ctx.name, [self.error]) from e
+            raise update_error(ctx.name, [self.error], untouched=True) from e
         socket_paths = [(i["device_key"], i["address"]) for i in infos]
         self.timings.update(buckets_n=len(plan.buckets), slot_bytes=plan.slot_bytes)
         self._mark("prepare")
@@ -377,14 +385,20 @@ class BroadcastUpdate:
         self._t_last = now
 
     def _gathered_error(self) -> UpdateError:
+        """Every rank's error record and whether it delivered anything to its worker (every
+        rank has stopped sending by now: each is in this gather)."""
         try:
-            errors = self.ctx.control.all_gather_json(
-                self.error, timeout_s=self.vote_timeout_s, what="gather errors"
+            records = self.ctx.control.all_gather_json(
+                {"error": self.error, "delivered": self.delivered},
+                timeout_s=self.vote_timeout_s,
+                what="gather errors",
             )
         except CollectiveError as e:
             self._fail(e)
             return update_error(self.ctx.name, [self.error], lost_contact=True)
-        return update_error(self.ctx.name, [e for e in errors if e])
+        errors = [r["error"] for r in records if r["error"]]
+        untouched = not any(r["delivered"] for r in records)
+        return update_error(self.ctx.name, errors, untouched=untouched)
 
     def _cleanup(self, reason: str) -> None:
         ctx = self.ctx

@@ -99,8 +99,11 @@ def choose_plan(
     return plan
 
 
-def update_error(name: str, errors: list[dict], *, lost_contact: bool = False) -> UpdateError:
-    """The exception of a failed update; the earliest failure (stage, bucket, rank) leads."""
+def update_error(
+    name: str, errors: list[dict], *, lost_contact: bool = False, untouched: bool = False
+) -> UpdateError:
+    """The exception of a failed update; the earliest failure (stage, bucket, rank) leads.
+    ``untouched``: every rank said that its worker got no bucket (nor Done / Commit)."""
 
     def order(e: dict) -> tuple:
         stage = STAGES.index(e["stage"]) if e["stage"] in STAGES else len(STAGES)
@@ -125,4 +128,5 @@ def update_error(name: str, errors: list[dict], *, lost_contact: bool = False) -
         message=first["message"],
         traceback=first["traceback"],
         errors=errors,
+        untouched=untouched and not lost_contact,
     )

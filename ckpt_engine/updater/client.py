@@ -131,7 +131,8 @@ class InferenceClient:
 
 
 def refused_before_write(error: Exception) -> bool:
-    """True when a failed update (``ckpt_engine.UpdateError``) ended before any worker got a
-    bucket: in the parameter server's prepare or handshake stage (e.g. the manifest refused)."""
-    errors = getattr(error, "errors", None) or []
-    return bool(errors) and all(e.get("stage") in ("prepare", "handshake") for e in errors)
+    """True when a failed update (``ckpt_engine.UpdateError``) provably wrote nothing: every
+    parameter-server rank said that its worker was sent no bucket (``UpdateError.untouched``;
+    e.g. a manifest refused by the workers, a P2P read refused by an owner before the first
+    bucket). False when any rank may have sent one, or contact between the ranks was lost."""
+    return bool(getattr(error, "untouched", False))

@@ -82,10 +82,15 @@ def receiver(spec: dict, rank: int) -> None:
 
             start = time.monotonic()
             try:
-                ps.update("ckpt", req_func, ranks=spec["ranks"])
+                ps.update("ckpt", req_func, ranks=step.get("ranks", spec["ranks"]))
                 result: dict = {"ok": True}
             except UpdateError as e:
-                result = {"ok": False, "type": type(e).__name__, "summary": str(e)}
+                result = {
+                    "ok": False,
+                    "type": type(e).__name__,
+                    "summary": str(e),
+                    "untouched": e.untouched,
+                }
             result.update(
                 elapsed=time.monotonic() - start,
                 worker=worker.last_reply,

@@ -208,6 +208,7 @@ def main() -> None:
                         "bucket": e.bucket,
                         "message": e.message,
                         "summary": str(e),
+                        "untouched": e.untouched,
                     }
                 result["elapsed"] = time.monotonic() - start
                 result["worker"] = worker.last_reply

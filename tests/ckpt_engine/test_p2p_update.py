@@ -104,11 +104,15 @@ def test_two_jobs_p2p_update_bad_token_and_owner_killed(tmp_path, device):
         )
         metas["ranks"][1]["p2p"]["tcp"]["token"] = "0" * 32
         (tmp_path / "bad.json").write_text(json.dumps(metas))
+        metas["ranks"][0]["p2p"]["tcp"]["token"] = "0" * 32
+        (tmp_path / "all_bad.json").write_text(json.dumps(metas))
         pids = [_records(tmp_path / f"owner{r}.json")[0]["pid"] for r in range(2)]
         good = str(metas_file)
         spec["steps"] = [
             {"step": "first", "metas": good},
             {"step": "bad_token", "metas": str(tmp_path / "bad.json")},
+            # rank 0 alone receives: it reads every bucket, and every read is refused
+            {"step": "all_forged", "metas": str(tmp_path / "all_bad.json"), "ranks": [0]},
             {"step": "again", "metas": good},
             {"step": "owners_killed", "metas": good, "worker": {"kill_pids_at": 1, "pids": pids}},
         ]
@@ -154,8 +158,15 @@ def test_two_jobs_p2p_update_bad_token_and_owner_killed(tmp_path, device):
         assert not bad["ok"] and "refused" in bad["summary"] and "owner rank 1" in bad["summary"], (
             bad
         )
+        # whole buckets, one token forged: the other receiver got a bucket (then the vote
+        # stopped it), so the error may not say that nothing was written
+        assert not bad["untouched"], bad
+        if r == 0:  # every read refused, so no bucket went out: no worker wrote, it says so
+            forged = recs["all_forged"]
+            assert not forged["ok"] and forged["untouched"], forged
+            assert forged["worker"]["runs"] == 0, forged
         killed = recs["owners_killed"]
-        assert not killed["ok"], killed
+        assert not killed["ok"] and not killed["untouched"], killed
         assert "owner rank" in killed["summary"] and "tcp://127.0.0.1:" in killed["summary"], killed
         assert killed["elapsed"] < TIMEOUT_S, killed  # seen at once, not after a timeout
         assert _records(tmp_path / f"recv{r}.json")[-1] == {"op": "close", "leftover_shm": []}

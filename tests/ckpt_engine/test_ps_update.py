@@ -68,6 +68,9 @@ def check_flat_then_failures(records, ranks) -> None:
     # the rank sees the socket drop, or its req_func (waiting on that worker) fail first
     died = ("worker disconnected", "req_func raised EOFError")
     assert_failed_everywhere(records, ranks, "worker_killed", rank=0, bucket=1, text=died)
+    for r in ranks:  # buckets went out: the servers may hold a mix, never reported untouched
+        assert not updates(records[r], "run_raises")[0]["untouched"]
+        assert not updates(records[r], "worker_killed")[0]["untouched"]
 
 
 def run_ranks(
@@ -178,6 +181,8 @@ def test_two_ranks_correct_flat_and_failures(tmp_path, port):
     check_flat_then_failures(records, (0, 1))
     text = "injected req_func failure"
     assert_failed_everywhere(records, (0, 1), "req_func_raises", rank=1, bucket=None, text=text)
+    # before any bucket: every rank says that no worker was sent one (nothing written anywhere)
+    assert all(updates(records[r], "req_func_raises")[0]["untouched"] for r in (0, 1))
     assert all(updates(records[r], "final")[0]["ok"] for r in (0, 1))
 
 
