@@ -110,6 +110,21 @@ def test_shard_copies_then_the_workers_view_holds_its_rows():
     assert torch.isnan(o[:, :4]).all()
 
 
+def test_a_tensor_kept_not_at_all_is_not_read():
+    """Zero rows (an expert on another expert-parallel rank), along dim 0 or 1: no read of it;
+    the worker's Ack of zero rows is accepted."""
+    bucket, at = _bucket()
+    src = {name: bucket.copies[0].src + (off - bucket.copies[0].dst) for name, off in at.items()}
+    copies = shard_copies(
+        bucket, {"a.q": Kept(0, 0, 0), "a.o": Kept(1, 0, 0), "b.q": Kept(0, 0, 0)}
+    )
+    assert copies == (CopyRange(0, src["norm"], at["norm"], 16),)  # the norm alone
+    manifest = wire.Manifest(("w", "d"), ("F32", "F32"), ((8, 4), (4, 8)))
+    assert _keeps(manifest, {"w": (0, 0, 0), "d": (1, 0, 0)}) == wire.Keeps(
+        (0, 1), (0, 1), (0, 0), (0, 0)
+    )
+
+
 def test_keeps_travel_with_the_ack_and_map_back_to_names():
     manifest = wire.Manifest(("w", "n"), ("F32", "F32"), ((8, 4), (4,)))
     keeps = _keeps(manifest, {"w": (0, 4, 4)})

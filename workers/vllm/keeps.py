@@ -10,8 +10,21 @@ vLLM's own ``shard_indices``. A layout is reported only where its size along the
 size vLLM holds per rank (``output_size_per_partition`` / ``input_size_per_partition``), and
 only where the parameter loads through its layer's own loader (a CPU-repacked weight, an empty
 stand-in at rest, has none; vLLM's reload puts the layer's parameters back before loading).
-Everything else (norms, MoE experts, any layer not declared, a model with a drafter, TP=1) is
-left out: read whole, which is always correct.
+
+MoE experts (``expert_keeps``): each per-expert checkpoint tensor of an unquantized
+``RoutedExperts`` layer (``<layer>.<expert>.{gate,up,down}_proj.weight``, vLLM's shards ``w1``,
+``w3``, ``w2``), as vLLM 0.32's ``RoutedExperts.weight_loader`` narrows it: ``gate_proj`` and
+``up_proj`` along dim 0 (the intermediate dim), ``down_proj`` along dim 1 (its input dim), the
+``full // tp`` indices from ``rank * (full // tp)``, with the MoE layer's own TP size and rank
+(``moe_config``; vLLM flattens DP and PCP into it). Reported only where that piece is the
+per-rank size vLLM allocated (``intermediate_size_per_partition``, unpadded), the tensor has
+the full checkpoint shape, and the parameter loads through the layer's own loader; quantized
+or transposed experts, padded TP sharding and biases of ``down_proj`` are read whole. With
+expert parallelism, an expert none of whose physical copies is on this rank is loaded by no
+loader: it keeps nothing (zero rows), an expert on it is read whole.
+
+Everything else (norms, any layer not declared, a model with a drafter, TP=1) is left out: read
+whole, which is always correct.
 """
 
 from __future__ import annotations
@@ -22,16 +35,22 @@ import torch
 
 from workers.errors import WorkersError
 from workers.vllm.checkpoint_view import FUSED, PACKED, VllmTP, declared_layout
+from workers.vllm.experts import expected_tensors, moe_layers
 
 Kept = tuple[int, int, int]
+# vLLM's expert shard id -> the dim of the checkpoint tensor its loader narrows (SHARD_ID_TO_
+# SHARDED_DIM of RoutedExperts.weight_loader): gate_proj, up_proj rows; down_proj columns
+EXPERT_DIM = {"w1": 0, "w3": 0, "w2": 1}
 
 
 def model_keeps(model: torch.nn.Module, specs: Iterable) -> dict[str, Kept]:
     """``{checkpoint name: (dim, start, length)}`` for the tensors of ``specs`` (``TensorSpec``:
-    name, shape) that this rank of ``model`` loads only part of; see the module doc."""
+    name, shape) that this rank of ``model`` loads only part (or none) of; see the module doc."""
+    specs = list(specs)
+    out = expert_keeps(model, specs)
     tp = VllmTP()
     if tp.size == 1:
-        return {}
+        return out
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     fused_ok = {
@@ -39,8 +58,9 @@ def model_keeps(model: torch.nn.Module, specs: Iterable) -> dict[str, Kept]:
         for fused, parts in getattr(model, "packed_modules_mapping", {}).items()
         if [c for c, _ in FUSED.get(fused, ())] == list(parts)
     }
-    out = {}
     for spec in specs:
+        if spec.name in out:
+            continue
         where = _parameter_of(spec.name, params, fused_ok)
         if where is None:
             continue
@@ -53,6 +73,94 @@ def model_keeps(model: torch.nn.Module, specs: Iterable) -> dict[str, Kept]:
         if kept is not None:
             out[spec.name] = kept
     return out
+
+
+def expert_keeps(model: torch.nn.Module, specs: Iterable) -> dict[str, Kept]:
+    """``{checkpoint name: (dim, start, length)}`` for the per-expert tensors of ``specs`` that
+    this rank's MoE layers load part of, or none of (expert parallelism); see the module doc."""
+    shapes = {spec.name: tuple(spec.shape) for spec in specs}
+    out: dict[str, Kept] = {}
+    for layer in moe_layers(model):
+        out.update(_layer_expert_keeps(layer, shapes))
+    return out
+
+
+def expert_kept(
+    shard_id: str, shape: tuple[int, ...], *, tp_size: int, tp_rank: int, per_rank: int, local: bool
+) -> Kept | None:
+    """What vLLM 0.32's ``RoutedExperts.weight_loader`` reads of one expert's unquantized weight
+    of checkpoint ``shape`` (vLLM's ``shard_id``) on MoE TP rank ``tp_rank`` of ``tp_size``:
+    nothing when the expert is not on this rank (``local``); None (whole) when it reads it all,
+    or when its piece (``full // tp_size``) is not ``per_rank``, the size vLLM allocated per rank
+    (its loader would then read a piece this mapping does not vouch for)."""
+    dim = EXPERT_DIM.get(shard_id)
+    if dim is None or len(shape) != 2 or not 0 <= tp_rank < tp_size:
+        return None
+    if not local:
+        return 0, 0, 0
+    full = shape[dim]
+    piece = full // tp_size
+    if tp_size == 1 or piece != per_rank or piece * tp_size != full:
+        return None
+    return dim, piece * tp_rank, piece
+
+
+def _layer_expert_keeps(layer, shapes: dict[str, tuple[int, ...]]) -> dict[str, Kept]:
+    """``expert_keeps`` of one ``RoutedExperts`` layer; nothing unless its experts load as
+    ``expert_kept`` says (see the module doc)."""
+    cfg = layer.moe_config
+    per_rank = cfg.intermediate_size_per_partition_unpadded
+    if not _plain_experts(layer) or getattr(layer, "intermediate_size_per_partition", None) != (
+        per_rank
+    ):
+        return {}
+    try:
+        expected = expected_tensors(layer)
+    except WorkersError:
+        return {}
+    experts: dict[str, tuple[str, list[int]]] = {}  # checkpoint name -> (shard id, expert ids)
+    for _, weight_name, expert_id, shard_id in layer.get_expert_mapping():
+        name = f"{layer.layer_name}.{weight_name.removeprefix('experts.')}weight"
+        experts.setdefault(name, (shard_id, []))[1].append(expert_id)
+    out = {}
+    for name, (shard_id, ids) in experts.items():
+        shape = shapes.get(name)
+        if shape is None or shape != expected.get(name):
+            continue
+        # the loader's own test: a physical expert id this rank does not hold maps to -1
+        local = any(layer._map_global_expert_id_to_local_expert_id(i) != -1 for i in ids)
+        kept = expert_kept(
+            shard_id, shape, tp_size=cfg.tp_size, tp_rank=cfg.tp_rank, per_rank=per_rank,
+            local=local,
+        )  # fmt: skip
+        if kept is not None:
+            out[name] = kept
+    return out
+
+
+def _plain_experts(layer) -> bool:
+    """Unquantized experts loaded by the layer's own ``weight_loader`` as ``expert_kept`` says:
+    no quantization, no transposed weights, no padded TP shards, no online-quantized shared
+    expert."""
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+        UnquantizedFusedMoEMethod,
+    )
+
+    if getattr(layer, "quant_config", None) is not None or not isinstance(
+        getattr(layer, "quant_method", None), UnquantizedFusedMoEMethod
+    ):
+        return False
+    if layer.moe_config.tp_shard_with_padding:
+        return False
+    if getattr(layer, "_fused_shared_expert_quantizer", None) is not None:
+        return False
+    for attr in ("w13_weight", "w2_weight"):
+        param = getattr(layer, attr, None)
+        if param is None or getattr(param, "is_transposed", False):
+            return False
+        if getattr(param, "weight_loader", None) != layer.weight_loader:
+            return False
+    return True
 
 
 def _parameter_of(name: str, params: dict, fused_ok: set) -> tuple[str, object] | None:
