@@ -4,7 +4,7 @@ the previous step unregistered first, so its pinned buffers serve the next step 
 one checkpoint).
 
 Device tensors are copied device-to-host straight into the pool's pinned buffers
-(``ckpt_engine.ps.registry.copy_into``, one stream synchronization per device); strided host
+(``ckpt_engine.ps.named.copy_into``, one stream synchronization per device); strided host
 tensors take the same function, so the CPU run covers its path. The colocated worker is a
 spawned process (CUDA IPC needs a second process) that answers the sha256 of every tensor it
 received; world size 1."""
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ckpt_engine import ParameterServer, PSConfig
-from ckpt_engine.ps import registry as registry_mod
+from ckpt_engine.ps import named as named_mod
 
 STEPS = 3
 
@@ -93,9 +93,9 @@ def env(tmp_path, monkeypatch):
 )
 def test_trainer_weights_every_step_bit_exact_pool_reused(device, env, monkeypatch):
     copies = []
-    real = registry_mod.copy_into
+    real = named_mod.copy_into
     monkeypatch.setattr(
-        registry_mod, "copy_into", lambda dst, t: copies.append(t.device.type) or real(dst, t)
+        named_mod, "copy_into", lambda dst, t: copies.append(t.device.type) or real(dst, t)
     )
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
@@ -168,7 +168,7 @@ def test_queued_device_copies_are_waited_for_when_a_later_copy_fails(monkeypatch
         def synchronize(self):
             events.append("synchronized")
 
-    monkeypatch.setattr(registry_mod, "copy_into", fake_copy_into)
+    monkeypatch.setattr(named_mod, "copy_into", fake_copy_into)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
     ps = ParameterServer(device_type="cpu")
     real_give_back = ps.host_pool.give_back
