@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ckpt_engine import dtypes
+from ckpt_engine import dtypes, json_depth
 from ckpt_engine.bulk import without_gc
 from ckpt_engine.errors import MetasError
 
@@ -154,8 +154,10 @@ class CheckpointMetas:
 
     @classmethod
     def loads(cls, text: str | bytes) -> CheckpointMetas:
-        try:
-            obj = json.loads(text)
+        try:  # the readers take every field at its shape: the parser's depth limit suffices
+            obj = json_depth.loads(text, what="metas", max_depth=None)
+        except json_depth.JsonDepthError as e:
+            raise MetasError(str(e)) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise MetasError(f"metas are not valid JSON: {e}") from e
         return checkpoint_metas_from_json(obj)

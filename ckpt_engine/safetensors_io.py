@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ckpt_engine import dtypes
+from ckpt_engine import dtypes, json_depth
 from ckpt_engine.errors import CheckpointFileError
 
 logger = logging.getLogger(__name__)
@@ -233,8 +233,8 @@ def parse_header(path: str, header: bytes, file_size: int) -> SafetensorsHeader:
     data_size = file_size - data_start
     try:
         text = header.decode("utf-8")
-        fast = _fast_entries(text, json.loads(text), data_size)
-    except (ValueError, TypeError):  # bad UTF-8 or JSON included: named below
+        fast = _fast_entries(text, json_depth.loads(text, what="", max_depth=None), data_size)
+    except (ValueError, TypeError):  # bad UTF-8, JSON or nesting included: named below
         fast = None
     if fast is not None:
         data_bytes = max((e.end for e in fast), default=0)
@@ -247,6 +247,9 @@ def parse_header(path: str, header: bytes, file_size: int) -> SafetensorsHeader:
         obj = json.loads(text, object_pairs_hook=duplicates)
     except UnicodeDecodeError as e:
         raise CheckpointFileError(path, f"bad header: not UTF-8 ({e})") from e
+    except RecursionError:
+        limit = json_depth.PARSER_LIMIT
+        raise CheckpointFileError(path, f"bad header: JSON nested deeper than {limit}") from None
     except json.JSONDecodeError as e:
         raise CheckpointFileError(path, f"bad header: invalid JSON ({e})") from e
     if not isinstance(obj, dict):

@@ -14,7 +14,6 @@ the last tensor: FP8 layers rebuild their forward weights there); so does every 
 from __future__ import annotations
 
 import importlib
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import ClassVar
 import torch
 from safetensors import safe_open
 
+from ckpt_engine import json_depth
 from workers.errors import (
     ConfigError,
     DuplicateWeightError,
@@ -152,8 +152,8 @@ def safetensors_files(model_path: Path) -> list[Path]:
     index = model_path / "model.safetensors.index.json"
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
+            weight_map = json_depth.loads(index.read_text(), what=index.name)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise WeightLoadError(f"cannot read {index}: {e!r}") from e
         files = [model_path / name for name in sorted(set(weight_map.values()))]
         if absent := [str(f) for f in files if not f.exists()]:

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
+from ckpt_engine import json_depth
 from ckpt_engine.errors import ProtocolError, ReadRefused
 
 PROTOCOL = "ckpt-engine-p2p"
@@ -96,16 +97,21 @@ def decode(data: bytes) -> Message:
     if len(data) > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {len(data)} bytes exceeds {MAX_HEADER_BYTES}")
     try:
-        obj: Any = json.loads(data)
+        obj: Any = json_depth.loads(data, what="header")
+    except json_depth.JsonDepthError as e:
+        raise ProtocolError(str(e)) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ProtocolError(f"header is not JSON: {e}") from None
     if not isinstance(obj, dict) or obj.get("protocol") != PROTOCOL:
         raise ProtocolError("not a ckpt-engine-p2p message")
     if obj.get("v") != VERSION:
-        raise ProtocolError(f"protocol version {obj.get('v')!r} is not supported ({VERSION})")
-    cls = _TYPES.get(obj.get("type"))
+        raise ProtocolError(
+            f"protocol version {json_depth.describe(obj.get('v'))} is not supported ({VERSION})"
+        )
+    kind = obj.get("type")
+    cls = _TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise ProtocolError(f"unknown message type {obj.get('type')!r}")
+        raise ProtocolError(f"unknown message type {json_depth.describe(kind)}")
     fields = {}
     optional = _OPTIONAL.get(cls, {})
     for name, kind in {**_FIELDS[cls], **optional}.items():

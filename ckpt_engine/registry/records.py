@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ckpt_engine import json_depth
+
 RECORD_FORMAT = 1
 
 
@@ -82,7 +84,9 @@ class SourceRecord:
     @classmethod
     def from_json(cls, text: str | bytes) -> SourceRecord:
         try:
-            raw = json.loads(text)
+            raw = json_depth.loads(text, what="record")
+        except json_depth.JsonDepthError as e:
+            raise RecordError(str(e)) from None
         except ValueError as e:
             raise RecordError(f"not JSON: {e}") from None
         if not isinstance(raw, dict):

@@ -10,6 +10,8 @@ from requests.adapters import HTTPAdapter
 from urllib3 import HTTPConnectionPool
 from urllib3.connection import HTTPConnection
 
+from ckpt_engine import json_depth
+
 # workers.vllm.engine.SESSIONS_LEFT_OPEN (the updater does not import the inference side)
 SESSIONS_LEFT_OPEN = "ckpt_engine: weight update sessions left open"
 
@@ -87,8 +89,8 @@ class InferenceClient:
             )
         except requests.RequestException as e:
             raise InferenceError(f"POST {url}: {e}") from e
-        try:
-            answer = r.json() if r.content else {}
+        try:  # a depth past the parser's limit is a ValueError too: the text is quoted
+            answer = json_depth.loads(r.content, what=url, max_depth=None) if r.content else {}
         except ValueError:
             answer = {"message": r.text[:500]}
         if r.status_code != 200 or (isinstance(answer, dict) and answer.get("success") is False):

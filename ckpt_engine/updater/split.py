@@ -8,14 +8,13 @@ within 10% of the tensor-level one, else single tensors.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from ckpt_engine import ParameterServer
+from ckpt_engine import ParameterServer, json_depth
 from ckpt_engine.safetensors_io import read_header
 
 FILE_SPLIT_SLACK = 1.10  # whole files when their split is at most 10% worse than per-tensor
@@ -42,7 +41,7 @@ def greedy_split(items: list[tuple[str, int]], world: int) -> list[tuple[list[st
 def checkpoint_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = json_depth.loads(index.read_text(), what=str(index))["weight_map"]
         return [path / name for name in sorted(set(weight_map.values()))]
     files = sorted(path.glob("*.safetensors"))
     if not files:

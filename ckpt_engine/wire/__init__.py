@@ -29,6 +29,7 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
+from ckpt_engine import json_depth
 from ckpt_engine.bulk import without_gc
 from ckpt_engine.errors import ProtocolError
 from ckpt_engine.wire.columns import Keeps, Layout, Manifest, TensorSpec, _Columns
@@ -90,8 +91,8 @@ _BUFFER_KINDS = {cls.KIND: cls for cls in (ShmBuffer, CudaBuffer)}
 def _buffer(obj: dict, where: str) -> ShmBuffer | CudaBuffer:
     value = _dict(_get(obj, "buffer", where), f"{where}.buffer")
     kind = value.get("kind")
-    if kind not in _BUFFER_KINDS:
-        raise ProtocolError(f"{where}: unknown buffer kind {kind!r}")
+    if not isinstance(kind, str) or kind not in _BUFFER_KINDS:
+        raise ProtocolError(f"{where}: unknown buffer kind {json_depth.describe(kind)}")
     return _BUFFER_KINDS[kind].parse(value, f"{where}.buffer")
 
 
@@ -281,18 +282,24 @@ def _header(obj: Any) -> type:
     version = obj.get("v")
     if version != VERSION:
         raise ProtocolError(
-            f"wire version {version!r} is not supported (this side speaks {VERSION})"
+            f"wire version {json_depth.describe(version)} is not supported (this side speaks {VERSION})"
         )
     kind = obj.get("type")
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise ProtocolError(f"unknown message type {kind!r}; known: {', '.join(MESSAGE_TYPES)}")
+        raise ProtocolError(
+            f"unknown message type {json_depth.describe(kind)}; known: {', '.join(MESSAGE_TYPES)}"
+        )
     return cls
 
 
 def _json(data: bytes, what: str) -> Any:
+    """Parsed; nesting bounded only by the parser (json_depth): every reader takes its field
+    at its declared shape, so deeper data is refused there as a wrong type."""
     try:
-        return json.loads(data)
+        return json_depth.loads(data, what=what, max_depth=None)
+    except json_depth.JsonDepthError as e:
+        raise ProtocolError(str(e)) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ProtocolError(f"{what} is not JSON: {e}") from e
 

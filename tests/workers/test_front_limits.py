@@ -1,5 +1,6 @@
 """Limits of the HTTP front, in process (no server): `BodySizeLimit` as an ASGI middleware
-around a FastAPI route; the cap on logits one /generate may return."""
+around a FastAPI route; JSON nesting on every POST route of the server's app
+(`BoundedJsonRoute`); the cap on logits one /generate may return."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from workers.errors import RequestError
-from workers.server.body_limit import BodySizeLimit
+from workers.server.body_limit import MAX_BODY_DEPTH, BodySizeLimit
 from workers.server.frontend import MAX_RETURNED_LOGITS, Frontend
+from workers.server.http import create_app
 from workers.server.schemas import GenerateRequest
 
 
@@ -34,7 +36,9 @@ def _app(limit: int) -> FastAPI:
     return app
 
 
-def _call(app, chunks: list[bytes], *, declared: int | None) -> tuple[int, dict, int]:
+def _call(
+    app, chunks: list[bytes], *, declared: int | None, path: str = "/generate"
+) -> tuple[int, dict, int]:
     """POST `chunks` (Content-Length `declared`, or chunked): (status, body, chunks consumed)."""
     sent: list[dict] = []
     pending = list(chunks)
@@ -57,8 +61,8 @@ def _call(app, chunks: list[bytes], *, declared: int | None) -> tuple[int, dict,
         "http_version": "1.1",
         "method": "POST",
         "scheme": "http",
-        "path": "/generate",
-        "raw_path": b"/generate",
+        "path": path,
+        "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
         "headers": headers,
@@ -102,3 +106,34 @@ def test_returned_logits_are_capped_before_any_rank_works():
     req = GenerateRequest(input_ids=[1, 2], max_new_tokens=tokens, return_logits=True)
     with pytest.raises(RequestError, match=f"ask for at most {tokens - 1} new tokens"):
         asyncio.run(front._generate(req))
+
+
+def _post_routes(app: FastAPI) -> list[str]:
+    return sorted(r.path for r in app.routes if "POST" in getattr(r, "methods", ()))
+
+
+@pytest.mark.parametrize("depth", [MAX_BODY_DEPTH + 1, 500, 20_000, 200_000])
+def test_every_post_route_refuses_a_body_nested_past_the_limit_naming_where(depth):
+    """Past 64 levels (within the parser's limit or past it): 400 naming the path, before the
+    front is asked anything (it has nothing to answer with here)."""
+    app = create_app(SimpleNamespace(), api_key=None, max_request_bytes=1 << 20)
+    routes = _post_routes(app)
+    assert "/init_weights_send_group_for_remote_instance" in routes and "/generate" in routes
+    inner = "[" * (depth - 2) + "]" * (depth - 2)
+    payload = ('{"slices": {"layouts": {"model.norm.weight": ' + inner + "}}}").encode()
+    for path in routes:
+        status, body, _ = _call(app, [payload], declared=len(payload), path=path)
+        assert status == 400 and body["success"] is False, (path, body)
+        where = "request body['slices']['layouts']['model.norm.weight'][0][0][0]..."
+        said = f"JSON nested deeper than {MAX_BODY_DEPTH} levels"
+        if depth < 1000:  # parsed, then walked: the path is named
+            assert body["message"] == f"{where}: {said}", (path, body)
+        else:  # past the parser's own limit
+            assert body["message"] == f"request body: {said}", (path, body)
+
+
+def test_a_body_within_the_depth_limit_reaches_validation():
+    app = create_app(SimpleNamespace(), api_key=None, max_request_bytes=1 << 20)
+    payload = json.dumps({"input_ids": [[[[1]]]]}).encode()
+    status, body, _ = _call(app, [payload], declared=len(payload))
+    assert status == 400 and body["message"].startswith("invalid request: input_ids"), body

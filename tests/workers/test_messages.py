@@ -53,3 +53,14 @@ def test_bad_frames_are_refused(frame, message):
 def test_oversized_message_is_refused_on_encode():
     with pytest.raises(ProtocolError, match="exceeds"):
         m.encode(m.Reply(seq=1, rank=0, value="x" * m.MAX_FRAME_BYTES))
+
+
+@pytest.mark.parametrize("depth", [500, 20_000])
+def test_a_frame_nested_deeper_than_the_parser_allows_is_a_protocol_error(depth):
+    deep = "[" * depth + "]" * depth
+    frame = f'{{"v": 1, "type": "Call", "seq": 1, "method": "x", "args": {deep}, "kwargs": {{}}}}'
+    if depth < 1000:  # parsed: the fields are checked at their types, never walked
+        assert m.decode(frame.encode()).args == json.loads(deep)
+    else:
+        with pytest.raises(ProtocolError, match=r"^frame: JSON nested deeper than the JSON pars"):
+            m.decode(frame.encode())

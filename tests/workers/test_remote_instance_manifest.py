@@ -134,6 +134,8 @@ def test_parse_ports(value, ports):
         ("[1,", "not a JSON list"),
         ("a,b", "integers"),
         ("", "no ports"),
+        ("[[30001]]", r"ports\[0\]: JSON nested deeper than 1 level \(a flat list"),
+        ("[" * 20_000 + "]" * 20_000, "ports: JSON nested deeper than 1 level"),
     ],
 )
 def test_parse_ports_errors(value, message):

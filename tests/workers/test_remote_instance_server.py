@@ -301,3 +301,36 @@ def test_an_init_with_another_slice_plan_is_refused_before_any_group(seed):
         )
         assert r.status_code == 400 and said in r.json()["message"], r.text
     assert seed_server.get("/health").status_code == 200
+
+
+def test_deeply_nested_layouts_and_ports_are_refused_naming_them(seed):
+    """A hostile or buggy client: layouts stacked again and again (20 levels: past a layout's
+    5; 900: past the 64 levels of any request body, and once past Python's recursion limit),
+    ports nested in their JSON list: 400 naming the field, the parameter and the limit; the
+    seed keeps serving."""
+    seed_server, _ = seed
+    body = {
+        "master_address": "127.0.0.1", "ports": str(free_port()), "group_rank": 0,
+        "world_size": 2, "group_name": "send_weights_test", "backend": "gloo",
+    }  # fmt: skip
+    init = "/init_weights_send_group_for_remote_instance"
+    before = seed_server.post("/generate", GENERATE).json()["output_ids"]
+    for depth, said in [
+        (20, "slices.layouts['model.norm.weight']['inner']['inner']['inner']['inner']['inner']"),
+        (900, "request body['slices']['layouts']['model.norm.weight']['inner']['inner']"),
+    ]:
+        layout: dict = {"dim": None, "parts": [[None, [8], 1]], "rank": 0, "size": 1}
+        for _ in range(depth):
+            layout = {"stacked": 2, "inner": layout}
+        slices = {"format": 1, "tp_size": 1, "layouts": {"model.norm.weight": layout}}
+        r = seed_server.post(init, {**body, "slices": {**slices, "digest": "0"}}, headers=KEY)
+        assert r.status_code == 400 and said in r.json()["message"], r.text
+        limit = "5 levels (a layout's JSON nests 5 at most)" if depth == 20 else "64 levels"
+        assert r.json()["message"].endswith(f"nested deeper than {limit}"), r.text
+    ports = "[" * 100 + "]" * 100
+    r = seed_server.post(init, {**body, "ports": ports}, headers=KEY)
+    assert r.status_code == 400, r.text
+    said = "ports: ports[0]: JSON nested deeper than 1 level (a flat list of port numbers)"
+    assert r.json()["message"] == said, r.text
+    assert seed_server.get("/health").status_code == 200
+    assert seed_server.post("/generate", GENERATE).json()["output_ids"] == before

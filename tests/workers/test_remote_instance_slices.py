@@ -17,8 +17,9 @@ from test_remote_instance_reads import LAYOUTS, layout, loaded
 from workers.errors import ProtocolError
 from workers.layers.sharding import StackedLayout, make_param
 from workers.remote_instance.plan import server_of
-from workers.remote_instance.reads import layout_to_json
+from workers.remote_instance.reads import LayoutMismatch, layout_from_json, layout_to_json
 from workers.remote_instance.slices import (
+    LAYOUT_MAX_DEPTH,
     SliceRequest,
     at_rank,
     client_targets,
@@ -185,3 +186,30 @@ def test_digest_and_request_record():
     ]:
         with pytest.raises(ProtocolError, match=match):
             SliceRequest.from_json(bad)
+
+
+@pytest.mark.parametrize("depth", [LAYOUT_MAX_DEPTH + 1, 900])
+def test_a_layout_nested_past_the_limit_is_refused_naming_the_tensor(depth):
+    """A stacked layout stacked again and again (a hostile or buggy client): ProtocolError
+    naming the parameter and the limit, no recursion (900 levels recursed past Python's)."""
+    raw = layout_to_json(layout("row", 0, 2))
+    for _ in range(depth - 2):
+        raw = {"stacked": 2, "inner": raw}
+    with pytest.raises(ProtocolError) as e:
+        SliceRequest.from_json({"format": 1, "tp_size": 2, "layouts": {"w": raw}, "digest": ""})
+    assert str(e.value).startswith("slices.layouts['w']['inner']['inner']")
+    assert str(e.value).endswith(
+        f"nested deeper than {LAYOUT_MAX_DEPTH} levels (a layout's JSON nests "
+        f"{LAYOUT_MAX_DEPTH} at most)"
+    )
+    # the parser accepts no stacked layout inside another either (none is ever written)
+    with pytest.raises(LayoutMismatch, match="inner layout is stacked again"):
+        layout_from_json(raw)
+
+
+@pytest.mark.parametrize("sid", [[1], {"a": 1}, 1.5])
+def test_a_shard_id_that_is_no_name_or_number_is_a_mismatch(sid):
+    raw = layout_to_json(layout("row", 0, 2))
+    raw["parts"][0][0] = sid
+    with pytest.raises(LayoutMismatch, match="a shard id is a string, an integer or null"):
+        layout_from_json(raw)

@@ -8,11 +8,11 @@ layers are sparse (`is_moe_layer`); dense architectures have `num_experts == 0`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ckpt_engine import json_depth
 from workers.errors import ConfigError
 from workers.layers.fp8 import Fp8Config
 from workers.layers.rotary import RopeParams
@@ -92,14 +92,15 @@ class ModelConfig:
     def from_pretrained(cls, model_path: str | Path) -> ModelConfig:
         path = Path(model_path)
         try:
-            raw = json.loads((path / "config.json").read_text())
+            raw = json_depth.loads((path / "config.json").read_text(), what="config.json")
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot read {path / 'config.json'}: {e}") from e
         eos = _eos_ids(raw.get("eos_token_id"))
         gen_path = path / "generation_config.json"
         if gen_path.exists():
             try:
-                gen_eos = _eos_ids(json.loads(gen_path.read_text()).get("eos_token_id"))
+                gen = json_depth.loads(gen_path.read_text(), what="generation_config.json")
+                gen_eos = _eos_ids(gen.get("eos_token_id"))
             except (OSError, ValueError) as e:
                 raise ConfigError(f"cannot read {gen_path}: {e}") from e
             eos += tuple(i for i in gen_eos if i not in eos)

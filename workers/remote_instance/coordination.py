@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 import torch
 
+from ckpt_engine import json_depth
 from workers.errors import ConfigError, RemoteInstanceError
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,9 @@ class ModelExpressConfig:
 
         flag = "--modelexpress-config"
         try:
-            raw = json.loads(text)
+            raw = json_depth.loads(text, what=flag)
+        except json_depth.JsonDepthError as e:
+            raise ConfigError(str(e)) from None
         except ValueError as e:
             raise ConfigError(f"{flag}: not JSON: {e}") from None
         if not isinstance(raw, dict):

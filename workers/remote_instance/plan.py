@@ -25,7 +25,7 @@ Modes (the seed and the client derive the same one from the two TP sizes):
 
 from __future__ import annotations
 
-import json
+from ckpt_engine import json_depth
 
 SHARD = "shard"
 SLICE = "slice"
@@ -65,17 +65,19 @@ def parse_ports(value: object) -> tuple[int, ...]:
         text = str(value).strip()
         if text.startswith("["):
             try:
-                items = json.loads(text)
+                items = json_depth.loads(text, what="ports", max_depth=1)
+            except json_depth.JsonDepthError as e:
+                raise ValueError(f"{e} (a flat list of port numbers)") from None
             except ValueError as e:
-                raise ValueError(f"ports {text!r} are not a JSON list: {e}") from None
+                raise ValueError(f"ports {text[:200]!r} are not a JSON list: {e}") from None
             if not isinstance(items, list):
-                raise ValueError(f"ports {text!r} are not a list")
+                raise ValueError(f"ports {text[:200]!r} are not a list")
         else:
             items = [p.strip() for p in text.split(",") if p.strip()]
     try:
         ports = tuple(int(p) for p in items)
     except (TypeError, ValueError):
-        raise ValueError(f"ports {value!r}: not all integers") from None
+        raise ValueError(f"ports {str(value)[:200]!r}: not all integers") from None
     if not ports:
         raise ValueError("no ports given")
     if bad := [p for p in ports if not 0 < p < 65536]:

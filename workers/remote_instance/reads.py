@@ -77,14 +77,24 @@ def layout_to_json(layout: ShardLayout | StackedLayout) -> dict[str, Any]:
 
 
 def layout_from_json(raw: Any) -> ShardLayout | StackedLayout:
+    """A layout from its JSON (`layout_to_json`); LayoutMismatch when malformed. A stacked
+    layout's inner one is a plain layout (never stacked again): no recursion on the input."""
     if isinstance(raw, dict) and "stacked" in raw:
         try:
-            return StackedLayout(int(raw["stacked"]), layout_from_json(raw["inner"]))
+            inner = raw["inner"]
+            if isinstance(inner, dict) and "stacked" in inner:
+                raise ValueError("a stacked layout's inner layout is stacked again")
+            return StackedLayout(int(raw["stacked"]), _shard_layout(inner))
         except (KeyError, TypeError, ValueError) as e:
-            raise LayoutMismatch(f"malformed layout {raw!r}: {e}") from None
+            raise LayoutMismatch(f"malformed stacked layout: {e}") from None
+    return _shard_layout(raw)
+
+
+def _shard_layout(raw: Any) -> ShardLayout:
     try:
         parts = tuple(
-            Part(sid, tuple(int(x) for x in shape), int(c)) for sid, shape, c in raw["parts"]
+            Part(_shard_id(sid), tuple(int(x) for x in shape), int(c))
+            for sid, shape, c in raw["parts"]
         )
         dim = raw["dim"]
         return ShardLayout(
@@ -94,7 +104,14 @@ def layout_from_json(raw: Any) -> ShardLayout | StackedLayout:
             size=int(raw["size"]),
         )
     except (KeyError, TypeError, ValueError) as e:
-        raise LayoutMismatch(f"malformed layout {raw!r}: {e}") from None
+        raise LayoutMismatch(f"malformed layout: {e}") from None
+
+
+def _shard_id(sid: Any) -> str | int | None:
+    """A plain layout's shard ids are names, numbers or None (`layout_to_json`)."""
+    if sid is not None and not isinstance(sid, str | int):
+        raise TypeError(f"a shard id is a string, an integer or null, not {type(sid).__name__}")
+    return sid
 
 
 def _offsets(layout: ShardLayout) -> dict[Any, int]:

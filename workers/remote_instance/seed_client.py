@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 import requests
 
+from ckpt_engine import json_depth
 from workers.errors import RemoteInstanceError
 from workers.remote_instance.manifest import Manifest
 
@@ -54,7 +55,9 @@ class SeedClient(SeedAddress):
         except requests.RequestException as e:
             raise RemoteInstanceError(f"seed {self.url}{path}: {e}") from e
         try:
-            data = r.json()
+            data = json_depth.loads(r.content, what=f"seed {self.url}{path}: the answer")
+        except json_depth.JsonDepthError as e:
+            raise RemoteInstanceError(str(e)) from None
         except ValueError:
             data = {"message": r.text[:500]}
         if r.status_code != 200 or (isinstance(data, dict) and data.get("success") is False):

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from ckpt_engine.json_depth import format_path, too_deep
 from workers.errors import ProtocolError
 from workers.layers.sharding import ShardLayout, StackedLayout
 from workers.remote_instance.plan import server_of
@@ -54,6 +55,8 @@ from workers.remote_instance.reads import (
 )
 
 SLICE_FORMAT = 1
+# layout_to_json's deepest: stacked {"inner": {"parts": [[id, [shape], chunks]]}}
+LAYOUT_MAX_DEPTH = 5
 Layout = ShardLayout | StackedLayout
 
 
@@ -198,6 +201,13 @@ class SliceRequest:
             raise ProtocolError(f"slices: tp_size {tp!r} is not a positive integer")
         if not isinstance(layouts, dict) or not all(isinstance(k, str) for k in layouts):
             raise ProtocolError("slices: layouts must map parameter names to layouts")
+        for name, layout in layouts.items():
+            path = too_deep(layout, LAYOUT_MAX_DEPTH)
+            if path is not None:
+                raise ProtocolError(
+                    f"slices.layouts[{name[:200]!r}]{format_path(path)}: nested deeper than "
+                    f"{LAYOUT_MAX_DEPTH} levels (a layout's JSON nests {LAYOUT_MAX_DEPTH} at most)"
+                )
         if not isinstance(digest, str):
             raise ProtocolError("slices: digest must be a string")
         if extra := set(raw) - {"format", "tp_size", "layouts", "digest"}:

@@ -1,4 +1,7 @@
-"""`BodySizeLimit`: ASGI middleware that caps the size of every request body (413 past it).
+"""Limits on request bodies: their size (`BodySizeLimit`, 413) and their JSON nesting
+(`BoundedJsonRoute`, 400).
+
+`BodySizeLimit`: ASGI middleware that caps the size of every request body (413 past it).
 
 uvicorn has no such limit, and FastAPI reads and parses a JSON body on the event loop: an
 unbounded body costs memory in proportion (a 300 MB body took the front to a 4 GiB peak) and
@@ -11,7 +14,43 @@ answer is `413 {"success": false, "message"}`, the shape of the server's other e
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Coroutine
 from typing import Any
+
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+
+from ckpt_engine import json_depth
+from workers.errors import RequestError
+
+MAX_BODY_DEPTH = json_depth.MAX_DEPTH
+
+
+class BoundedJsonRoute(APIRoute):
+    """Every route's JSON body nests at most `MAX_BODY_DEPTH` levels: deeper, the answer is
+    `400 {"success": false, "message"}` naming the path to the first container past the
+    limit (e.g. `request body['slices']['layouts']['model.norm.weight']['inner']...`). FastAPI's
+    own parse answers a body past the parser's limit with a bare "error parsing the body", and
+    code that walks a parsed body recursively (`dataclasses.asdict` of the front's messages
+    to the ranks, a layout parser) would die on a body the parser accepts. Checked before
+    FastAPI parses it (the body is already read whole, under `BodySizeLimit`); a body that is
+    not JSON is left to FastAPI (a 400 naming the position)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def bounded(request: Request) -> Response:
+            body = await request.body()  # kept by the request: FastAPI reads it again
+            if body:
+                try:
+                    json_depth.loads(body, what="request body", max_depth=MAX_BODY_DEPTH)
+                except json_depth.JsonDepthError as e:
+                    raise RequestError(str(e)) from None
+                except ValueError:
+                    pass  # not JSON: FastAPI's answer names the position
+            return await handler(request)
+
+        return bounded
 
 
 class BodySizeLimit:

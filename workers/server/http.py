@@ -13,7 +13,8 @@
 |                                |     | lock, no rank call, no hashing                            |
 | remote-instance (fork) seed routes: `workers.remote_instance.routes`                        |
 
-Errors: 400 bad request or a failed weight update, 401 missing/wrong API key, 413 a body over
+Errors: 400 bad request (a JSON body nested past 64 levels included, naming where: `body_limit.py`)
+or a failed weight update, 401 missing/wrong API key, 413 a body over
 `--max-request-bytes` (`body_limit.py`: refused before it is read or parsed), 503 not servable or
 a dead rank, 504 a rank timed out, 500 anything else. Bodies are {"success": false, "message"}.
 """
@@ -35,7 +36,7 @@ from workers.errors import (
     RequestError,
     WorkersError,
 )
-from workers.server.body_limit import BodySizeLimit
+from workers.server.body_limit import BodySizeLimit, BoundedJsonRoute
 from workers.server.frontend import Frontend
 from workers.server.metrics import CONTENT_TYPE
 from workers.server.schemas import (
@@ -71,6 +72,7 @@ def create_app(
     front: Frontend, *, api_key: str | None, max_request_bytes: int = 16 << 20
 ) -> FastAPI:
     app = FastAPI(title="ckpt-engine reference server")
+    app.router.route_class = BoundedJsonRoute  # every route below: JSON nesting bounded
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
 
     def require_key(request: Request) -> None:

@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from ckpt_engine import json_depth
 from workers.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -88,8 +89,10 @@ def encode(msg: Message) -> bytes:
 def decode(data: bytes) -> Message:
     if len(data) > MAX_FRAME_BYTES:
         raise ProtocolError(f"frame of {len(data)} bytes exceeds {MAX_FRAME_BYTES}")
-    try:
-        raw = json.loads(data)
+    try:  # every field is checked at its type below: the parser's depth limit suffices
+        raw = json_depth.loads(data, what="frame", max_depth=None)
+    except json_depth.JsonDepthError as e:
+        raise ProtocolError(str(e)) from None
     except ValueError as e:
         raise ProtocolError(f"frame is not JSON: {e}") from e
     if not isinstance(raw, dict):

@@ -29,7 +29,6 @@ seed (and the tensor): vLLM exits with it; nothing falls back to disk.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -38,6 +37,7 @@ from vllm.config.load import LoadConfig
 from vllm.logger import init_logger
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
+from ckpt_engine import json_depth
 from workers.env import ENV, Env
 from workers.errors import ConfigError
 from workers.remote_instance.backend import TRANSFER_BACKENDS, default_backend
@@ -133,7 +133,7 @@ class RemoteInstanceModelLoader(BaseModelLoader):
 
         extra = load_config.model_loader_extra_config or {}
         if isinstance(extra, str):
-            extra = json.loads(extra)
+            extra = json_depth.loads(extra, what="--model-loader-extra-config")
         self.settings = parse_settings(extra, ENV, current_platform.device_type)
         self.stats: dict[str, Any] = {}
 
