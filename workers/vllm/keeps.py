@@ -19,9 +19,10 @@ MoE experts (``expert_keeps``): each per-expert checkpoint tensor of an unquanti
 (``moe_config``; vLLM flattens DP and PCP into it). Reported only where that piece is the
 per-rank size vLLM allocated (``intermediate_size_per_partition``, unpadded), the tensor has
 the full checkpoint shape, and the parameter loads through the layer's own loader; quantized
-or transposed experts, padded TP sharding and biases of ``down_proj`` are read whole. With
-expert parallelism, an expert none of whose physical copies is on this rank is loaded by no
-loader: it keeps nothing (zero rows), an expert on it is read whole.
+or transposed experts, padded TP sharding, EPLB (experts moved between ranks at run time) and
+expert biases are read whole. With expert parallelism, an expert none of whose physical copies
+is on this rank is loaded by no loader: it keeps nothing (zero rows); an expert on it is read
+whole.
 
 Everything else (norms, any layer not declared, a model with a drafter, TP=1) is left out: read
 whole, which is always correct.
@@ -140,8 +141,8 @@ def _layer_expert_keeps(layer, shapes: dict[str, tuple[int, ...]]) -> dict[str, 
 
 def _plain_experts(layer) -> bool:
     """Unquantized experts loaded by the layer's own ``weight_loader`` as ``expert_kept`` says:
-    no quantization, no transposed weights, no padded TP shards, no online-quantized shared
-    expert."""
+    no quantization, no transposed weights, no padded TP shards, no EPLB, no online-quantized
+    shared expert."""
     from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
         UnquantizedFusedMoEMethod,
     )
@@ -150,8 +151,9 @@ def _plain_experts(layer) -> bool:
         getattr(layer, "quant_method", None), UnquantizedFusedMoEMethod
     ):
         return False
-    if layer.moe_config.tp_shard_with_padding:
-        return False
+    cfg = layer.moe_config
+    if cfg.tp_shard_with_padding or getattr(cfg.moe_parallel_config, "enable_eplb", True):
+        return False  # padded shards; experts that EPLB moves between ranks at run time
     if getattr(layer, "_fused_shared_expert_quantizer", None) is not None:
         return False
     for attr in ("w13_weight", "w2_weight"):
