@@ -208,8 +208,8 @@ class Registry:
             raise error
         return results
 
-    def _pin_all(self, buffers: list[host_memory.HostBuffer]) -> None:
-        populate_s, register_s = host_memory.pin_all(buffers, threads=self._threads)
+    def _pin_all(self, buffers: list[host_memory.HostBuffer], *, threads: int = 0) -> None:
+        populate_s, register_s = host_memory.pin_all(buffers, threads=threads or self._threads)
         logger.info(
             "pinned %d bytes in %d buffers: page tables %.2f s, cudaHostRegister %.2f s",
             sum(b.nbytes for b in buffers),
@@ -258,9 +258,9 @@ class Registry:
         else:
             total = sum(job.dest.nbytes for job in jobs)
 
-            def read() -> None:
+            def read(threads: int) -> None:
                 with Progress(f"register {label!r}", total, rank=self._rank) as progress:
-                    read_parallel(jobs, threads=self._threads, on_read=progress.advance)
+                    read_parallel(jobs, threads=threads, on_read=progress.advance)
 
             self._pin_during(buffers, read)
         return metas
@@ -289,35 +289,42 @@ class Registry:
         host_jobs, by_torch = plan_copies(list(named.values()), sizes, where, offsets, bases)
         metas = metas_of(named, sizes, where, offsets, first)
 
-        def fill() -> None:
+        def fill(threads: int) -> None:
             total = sum(n for _, _, n in host_jobs)
             with Progress(f"register {label!r}", total, rank=self._rank) as progress:
-                copy_host(host_jobs, threads=self._threads, progress=progress)
+                copy_host(host_jobs, threads=threads, progress=progress)
 
         self._pin_during(buffers, fill)
         copy_by_torch([b.tensor for b in buffers], named, by_torch, sizes, where, offsets)
         return metas
 
-    def _pin_during(self, buffers: list[host_memory.HostBuffer], fill: Callable[[], None]) -> None:
-        """Pin ``buffers`` (when the registry pins) on a second thread while ``fill`` writes host
-        bytes into them here (file reads, named tensors' copies). The two are independent: pinning (page tables filled, then
-        cudaHostRegister) moves no page and keeps what was written, and a page the copy touched
-        first is found populated. Measured on the H200 host, 150,000 named tensors (21.5 GB) into
-        new buffers: pinning 1.25 s and the copies 1.26 s, which ran one after the other before.
-        If either fails, the other is waited for and the first error raised."""
+    def _pin_during(
+        self, buffers: list[host_memory.HostBuffer], fill: Callable[[int], None]
+    ) -> None:
+        """``fill(threads)`` writes host bytes into ``buffers`` (file reads, named tensors'
+        copies) here while a second thread pins those not pinned yet, the read threads split
+        between the two (all of them fill when nothing needs pinning: a reused pool).
+
+        The two are independent: pinning (page tables filled, then cudaHostRegister) moves no
+        page and keeps what was written, and a page the copy touched first is found populated.
+        Measured on the H200 host (16 cores), 150,000 named tensors (21.5 GB) into new buffers:
+        2.5 s with 8 threads pinning while 8 copy, 3.4 s pinning with 16 and then copying with
+        16, 5.8 s with 16 + 16 at once. If either side fails, the other is waited for and the
+        first error raised."""
         if not self._pin or all(b.pinned or not b.nbytes for b in buffers):
-            fill()
+            fill(self._threads)
             return
+        pin_threads = max(1, self._threads // 2)
         device = torch.cuda.current_device()  # per thread: the pinning thread takes the caller's
 
         def pin() -> None:
             torch.cuda.set_device(device)
-            self._pin_all(buffers)
+            self._pin_all(buffers, threads=pin_threads)
 
         with ThreadPoolExecutor(max_workers=1) as side:
             pinning = side.submit(pin)
             try:
-                fill()
+                fill(max(1, self._threads - pin_threads))
             except BaseException:
                 wait([pinning])
                 raise

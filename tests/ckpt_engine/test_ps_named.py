@@ -64,21 +64,27 @@ def registry(tmp_path, monkeypatch):
 
 def test_new_buffers_are_pinned_while_the_host_copies_run(registry, monkeypatch):
     """Each side waits for the other to have started: done one after the other, the first
-    would time out."""
+    would time out. The read threads are split between them; a registration into the pool's
+    pinned buffers copies on all of them."""
     pin_started, copy_started = threading.Event(), threading.Event()
-    pinned = []
+    pinned, copy_threads = [], []
 
-    def pin_all(buffers):
+    def pin_all(buffers, threads):
         pin_started.set()
         assert copy_started.wait(10), "the copies did not run while pinning"
+        assert threads == 1
+        for buf in buffers:
+            buf.pinned = True
         pinned.extend(buffers)
 
     real_copy = named_mod.copy_host
 
-    def copy_host(jobs, **kwargs):
+    def copy_host(jobs, *, threads, progress):
         copy_started.set()
-        assert pin_started.wait(10), "pinning did not run while copying"
-        real_copy(jobs, **kwargs)
+        copy_threads.append(threads)
+        if not pinned:
+            assert pin_started.wait(10), "pinning did not run while copying"
+        real_copy(jobs, threads=threads, progress=progress)
 
     monkeypatch.setattr(registry, "_pin_all", pin_all)
     monkeypatch.setattr("ckpt_engine.ps.registry.copy_host", copy_host)
@@ -87,6 +93,13 @@ def test_new_buffers_are_pinned_while_the_host_copies_run(registry, monkeypatch)
     assert pinned == ckpt.buffers
     for name, tensor in named.items():
         assert torch.equal(ckpt.get_tensor(name), tensor)
+    registry.unregister("a")
+    again = registry.register("b", named_tensors=named)  # the pool's pinned buffer
+    assert len(pinned) == 1 and copy_threads == [1, 2]
+    assert torch.equal(again.get_tensor("t7"), named["t7"])
+    registry.unregister("b")
+    for buf in registry.pool.free_buffers():
+        buf.pinned = False  # never pinned for real: nothing to unpin on close
 
 
 def test_a_pinning_failure_fails_the_registration_after_the_copies_end(registry, monkeypatch):
@@ -97,7 +110,7 @@ def test_a_pinning_failure_fails_the_registration_after_the_copies_end(registry,
         real_copy(jobs, **kwargs)
         copies_done.set()
 
-    def pin_all(buffers):
+    def pin_all(buffers, threads):
         raise RuntimeError("cudaHostRegister: out of memory")
 
     monkeypatch.setattr(registry, "_pin_all", pin_all)
@@ -111,7 +124,7 @@ def test_a_pinning_failure_fails_the_registration_after_the_copies_end(registry,
 def test_a_failed_copy_waits_for_pinning_then_raises(registry, monkeypatch):
     pinning_done = threading.Event()
 
-    def pin_all(buffers):
+    def pin_all(buffers, threads):
         assert not pinning_done.is_set()
         pinning_done.set()
 
@@ -140,7 +153,7 @@ def test_files_are_read_while_pinned_too(tmp_path, monkeypatch):
         started.set()
         real_read(jobs, **kwargs)
 
-    def pin_all(buffers):
+    def pin_all(buffers, threads):
         assert started.wait(10), "the reads did not run while pinning"
 
     reg = Registry(
