@@ -5,7 +5,7 @@ Rank, world size and rendezvous come from torchrun's environment unless given as
 device index is LOCAL_RANK (one GPU per rank; 0 when a single GPU is visible), so nothing
 assumes that all ranks share a host. torch.distributed is initialized at the first collective
 (gather_metas / update) unless the caller already did: gloo on CPU, ``cpu:gloo,cuda:nccl`` on GPU.
-Control traffic and metadata use a separate gloo group with deadlines.
+Control traffic and metadata use a separate gloo group with deadlines (ps.groups).
 """
 
 from __future__ import annotations
@@ -13,13 +13,11 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 
 from ckpt_engine import device, env, leases
 from ckpt_engine.bulk import without_gc
@@ -29,9 +27,9 @@ from ckpt_engine.errors import MetasError
 from ckpt_engine.metas import CheckpointMetas, RankMetas, rank_metas_from_json
 from ckpt_engine.pool import HostPool
 from ckpt_engine.ps.broadcast import BroadcastUpdate
-from ckpt_engine.ps.collectives import ControlGroup
 from ckpt_engine.ps.config import PSConfig
 from ckpt_engine.ps.context import UpdateContext
+from ckpt_engine.ps.groups import ProcessGroups, check_ranks
 from ckpt_engine.ps.registry import RegisteredCheckpoint, Registry
 
 logger = logging.getLogger(__name__)
@@ -48,12 +46,6 @@ def _device_index(device_type: str, local_rank: int) -> int:
     if local_rank >= count:
         raise ValueError(f"LOCAL_RANK {local_rank} but only {count} GPUs are visible")
     return local_rank
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ParameterServer:
@@ -101,16 +93,15 @@ class ParameterServer:
         self._metas: dict[str, CheckpointMetas] = {}
         self._plans: dict = {}  # the last plan per checkpoint (ps.context.choose_plan)
         self._socket_dir = SocketDir(env.socket_dir(), self.run_id)
-        self._control: ControlGroup | None = None
-        self._data_group: dist.ProcessGroup | None = None
-        self._owns_process_group = False
+        self._groups = ProcessGroups(
+            self.env, device_type=self.device_type, timeout_s=self.config.init_timeout_s
+        )
         self._updates = 0
         self.last_update_timings: dict[str, float | int] = {}  # phases of the last broadcast
         # phases of the last register_and_update, seconds: register (headers, buffers), gather,
         # update, wait_reads (after it), reads (first to last chunk), mover_waited (for bytes)
         self.last_step_timings: dict[str, float] = {}
         self._p2p = None  # ckpt_engine.p2p.service.OwnerService, started on first publication
-        self._p2p_groups: dict[tuple[int, ...], tuple[ControlGroup, object]] = {}
         logger.info(
             "parameter server rank %d/%d on %s, run id %s (files ckpt-engine-%s-*)",
             self.rank,
@@ -232,7 +223,7 @@ class ParameterServer:
     def broken(self) -> str | None:
         """Why this parameter server's control group cannot run another collective (a failed
         or timed-out one), else None: restart the ranks."""
-        return None if self._control is None else self._control.broken
+        return self._groups.broken
 
     # -- metas -----------------------------------------------------------------------------------
     def local_metas(self, name: str) -> RankMetas:
@@ -261,7 +252,7 @@ class ParameterServer:
     @without_gc
     def gather_metas(self, name: str) -> CheckpointMetas:
         """Collective: every rank learns what every rank holds of ``name``."""
-        control = self._groups()
+        control = self._groups.control()
         local = self.local_metas(name).to_json() if name in self._registry else None
         infos = control.all_gather_json(
             local, timeout_s=self.config.init_timeout_s, what=f"gather_metas({name!r})"
@@ -318,7 +309,7 @@ class ParameterServer:
         """
         check_wire(wire)
         if ranks is not None:
-            ranks = self._check_ranks(ranks)
+            ranks = check_ranks(ranks, self.world_size)
             if wire != "ckpt-engine":
                 raise ValueError("P2P updates (ranks=...) speak only the ckpt-engine wire")
         if isinstance(timeout, timedelta):
@@ -326,11 +317,11 @@ class ParameterServer:
         timeout_s = float(timeout) if timeout is not None else self.config.timeout_s
         if timeout_s <= 0:
             raise ValueError(f"timeout must be positive, got {timeout_s}")
-        control = self._groups()
-        data_group = self._data_group
+        control = self._groups.control()
+        data_group = self._groups.data
         rank, world_size = self.rank, self.world_size
         if ranks is not None:  # P2P: every rank of the job makes the groups; only ranks go on
-            control, data_group = self._subgroups(ranks)
+            control, data_group = self._groups.subgroups(ranks)
             if self.rank not in ranks:
                 return
             rank, world_size = ranks.index(self.rank), len(ranks)
@@ -376,67 +367,7 @@ class ParameterServer:
         finally:
             self.last_update_timings = dict(update.timings)
 
-    def _check_ranks(self, ranks: Sequence[int]) -> list[int]:
-        ranks = list(ranks)
-        if not ranks or not all(
-            isinstance(r, int) and not isinstance(r, bool) and 0 <= r < self.world_size
-            for r in ranks
-        ):
-            raise ValueError(f"ranks must be ranks of this job (0..{self.world_size - 1}): {ranks}")
-        if len(set(ranks)) != len(ranks):
-            raise ValueError(f"ranks lists a rank twice: {ranks}")
-        return sorted(ranks)
-
-    def _subgroups(self, ranks: list[int]) -> tuple[ControlGroup, object]:
-        """Control (gloo) and data groups of ``ranks``; collective over the whole job."""
-        key = tuple(ranks)
-        if key not in self._p2p_groups:
-            timeout = timedelta(seconds=self.config.init_timeout_s)
-            control = dist.new_group(ranks, backend="gloo", timeout=timeout)
-            data = dist.new_group(
-                ranks, backend="nccl" if self.device_type == "cuda" else "gloo", timeout=timeout
-            )
-            position = ranks.index(self.rank) if self.rank in ranks else 0
-            self._p2p_groups[key] = (
-                ControlGroup(control, rank=position, world_size=len(ranks)),
-                data,
-            )
-        return self._p2p_groups[key]
-
-    # -- process groups and lifetime -------------------------------------------------------------
-    def _groups(self) -> ControlGroup:
-        if self._control is not None:
-            return self._control
-        timeout = timedelta(seconds=self.config.init_timeout_s)
-        if not dist.is_initialized():
-            port = self.env.master_port
-            if port is None:
-                if self.world_size > 1:
-                    raise ValueError(
-                        "MASTER_PORT is not set (run under torchrun or pass master_port)"
-                    )
-                port = _free_port()
-            backend = "cpu:gloo,cuda:nccl" if self.device_type == "cuda" else "gloo"
-            dist.init_process_group(
-                backend=backend,
-                init_method=f"tcp://{self.env.master_addr}:{port}",
-                rank=self.rank,
-                world_size=self.world_size,
-                timeout=timeout,
-            )
-            self._owns_process_group = True
-        elif (dist.get_rank(), dist.get_world_size()) != (self.rank, self.world_size):
-            raise ValueError(
-                f"torch.distributed is initialized as rank {dist.get_rank()}/{dist.get_world_size()}, "
-                f"not {self.rank}/{self.world_size}"
-            )
-        group = dist.new_group(backend="gloo", timeout=timeout)
-        self._data_group = dist.group.WORLD
-        if self.device_type == "cuda" and "nccl" not in str(dist.get_backend()):
-            self._data_group = dist.new_group(backend="nccl", timeout=timeout)
-        self._control = ControlGroup(group, rank=self.rank, world_size=self.world_size)
-        return self._control
-
+    # -- lifetime ---------------------------------------------------------------------------------
     def close(self) -> None:
         """Stop P2P serving, free every checkpoint and socket; tear down torch.distributed if
         we set it up."""
@@ -449,9 +380,7 @@ class ParameterServer:
         self._socket_dir.close()
         if self._lease is not None:
             self._lease.close()
-        if self._owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
-        self._control = None
+        self._groups.close()
 
     def __enter__(self) -> ParameterServer:
         return self
