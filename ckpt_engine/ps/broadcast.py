@@ -14,9 +14,10 @@ a failure anywhere ends the update everywhere with the same error):
 4. finish: Done (worker releases the buffer) -> free the buffer -> vote -> Commit (worker runs
    its post_hook) -> req_func returns -> final vote.
 
-On failure: gather every rank's error record, send Abort to a worker still listening, free
-everything, raise UpdateError (UpdateTimeout when the first failure was a timeout). The gather
-also carries whether each rank sent its worker a Bucket, Done or Commit: when none did, no worker
+Each rank's stage, first failure and votes live in its ``Outcome`` (ps/outcome.py). On failure:
+gather every rank's error record, send Abort to a worker still listening, free everything,
+raise UpdateError (UpdateTimeout when the first failure was a timeout). The gather also
+carries whether each rank sent its worker a Bucket, Done or Commit: when none did, no worker
 wrote anything and the error says so (``UpdateError.untouched``; e.g. a manifest refused by a
 worker, a P2P read refused before the first bucket), so a caller may resume serving.
 """
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
 from collections.abc import Callable
 
 import zmq
@@ -34,15 +34,12 @@ from ckpt_engine import device, env, wire
 from ckpt_engine.errors import CollectiveError, UpdateError, WorkerError
 from ckpt_engine.ipc import IpcBuffer
 from ckpt_engine.planner import BucketPlan
-from ckpt_engine.ps.context import UpdateContext, check_local, choose_plan, update_error
+from ckpt_engine.ps.context import UpdateContext, check_local, choose_plan
 from ckpt_engine.ps.link import ReqFuncThread, WorkerLink
 from ckpt_engine.ps.mover import Launched, SlotMover
+from ckpt_engine.ps.outcome import Outcome, Voted
 
 logger = logging.getLogger(__name__)
-
-
-class _Voted(Exception):
-    """Some rank reported a failure in a vote."""
 
 
 class BroadcastUpdate:
@@ -54,9 +51,13 @@ class BroadcastUpdate:
         # A context per update: terminating it at the end releases every socket and fd now,
         # not whenever zmq's reaper gets to it.
         self.zmq_ctx = zmq.Context()
-        self.error: dict | None = None
-        self.stage = "prepare"
-        self.bucket: int | None = None
+        self.outcome = Outcome(
+            name=ctx.name,
+            rank=ctx.rank,
+            control=ctx.control,
+            update_id=self.update_id,
+            vote_timeout_s=self.vote_timeout_s,
+        )
         self.link: WorkerLink | None = None
         self.req: ReqFuncThread | None = None
         self.ipc: IpcBuffer | None = None
@@ -65,40 +66,7 @@ class BroadcastUpdate:
         self.launched: dict[int, Launched] = {}  # launched, not yet handed to the worker
         self.depth = 1  # buckets launched ahead of the worker (set in the handshake)
         self.plan_ack: wire.Ack | None = None  # the worker's Ack of the plan (its keeps)
-        # a Bucket, Done or Commit was handed to the socket (the worker may have written): set
-        # before the send, so a send that fails half-way counts as sent
-        self.delivered = False
         self.timings: dict[str, float | int] = {}  # seconds per phase, for benchmarks and logs
-
-    # -- error bookkeeping ---------------------------------------------------------------------
-    def _fail(self, exc: BaseException) -> None:
-        if self.error is not None:
-            return
-        bucket = getattr(exc, "bucket", None)
-        self.error = {
-            "rank": self.ctx.rank,
-            "stage": self.stage,
-            "bucket": bucket if bucket is not None else self.bucket,
-            "error": type(exc).__name__,
-            "message": str(exc),
-            "traceback": getattr(exc, "traceback", "") or traceback.format_exc(),
-            "timed_out": bool(getattr(exc, "timed_out", False)),
-        }
-        logger.warning(
-            "rank %d: update %s failed at %s: %s", self.ctx.rank, self.update_id, self.stage, exc
-        )
-
-    def _vote(self, pending: bool = False) -> bool:
-        """True if some rank is still pending; raises _Voted if some rank failed."""
-        err, pend = self.ctx.control.all_reduce(
-            [int(self.error is not None), int(pending)],
-            op="max",
-            timeout_s=self.vote_timeout_s,
-            what=f"vote ({self.stage})",
-        )
-        if err:
-            raise _Voted
-        return bool(pend)
 
     # -- phases --------------------------------------------------------------------------------
     # Hooks a variant driver overrides (ps/p2p.py: a subset of ranks reading from remote owners).
@@ -140,8 +108,8 @@ class BroadcastUpdate:
             info["address"] = self.link.address
             info["free"] = device.free_bytes(ctx.device_type, ctx.device_index)
         except Exception as e:
-            self._fail(e)
-            info["error"] = self.error
+            self.outcome.fail(e)
+            info["error"] = self.outcome.error
         return ctx.control.all_gather_json(info, timeout_s=self.vote_timeout_s, what="prepare")
 
     def _handshake(self, plan: BucketPlan, socket_paths: list[tuple[str, str]]) -> None:
@@ -156,25 +124,25 @@ class BroadcastUpdate:
             )
             self.mover = self._make_mover(plan)
         except Exception as e:
-            self._fail(e)
-        self._vote()  # every rank holds its buffer: the first buckets may start moving
+            self.outcome.fail(e)
+        self.outcome.vote()  # every rank holds its buffer: the first buckets may start moving
         try:
             self.req = link.req = ReqFuncThread(self.zmq_ctx, self.req_func, socket_paths)
             self.req.start()
             self.depth = min(ctx.config.num_slots, getattr(self.mover, "max_in_flight", 1))
             self._launch_ahead(plan)  # while the worker connects
         except Exception as e:
-            self._fail(e)
-        self.bucket = None
+            self.outcome.fail(e)
+        self.outcome.bucket = None
         deadline = time.monotonic() + ctx.timeout_s
         state = "connect"
         while True:
-            if self.error is None and state != "ready":
+            if self.outcome.error is None and state != "ready":
                 try:
                     state = self._advance(state, plan, deadline)
                 except Exception as e:
-                    self._fail(e)
-            if not self._vote(pending=state != "ready"):
+                    self.outcome.fail(e)
+            if not self.outcome.vote(pending=state != "ready"):
                 return
 
     def _launch_ahead(self, plan: BucketPlan) -> None:
@@ -215,7 +183,7 @@ class BroadcastUpdate:
         )
 
     def _launch(self, plan: BucketPlan, j: int) -> None:
-        self.bucket = j
+        self.outcome.bucket = j
         launched = self.mover.launch(plan.buckets[j], j % self.ctx.config.num_slots)
         self.in_flight.append(launched)
         self.launched[j] = launched
@@ -233,7 +201,7 @@ class BroadcastUpdate:
         rank that failed itself keeps launching (it is in those broadcasts) but no longer talks
         to its worker, until the votes stop it."""
         ctx, n = self.ctx, len(plan.buckets)
-        self.stage = "bucket"
+        self.outcome.stage = "bucket"
         votes: list = []
         sent = -1
         lag = min(2, self.depth)
@@ -241,45 +209,45 @@ class BroadcastUpdate:
             if k >= 1:
                 if k >= lag and votes[k - lag].result(self.vote_timeout_s)[0]:
                     break  # some rank failed: every rank stops at this same bucket
-                if self.error is None:
+                if self.outcome.error is None:
                     try:
                         self._reply(k - 1)
                     except Exception as e:
-                        self._fail(e)
+                        self.outcome.fail(e)
                 j = k - 1 + self.depth
                 if self.depth <= j < n:
                     try:
                         self._launch(plan, j)
                     except Exception as e:
-                        self._fail(e)
-            if self.error is None:
+                        self.outcome.fail(e)
+            if self.outcome.error is None:
                 try:
-                    self.bucket = k
+                    self.outcome.bucket = k
                     launched = self.launched.pop(k)
                     self.mover.wait(launched, self.vote_timeout_s)
                     self.in_flight.remove(launched)
-                    self.delivered = True
+                    self.outcome.delivered = True
                     self.link.send(self._bucket_message(launched), what=f"bucket {k}")
                     sent = k
                 except Exception as e:
-                    self._fail(e)
+                    self.outcome.fail(e)
             votes.append(
                 ctx.control.start_all_reduce(
-                    [int(self.error is not None)], op="max", what=f"vote (bucket {k})"
+                    [int(self.outcome.error is not None)], op="max", what=f"vote (bucket {k})"
                 )
             )
-        if self.error is None and sent == n - 1 and n > 0:
+        if self.outcome.error is None and sent == n - 1 and n > 0:
             try:
                 self._reply(n - 1)
             except Exception as e:
-                self._fail(e)
+                self.outcome.fail(e)
         for vote in votes:
             vote.result(self.vote_timeout_s)
-        self.bucket = None
-        self._vote()
+        self.outcome.bucket = None
+        self.outcome.vote()
 
     def _reply(self, k: int) -> None:
-        self.bucket = k
+        self.outcome.bucket = k
         deadline = time.monotonic() + self.ctx.timeout_s
         if self.link.reply(deadline, of="bucket", bucket=k) is None:
             raise WorkerError(
@@ -293,29 +261,31 @@ class BroadcastUpdate:
 
     def _finish(self) -> None:
         ctx, link = self.ctx, self.link
-        self.stage = "done"
-        self.delivered = True  # Done, then Commit (the upstream wire's post_hook may run at either)
+        self.outcome.stage = "done"
+        self.outcome.delivered = (
+            True  # Done, then Commit (the upstream wire's post_hook may run at either)
+        )
         try:
             link.request(
                 wire.Done(update_id=self.update_id), time.monotonic() + ctx.timeout_s, of="done"
             )
             self._free_buffer()  # the worker has let go; free device memory before its post_hook
         except Exception as e:
-            self._fail(e)
-        self._vote()
-        self.stage = "commit"
+            self.outcome.fail(e)
+        self.outcome.vote()
+        self.outcome.stage = "commit"
         try:
             deadline = time.monotonic() + ctx.timeout_s
             link.request(wire.Commit(update_id=self.update_id), deadline, of="commit")
-            self.stage = "req_func"
+            self.outcome.stage = "req_func"
             if not self.req.join(deadline):
                 raise WorkerError(
                     f"req_func did not return within {ctx.timeout_s} s", timed_out=True
                 )
             self.req.check()
         except Exception as e:
-            self._fail(e)
-        self._vote()
+            self.outcome.fail(e)
+        self.outcome.vote()
 
     def _free_buffer(self, collect: bool = False) -> None:
         """Free the IPC buffer now: drop the mover's reference first, so that the memory goes
@@ -336,11 +306,10 @@ class BroadcastUpdate:
         try:
             try:
                 self._phases()
-            except _Voted:
-                failure = self._gathered_error()
+            except Voted:
+                failure = self.outcome.gathered()
             except CollectiveError as e:
-                self._fail(e)
-                failure = update_error(self.ctx.name, [self.error], lost_contact=True)
+                failure = self.outcome.lost_contact(e)
             except UpdateError as e:
                 failure = e
         finally:
@@ -354,16 +323,16 @@ class BroadcastUpdate:
         infos = self._prepare()
         failures = [i["error"] for i in infos if i["error"]]
         if failures:  # no worker has been contacted yet
-            raise update_error(ctx.name, failures, untouched=True)
+            raise self.outcome.refused(failures)
         try:
             plan = self._make_plan(min(i["free"] for i in infos))
         except ValueError as e:  # same inputs on every rank: every rank raises this
-            self._fail(e)
-            raise update_error(ctx.name, [self.error], untouched=True) from e
+            self.outcome.fail(e)
+            raise self.outcome.refused([self.outcome.error]) from e
         socket_paths = [(i["device_key"], i["address"]) for i in infos]
         self.timings.update(buckets_n=len(plan.buckets), slot_bytes=plan.slot_bytes)
         self._mark("prepare")
-        self.stage = "handshake"
+        self.outcome.stage = "handshake"
         self._handshake(plan, socket_paths)
         self._mark("handshake")
         self._buckets(plan)
@@ -383,22 +352,6 @@ class BroadcastUpdate:
         now = time.perf_counter()
         self.timings[phase] = now - self._t_last
         self._t_last = now
-
-    def _gathered_error(self) -> UpdateError:
-        """Every rank's error record and whether it delivered anything to its worker (every
-        rank has stopped sending by now: each is in this gather)."""
-        try:
-            records = self.ctx.control.all_gather_json(
-                {"error": self.error, "delivered": self.delivered},
-                timeout_s=self.vote_timeout_s,
-                what="gather errors",
-            )
-        except CollectiveError as e:
-            self._fail(e)
-            return update_error(self.ctx.name, [self.error], lost_contact=True)
-        errors = [r["error"] for r in records if r["error"]]
-        untouched = not any(r["delivered"] for r in records)
-        return update_error(self.ctx.name, errors, untouched=untouched)
 
     def _cleanup(self, reason: str) -> None:
         ctx = self.ctx

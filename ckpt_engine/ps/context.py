@@ -1,5 +1,5 @@
 """What one update needs to know (UpdateContext), and the pure pieces of an update: local
-consistency checks, the choice of bucket size, and the error every rank raises."""
+consistency checks and the choice of bucket size (the error every rank raises: ps/outcome.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckpt_engine.channel import SocketDir
-from ckpt_engine.errors import MetasError, UpdateError, UpdateTimeout
+from ckpt_engine.errors import MetasError
 from ckpt_engine.metas import CheckpointMetas
 from ckpt_engine.planner import ALIGN, BucketPlan, largest_tensor_bytes, plan_buckets
 from ckpt_engine.ps.collectives import ControlGroup
 from ckpt_engine.ps.config import PSConfig
 from ckpt_engine.ps.registry import RegisteredCheckpoint
-
-STAGES = ("prepare", "handshake", "bucket", "done", "commit", "req_func")
 
 
 @dataclass(kw_only=True)
@@ -97,36 +95,3 @@ def choose_plan(
     if cache is not None:
         cache[metas.name] = (metas, bucket_bytes, plan, need)
     return plan
-
-
-def update_error(
-    name: str, errors: list[dict], *, lost_contact: bool = False, untouched: bool = False
-) -> UpdateError:
-    """The exception of a failed update; the earliest failure (stage, bucket, rank) leads.
-    ``untouched``: every rank said that its worker got no bucket (nor Done / Commit)."""
-
-    def order(e: dict) -> tuple:
-        stage = STAGES.index(e["stage"]) if e["stage"] in STAGES else len(STAGES)
-        return (stage, e["bucket"] if e["bucket"] is not None else -1, e["rank"])
-
-    first = min(errors, key=order)
-    where = f"rank {first['rank']}"
-    if first["bucket"] is not None:
-        where += f", bucket {first['bucket']}"
-    summary = f"update of {name!r} failed on {where} ({first['stage']}): {first['message']}"
-    if lost_contact:
-        summary += " [lost contact with the other ranks]"
-    others = [e for e in errors if e is not first]
-    if others:
-        summary += f" (+{len(others)} more: "
-        summary += "; ".join(f"rank {e['rank']}: {e['message']}" for e in others) + ")"
-    cls = UpdateTimeout if first["timed_out"] else UpdateError
-    return cls(
-        summary,
-        rank=first["rank"],
-        bucket=first["bucket"],
-        message=first["message"],
-        traceback=first["traceback"],
-        errors=errors,
-        untouched=untouched and not lost_contact,
-    )

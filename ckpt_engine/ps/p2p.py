@@ -37,9 +37,10 @@ from ckpt_engine.p2p.service import open_reader
 from ckpt_engine.p2p.shards import Kept, kept_by_name, shard_copies
 from ckpt_engine.planner import Bucket, BucketPlan
 from ckpt_engine.progress import Progress
-from ckpt_engine.ps.broadcast import BroadcastUpdate, _Voted
+from ckpt_engine.ps.broadcast import BroadcastUpdate
 from ckpt_engine.ps.context import UpdateContext, choose_plan
 from ckpt_engine.ps.mover import Launched, await_landing, drain_moves, finish_move
+from ckpt_engine.ps.outcome import Voted
 
 logger = logging.getLogger(__name__)
 
@@ -246,21 +247,21 @@ class P2PUpdate(BroadcastUpdate):
             if self.ctx.config.p2p_shards and ack is not None and ack.keeps is not None:
                 kept = kept_by_name(plan.manifest.names, ack.keeps)
         except Exception as e:
-            self._fail(e)
+            self.outcome.fail(e)
         failed, whole = self.ctx.control.all_reduce(
-            [int(self.error is not None), int(kept is None)],
+            [int(self.outcome.error is not None), int(kept is None)],
             op="max",
             timeout_s=self.vote_timeout_s,
             what="vote (keeps)",
         )
         if failed:
-            raise _Voted
+            raise Voted
         self.timings["p2p_sharded"] = int(not whole)
         try:
             self.mover.start(None if whole else kept)
             BroadcastUpdate._launch_ahead(self, plan)
         except Exception as e:
-            self._fail(e)
+            self.outcome.fail(e)
 
     def _make_plan(self, min_free: int) -> BucketPlan:
         plan, self.fetches = p2p_plan(
