@@ -138,7 +138,7 @@ class _T:
 
 
 def test_registered_regions_merge_adjacent_parameters():
-    from workers.remote_instance.transfer_engine import regions
+    from workers.remote_instance.registered_memory import regions
 
     params = {"c": _T(300, 10), "a": _T(100, 50), "b": _T(150, 50), "empty": _T(999, 0)}
     assert regions(params) == [(100, 100), (300, 10)]

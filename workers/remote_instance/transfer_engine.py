@@ -5,7 +5,7 @@ no send, no lock held during a transfer) and any number of clients read at once.
 Seed, in each rank (`TransferEngineSeed`, started with
 `--remote-instance-weight-loader-start-seed-via-transfer-engine`, or as a modelexpress source):
 the rank's Mooncake engine (one per process, `ckpt_engine.p2p.mooncake`) registers the memory of
-every parameter, adjacent ones merged into one region, and nothing else. Weight updates write in
+every parameter, adjacent ones merged into one region, and nothing else (`registered_memory`). Weight updates write in
 place, so the registration holds across them; `info` compares the regions with what is
 registered and re-registers if storage moved. `info` is SGLang's
 `remote_instance_transfer_engine_info`: `[session_id, {name: [ptr, numel, element_size]}]`,
@@ -25,7 +25,6 @@ region); run seeds with this backend on a trusted fabric only.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import threading
 import time
@@ -41,8 +40,24 @@ from workers.remote_instance.reads import (
     layout_to_json,
     plan_parameter,
 )
+from workers.remote_instance.registered_memory import (
+    Registration,
+    mooncake_engine,
+    param_regions,
+    regions,
+)
 
 logger = logging.getLogger(__name__)
+
+# `regions`: re-exported from registered_memory, where the memory both sides register lives
+__all__ = [
+    "BACKEND",
+    "OneSeed",
+    "TransferEngineSeed",
+    "fork_one_sided",
+    "regions",
+    "start_seed_if_asked",
+]
 
 BACKEND = "transfer_engine"
 # Ranges per Mooncake batch. Its TCP transport failed (EFAULT, -1) on one batch of ~2.2k ranges
@@ -52,106 +67,12 @@ BATCH_RANGES = 1024
 BATCH_BYTES = 1 << 30  # bytes per Mooncake batch (each batch waits under the timeout)
 
 
-def _engine(host: str):
-    from ckpt_engine.errors import TransferError as P2PTransferError
-    from ckpt_engine.p2p.mooncake import MooncakeTransport
-
-    transport = MooncakeTransport.shared()
-    if (why := transport.unavailable()) is not None:
-        raise WorkersError(f"the transfer_engine backend needs Mooncake: {why}")
-    try:
-        return transport, transport.engine(host)
-    except P2PTransferError as e:
-        raise WorkersError(f"the transfer_engine backend: {e}") from e
-
-
-def regions(
-    params: dict[str, torch.Tensor], segments: list[tuple[int, int]] | None = None
-) -> list[tuple[int, int]]:
-    """(address, bytes) of the parameters' memory, adjacent ones merged (pure). With `segments`
-    (the allocator's (start, bytes) blocks, on CUDA), a region never spans two of them: an RDMA
-    registration must lie inside one allocation."""
-    starts = sorted(segments or [])
-
-    def segment_of(ptr: int) -> int:
-        i = bisect.bisect_right(starts, (ptr, float("inf"))) - 1
-        return i if i >= 0 and ptr < starts[i][0] + starts[i][1] else -1
-
-    spans = sorted((t.data_ptr(), t.numel() * t.element_size()) for t in params.values())
-    out: list[tuple[int, int]] = []
-    last_segment = None
-    for ptr, n in spans:
-        if n == 0:
-            continue
-        seg = segment_of(ptr) if starts else None
-        if out and out[-1][0] + out[-1][1] >= ptr and seg == last_segment:
-            start = out[-1][0]
-            out[-1] = (start, max(out[-1][1], ptr + n - start))
-        else:
-            out.append((ptr, n))
-        last_segment = seg
-    return out
-
-
-def cuda_segments(device: torch.device) -> list[tuple[int, int]] | None:
-    """The CUDA caching allocator's segments on `device` (None off CUDA)."""
-    if device.type != "cuda":
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    try:
-        return [
-            (seg["address"], seg["total_size"])
-            for seg in torch.cuda.memory_snapshot()
-            if seg.get("device") == index
-        ]
-    except (RuntimeError, KeyError, TypeError) as e:  # then regions merge across segments
-        logger.warning("no CUDA allocator snapshot (%s): regions may span segments", e)
-        return None
-
-
-def param_regions(params: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
-    device = next(iter(params.values())).device if params else torch.device("cpu")
-    return regions(params, cuda_segments(device))
-
-
-class Registration:
-    """Memory regions registered with this process's engine, replaced when they change."""
-
-    def __init__(self, engine) -> None:
-        self.engine = engine
-        self.regions: list[tuple[int, int]] = []
-        self._lock = threading.Lock()
-
-    def ensure(self, wanted: list[tuple[int, int]]) -> bool:
-        """Register exactly `wanted`; True if anything changed."""
-        with self._lock:
-            if wanted == self.regions:
-                return False
-            self._drop()
-            for ptr, n in wanted:
-                code = self.engine.register_memory(ptr, n)
-                if code != 0:
-                    self._drop()
-                    raise WorkersError(f"Mooncake register_memory({n} bytes) returned {code}")
-                self.regions.append((ptr, n))
-            return True
-
-    def _drop(self) -> None:
-        for ptr, _ in self.regions:
-            self.engine.unregister_memory(ptr)
-        self.regions = []
-
-    def close(self) -> None:
-        with self._lock:
-            self._drop()
-
-
 class TransferEngineSeed:
     """One seed rank's registered parameters and the info clients read them with."""
 
     def __init__(self, model, tp, *, host: str) -> None:
         self.model, self.tp = model, tp
-        self.transport, engine = _engine(host)
+        self.transport, engine = mooncake_engine(host)
         self.registration = Registration(engine)
         self.start = time.perf_counter()
         self.registration.ensure(param_regions(self._params()))
@@ -230,7 +151,7 @@ def fork_one_sided(model, seeds, *, host_of, timeout: float, attempts: int = 3) 
                 state, gen, error, stats = FAILED, -1, None, None
                 try:
                     if registration is None:
-                        registration = Registration(_engine(host_of(seed))[1])
+                        registration = Registration(mooncake_engine(host_of(seed))[1])
                         registration.ensure(param_regions({n: p.data for n, p in params.items()}))
                     stats = _read_once(model, params, seed, registration.engine, timeout, device)
                     gen = stats["generation"]
