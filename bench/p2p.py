@@ -13,7 +13,8 @@ What it measures:
 - A column shard (what a P2P receiver of TP=2 reads of a row-parallel weight): the buffer as a
   row-major matrix of rows of 2 x --column-run bytes, the first half of every row read as one
   strided range (the tcp owner packs the runs, the reader puts them back; Mooncake reads run by
-  run); GB/s of the bytes moved (half the buffer).
+  run, or the whole span in one piece where runs are shorter than its MIN_RUN_BYTES); GB/s of
+  the bytes moved (half the buffer, or the span).
 - Every byte is checked against the pattern after the timed reads (outside the timing).
 Loopback on one host: this is the transport's own ceiling (CPU, memcpy, syscalls), not a NIC's.
 
@@ -142,10 +143,10 @@ def timed_column_read(name: str, record: dict, staging: host_memory.HostBuffer, 
     reader.prepare([staging])
     reader.read([ReadRange(0, 0, 4096, view[:4096])])  # warm the connection
     t0 = time.perf_counter()
-    reader.read([ReadRange(0, 0, run, view[:span], count=count, stride=2 * run)])
+    moved = reader.read([ReadRange(0, 0, run, view[:span], count=count, stride=2 * run)])
     seconds = time.perf_counter() - t0
     reader.close()
-    return seconds, count * run
+    return seconds, moved
 
 
 def verify_columns(staging: host_memory.HostBuffer, run: int) -> None:
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                 seconds, moved = timed_column_read(name, records[name], staging, args.column_run)
                 verify_columns(staging, args.column_run)
                 gbs.append(moved / seconds / 1e9)
-            what = f"{name}, column shard (runs of {args.column_run} B, half the buffer)"
+            what = f"{name}, column shard (runs of {args.column_run} B of rows twice that)"
             rows.append((what, 1, max(gbs), statistics.median(gbs)))
         if cuda:
             gbs = [nbytes / t / 1e9 for t in h2d_seconds(staging, args.repeat)]

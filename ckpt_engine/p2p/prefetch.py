@@ -73,7 +73,7 @@ class Prefetcher:
                     reader.prepare(self.staging)
                 view = self.staging[index].memoryview()
                 start = time.monotonic()
-                reader.read(
+                self.read_bytes += reader.read(
                     [
                         ReadRange(
                             c.buffer,
@@ -88,7 +88,6 @@ class Prefetcher:
                     ]
                 )
                 self.read_s += time.monotonic() - start
-                self.read_bytes += sum(c.total for c in fetch.copies)
                 with self._cond:
                     self._ready[fetch.bucket] = index
                     self._cond.notify_all()

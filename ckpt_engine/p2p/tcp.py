@@ -248,7 +248,7 @@ class TcpReader(Reader):
                 raise self._fail(f"{what} within {self.timeout_s} s", timed_out=True)
             poller.poll(max(1, int(remaining * 1000)))
 
-    def read(self, ranges: Sequence[ReadRange]) -> None:
+    def read(self, ranges: Sequence[ReadRange]) -> int:
         # (buffer, offset, run bytes, runs, stride, dst): at most one chunk of bytes each
         chunks: deque[tuple[int, int, int, int, int, memoryview]] = deque()
         for r in ranges:
@@ -285,6 +285,7 @@ class TcpReader(Reader):
                 self.sock.send(protocol.encode(req))
                 in_flight.append((req.id, dst, run, count, stride))
             self._receive(*in_flight.popleft())
+        return sum(r.total for r in ranges)  # the owner packs a column shard's runs
 
     def _receive(
         self, req_id: int, dst: memoryview, run: int = 0, count: int = 1, stride: int = 0

@@ -7,7 +7,8 @@ A transport moves byte ranges of an owner's registered host memory to a reader:
   (plain JSON: what a reader needs to reach this rank), ``withdraw(checkpoint)`` stops serving
   it, ``close()`` stops the server.
 - reader side, ``Transport.reader(record, owner=..., checkpoint=..., timeout_s=...)`` ->
-  ``Reader``: ``read(ranges)`` fills local memory views; ``close()``.
+  ``Reader``: ``read(ranges)`` fills local memory views and returns the bytes it moved;
+  ``close()``.
 
 Registered transports, in ``auto`` preference order: ``mooncake`` (RDMA, or its TCP protocol
 when named) and ``tcp`` (portable, always available). ``auto`` takes a transport only where
@@ -33,8 +34,8 @@ class ReadRange:
     """``nbytes`` bytes at ``offset`` of the owner's buffer ``buffer`` into ``dst`` (writable,
     exactly ``span`` long, local host memory from ``Reader.prepare``). With ``count`` > 1:
     ``count`` runs of ``nbytes``, each ``stride`` bytes after the previous, on both sides (a
-    column shard of a row-major tensor); the bytes between runs in ``dst`` are left as they
-    were."""
+    column shard of a row-major tensor); the bytes between runs in ``dst`` are either left as
+    they were or the owner's bytes there (a transport may read the whole span in one piece)."""
 
     buffer: int
     offset: int
@@ -49,7 +50,7 @@ class ReadRange:
 
     @property
     def total(self) -> int:
-        """Bytes moved."""
+        """Bytes of the runs."""
         return self.count * self.nbytes
 
     def runs(self):
@@ -77,8 +78,10 @@ class Reader(abc.ABC):
         """Local buffers the reads will land in (a transport may need to register them)."""
 
     @abc.abstractmethod
-    def read(self, ranges: Sequence[ReadRange]) -> None:
-        """Fill every range; TransferError (naming the owner) on failure or timeout."""
+    def read(self, ranges: Sequence[ReadRange]) -> int:
+        """Fill every range; returns the bytes moved from the owner (each range's ``total``, or
+        its ``span`` where read in one piece). TransferError (naming the owner) on failure or
+        timeout."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

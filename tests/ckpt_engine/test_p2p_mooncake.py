@@ -12,8 +12,8 @@ import torch
 
 from ckpt_engine import host_memory
 from ckpt_engine.errors import TransferError
-from ckpt_engine.p2p import transport
-from ckpt_engine.p2p.mooncake import MooncakeTransport, default_protocol
+from ckpt_engine.p2p import mooncake, transport
+from ckpt_engine.p2p.mooncake import MIN_RUN_BYTES, MooncakeTransport, default_protocol
 from ckpt_engine.p2p.service import open_reader
 from ckpt_engine.p2p.transport import ReadRange
 
@@ -104,14 +104,24 @@ def test_named_mooncake_reads_over_tcp(monkeypatch):
         want = _pattern(SIZE).numpy().tobytes()
         assert bytes(dst[: 1 << 20]) == want[: 1 << 20]
         assert bytes(dst[1 << 20 : 2 << 20]) == want[2 << 20 : 3 << 20]
-        # a column shard: 2500 runs of 64 bytes, 1024 apart (more ranges than one batch)
+        # a column shard of short runs (2500 of 64 bytes, 1024 apart): its span, one piece
         local.tensor.fill_(0xEE)
         span = 2499 * 1024 + 64
-        reader.read([ReadRange(0, 100, 64, dst[:span], count=2500, stride=1024)])
-        got = bytes(dst[:span])
-        for i in (0, 1, 1234, 2499):
-            assert got[i * 1024 : i * 1024 + 64] == want[100 + i * 1024 : 164 + i * 1024]
-        assert got[64:1024] == b"\xee" * 960  # the gaps are left alone
+        moved = reader.read([ReadRange(0, 100, 64, dst[:span], count=2500, stride=1024)])
+        assert moved == span and bytes(dst[:span]) == want[100 : 100 + span]
+        # runs of MIN_RUN_BYTES and more: run by run, the gaps left alone (more runs than one
+        # batch: 1100 of 1 KiB with a raised threshold)
+        for run, count, stride in ((MIN_RUN_BYTES, 3, 3 * MIN_RUN_BYTES), (1024, 1100, 2048)):
+            monkeypatch.setattr(mooncake, "MIN_RUN_BYTES", min(run, MIN_RUN_BYTES))
+            local.tensor.fill_(0xEE)
+            span = (count - 1) * stride + run
+            moved = reader.read([ReadRange(0, 100, run, dst[:span], count=count, stride=stride)])
+            assert moved == count * run
+            got = bytes(dst[:span])
+            for i in (0, 1, count - 1):
+                a = i * stride
+                assert got[a : a + run] == want[100 + a : 100 + a + run]
+            assert got[run:stride] == b"\xee" * (stride - run)
         with pytest.raises(TransferError, match="range outside buffer 0"):
             reader.read([ReadRange(0, SIZE - 8, 16, dst[:16])])
         parent.send("stop")
