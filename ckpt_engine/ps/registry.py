@@ -10,7 +10,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,8 +208,8 @@ class Registry:
             raise error
         return results
 
-    def _pin_all(self, buffers: list[host_memory.HostBuffer], *, threads: int = 0) -> None:
-        populate_s, register_s = host_memory.pin_all(buffers, threads=threads or self._threads)
+    def _pin_all(self, buffers: list[host_memory.HostBuffer]) -> None:
+        populate_s, register_s = host_memory.pin_all(buffers, threads=self._threads)
         logger.info(
             "pinned %d bytes in %d buffers: page tables %.2f s, cudaHostRegister %.2f s",
             sum(b.nbytes for b in buffers),
@@ -242,9 +242,8 @@ class Registry:
         for header, (buf, _) in zip(headers, made):
             ckpt.buffers.append(buf)  # owned by ckpt from here: closed with it on failure
             ckpt.sources.append(header.path)
-        buffers = ckpt.buffers[first:]
-        if self._pin and defer:  # staged reads' bytes go to the devices as they land
-            self._pin_all(buffers)
+        if self._pin:
+            self._pin_all(ckpt.buffers[first:])
         for index, (header, (buf, base)) in enumerate(zip(headers, made), start=first):
             if base == 0 and header.data_bytes:
                 jobs.append(ReadJob(header.path, header.data_start, buf.memoryview()))
@@ -257,21 +256,22 @@ class Registry:
             ckpt.reads = StagedReads(jobs, job_buffers, threads=self._threads)
         else:
             total = sum(job.dest.nbytes for job in jobs)
-
-            def read(threads: int) -> None:
-                with Progress(f"register {label!r}", total, rank=self._rank) as progress:
-                    read_parallel(jobs, threads=threads, on_read=progress.advance)
-
-            self._pin_during(buffers, read)
+            with Progress(f"register {label!r}", total, rank=self._rank) as progress:
+                read_parallel(jobs, threads=self._threads, on_read=progress.advance)
         return metas
 
     def _load_named(
         self, ckpt: RegisteredCheckpoint, named: Mapping[str, torch.Tensor], *, label: str
     ) -> list[TensorMeta]:
         """Pack the tensors into buffers taken from the pool (pinned already when reused;
-        ckpt_engine.ps.named), then copy them in: contiguous host tensors on the read threads
-        while new buffers are pinned (``_pin_during``), then device and strided tensors by
-        torch, device-to-host straight into the pinned buffers."""
+        ckpt_engine.ps.named), pin the new ones, then copy the tensors in: contiguous host
+        tensors on the read threads, device and strided tensors by torch, device-to-host
+        straight into the pinned buffers.
+
+        Pinning runs before the copies, not beside them: measured on the H200 host (16 cores),
+        filling the page tables while the copies touch the same buffers took 3.5 s instead of
+        0.7 s (150,000 named tensors, 21.5 GB: 6.7 s in all against 3.4 s one after the
+        other; 16 files: 4.8 s against 1.5 s)."""
         if not named:
             return []
         sizes = [t.nbytes for t in named.values()]
@@ -289,43 +289,10 @@ class Registry:
         host_jobs, by_torch = plan_copies(list(named.values()), sizes, where, offsets, bases)
         metas = metas_of(named, sizes, where, offsets, first)
 
-        def fill(threads: int) -> None:
-            total = sum(n for _, _, n in host_jobs)
-            with Progress(f"register {label!r}", total, rank=self._rank) as progress:
-                copy_host(host_jobs, threads=threads, progress=progress)
-
-        self._pin_during(buffers, fill)
+        if self._pin:
+            self._pin_all(buffers)
+        total = sum(n for _, _, n in host_jobs)
+        with Progress(f"register {label!r}", total, rank=self._rank) as progress:
+            copy_host(host_jobs, threads=self._threads, progress=progress)
         copy_by_torch([b.tensor for b in buffers], named, by_torch, sizes, where, offsets)
         return metas
-
-    def _pin_during(
-        self, buffers: list[host_memory.HostBuffer], fill: Callable[[int], None]
-    ) -> None:
-        """``fill(threads)`` writes host bytes into ``buffers`` (file reads, named tensors'
-        copies) here while a second thread pins those not pinned yet, the read threads split
-        between the two (all of them fill when nothing needs pinning: a reused pool).
-
-        The two are independent: pinning (page tables filled, then cudaHostRegister) moves no
-        page and keeps what was written, and a page the copy touched first is found populated.
-        Measured on the H200 host (16 cores), 150,000 named tensors (21.5 GB) into new buffers:
-        2.5 s with 8 threads pinning while 8 copy, 3.4 s pinning with 16 and then copying with
-        16, 5.8 s with 16 + 16 at once. If either side fails, the other is waited for and the
-        first error raised."""
-        if not self._pin or all(b.pinned or not b.nbytes for b in buffers):
-            fill(self._threads)
-            return
-        pin_threads = max(1, self._threads // 2)
-        device = torch.cuda.current_device()  # per thread: the pinning thread takes the caller's
-
-        def pin() -> None:
-            torch.cuda.set_device(device)
-            self._pin_all(buffers, threads=pin_threads)
-
-        with ThreadPoolExecutor(max_workers=1) as side:
-            pinning = side.submit(pin)
-            try:
-                fill(max(1, self._threads - pin_threads))
-            except BaseException:
-                wait([pinning])
-                raise
-            pinning.result()
