@@ -37,14 +37,14 @@ def loads(data: str | bytes, *, what: str, max_depth: int | None = MAX_DEPTH) ->
     try:
         value = json.loads(data)
     except RecursionError:
-        limit = PARSER_LIMIT if max_depth is None else f"{max_depth} levels"
+        limit = PARSER_LIMIT if max_depth is None else _levels(max_depth)
         raise JsonDepthError(f"{what}: JSON nested deeper than {limit}") from None
-    if max_depth is not None and _may_exceed(data, max_depth):
+    if max_depth is not None and may_exceed(data, max_depth):
         check_depth(value, what=what, max_depth=max_depth)
     return value
 
 
-def _may_exceed(data: str | bytes, max_depth: int) -> bool:
+def may_exceed(data: str | bytes, max_depth: int) -> bool:
     """False when ``data`` has too few brackets to nest past ``max_depth`` (C-speed counts;
     brackets inside strings only make this answer True, never wrongly False)."""
     if isinstance(data, str):
@@ -57,10 +57,13 @@ def check_depth(value: Any, *, what: str, max_depth: int = MAX_DEPTH) -> None:
     recursion, whatever the depth."""
     path = too_deep(value, max_depth)
     if path is not None:
-        levels = "level" if max_depth == 1 else "levels"
         raise JsonDepthError(
-            f"{what}{format_path(path)}: JSON nested deeper than {max_depth} {levels}"
+            f"{what}{format_path(path)}: JSON nested deeper than {_levels(max_depth)}"
         )
+
+
+def _levels(n: int) -> str:
+    return f"{n} level" if n == 1 else f"{n} levels"
 
 
 def too_deep(value: Any, max_depth: int) -> tuple | None:

@@ -33,15 +33,16 @@ class BoundedJsonRoute(APIRoute):
     own parse answers a body past the parser's limit with a bare "error parsing the body", and
     code that walks a parsed body recursively (`dataclasses.asdict` of the front's messages
     to the ranks, a layout parser) would die on a body the parser accepts. Checked before
-    FastAPI parses it (the body is already read whole, under `BodySizeLimit`); a body that is
-    not JSON is left to FastAPI (a 400 naming the position)."""
+    FastAPI parses it (the body is already read whole, under `BodySizeLimit`), and only when it
+    holds more than 64 brackets (counted at C speed; else it cannot nest that deep and is parsed
+    once, by FastAPI); a body that is not JSON is left to FastAPI (a 400 naming the position)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def bounded(request: Request) -> Response:
             body = await request.body()  # kept by the request: FastAPI reads it again
-            if body:
+            if json_depth.may_exceed(body, MAX_BODY_DEPTH):  # else it cannot: parsed once
                 try:
                     json_depth.loads(body, what="request body", max_depth=MAX_BODY_DEPTH)
                 except json_depth.JsonDepthError as e:
