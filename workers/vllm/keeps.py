@@ -42,6 +42,15 @@ Kept = tuple[int, int, int]
 # vLLM's expert shard id -> the dim of the checkpoint tensor its loader narrows (SHARD_ID_TO_
 # SHARDED_DIM of RoutedExperts.weight_loader): gate_proj, up_proj rows; down_proj columns
 EXPERT_DIM = {"w1": 0, "w3": 0, "w2": 1}
+# RoutedExperts' methods that decide what its loader reads of a per-expert tensor
+LOADER_STEPS = (
+    "load_weights",
+    "weight_loader",
+    "_load_model_weight_or_group_weight_scale",
+    "_load_w13",
+    "_load_w2",
+    "_map_global_expert_id_to_local_expert_id",
+)
 
 
 def model_keeps(model: torch.nn.Module, specs: Iterable) -> dict[str, Kept]:
@@ -141,12 +150,16 @@ def _layer_expert_keeps(layer, shapes: dict[str, tuple[int, ...]]) -> dict[str, 
 
 def _plain_experts(layer) -> bool:
     """Unquantized experts loaded by the layer's own ``weight_loader`` as ``expert_kept`` says:
-    no quantization, no transposed weights, no padded TP shards, no EPLB, no online-quantized
-    shared expert."""
+    ``RoutedExperts``' own loading steps (no subclass overriding them), no quantization, no
+    transposed weights, no padded TP shards, no EPLB, no online-quantized shared expert."""
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
     from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
         UnquantizedFusedMoEMethod,
     )
 
+    # a subclass narrowing its own way (an override of the loader or its steps): not declared
+    if any(getattr(type(layer), m, None) is not getattr(RoutedExperts, m) for m in LOADER_STEPS):
+        return False
     if getattr(layer, "quant_config", None) is not None or not isinstance(
         getattr(layer, "quant_method", None), UnquantizedFusedMoEMethod
     ):
