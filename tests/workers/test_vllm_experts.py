@@ -97,6 +97,28 @@ def test_expert_problems_name_the_tensor(edits, expect):
         assert piece in text, text
 
 
+def test_layers_whose_names_extend_each_other_are_told_apart_in_update_order():
+    """Layer 1's names are not layer 10's (nor ``experts2``'s); problems come in the order of
+    the update, not of the names."""
+    want = {
+        name: {k.replace(LAYER, name): v for k, v in expected_tensors(fake_layer()).items()}
+        for name in ("model.layers.1.mlp.experts", "model.layers.10.mlp.experts")
+    }
+    shapes = {n: s for w in want.values() for n, s in w.items()}
+    shapes["model.layers.10.mlp.experts.1.up_proj.weight"] = (9, 9)
+    shapes.pop("model.layers.1.mlp.experts.1.up_proj.weight")
+    shapes["model.layers.1.mlp.experts.1.up_proj.weight"] = (7, 4)
+    shapes["model.layers.1.mlp.experts.9.up_proj.weight"] = (8, 4)
+    shapes["model.layers.1.mlp.experts2.0.up_proj.weight"] = (1,)  # another layer's
+    rows = [(n, torch.float32, s) for n, s in reversed(shapes.items())]
+    problems = expert_problems(want, rows)
+    assert [p.split(":")[0] for p in problems] == [  # layer by layer, each in update order
+        "model.layers.1.mlp.experts.9.up_proj.weight",
+        "model.layers.1.mlp.experts.1.up_proj.weight",
+        "model.layers.10.mlp.experts.1.up_proj.weight",
+    ]
+
+
 def test_a_checkpoint_of_fused_experts_is_left_to_vllm():
     fused = [
         (f"{LAYER}.gate_up_proj", torch.float32, (2, 16, 4)),

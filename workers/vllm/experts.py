@@ -25,6 +25,7 @@ update needs that vLLM does not give:
 from __future__ import annotations
 
 import functools
+from bisect import bisect_left
 from typing import Any
 
 import torch
@@ -93,9 +94,12 @@ def expert_problems(want: dict[str, dict[str, tuple[int, ...]]], manifest: Manif
     vLLM's own check (a fused-experts checkpoint, or a layer the update does not carry: vLLM's
     accounting of fused parameters reports it)."""
     shapes = {name: tuple(shape) for name, _, shape in manifest}
+    order = {name: i for i, name in enumerate(shapes)}
+    ranked = sorted(shapes)  # the names under a prefix are one run of it: a bisect per layer
     problems = []
     for layer_name, expected in want.items():
-        mine = [n for n in shapes if n.startswith(layer_name + ".")]
+        run = ranked[bisect_left(ranked, layer_name + ".") : bisect_left(ranked, layer_name + "/")]
+        mine = sorted(run, key=order.__getitem__)  # problems in the update's order
         if not any(n in expected for n in mine):
             continue
         for name in mine:
