@@ -149,3 +149,27 @@ def test_a_repack_patch_left_by_a_failed_update_is_replaced_not_wrapped(monkeypa
     calls.clear()
     method.process_weights_after_loading(layer)
     assert calls == ["process"]
+
+
+@pytest.mark.parametrize("per_expert", [True, False], ids=["per_expert", "across_experts"])
+def test_unpacking_caches_one_expert_when_the_prepack_permutes_each_alike(monkeypatch, per_expert):
+    """The checksum's inverse permutation is kept for one expert (8 bytes per element of one
+    expert, not of the layer) when the prepack permutes each expert within itself; a prepack
+    that mixes experts gets the whole permutation. Either way the weights come back in
+    checkpoint order."""
+    import sys
+
+    def prepack(w, isa):  # same shape, elements moved: each expert transposed, or all flipped
+        moved = w.transpose(1, 2) if per_expert else w.flip(0, 2)
+        return moved.contiguous().view(w.shape)
+
+    fake = SimpleNamespace(_custom_ops=SimpleNamespace(cpu_prepack_moe_weight=prepack))
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm._custom_ops", fake._custom_ops)
+    experts_mod._expert_permutation.cache_clear()
+    shape = (5, 6, 7)
+    perm = experts_mod._expert_permutation(shape, torch.bfloat16, "vec")
+    assert perm.shape == ((1, 42) if per_expert else (1, 210))
+    w = torch.randn(shape).to(torch.bfloat16)
+    assert torch.equal(experts_mod._unpermuted(prepack(w, "vec"), "vec"), w)
+    experts_mod._expert_permutation.cache_clear()
