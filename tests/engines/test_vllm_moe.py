@@ -11,8 +11,6 @@ files' tensors, fused as vLLM fuses them.
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,8 +18,10 @@ from vllm_testutil import (
     EXTENSION,
     Checkpoint,
     kill_updater_mid_update,
+    moe_shard,
     push,
     require_vllm,
+    sha256s,
     start_vllm,
 )
 from workers_testutil import make_hf_model, save_checkpoint
@@ -62,37 +62,9 @@ def ckpts(tmp_path_factory):
 
 
 def expected_checksums(checkpoint: Checkpoint) -> dict[str, str]:
-    """What ``ckpt_engine_checksums`` of a TP=1 worker reports for ``checkpoint``'s files:
-    q/k/v fused into qkv_proj, each layer's experts stacked into w13_weight (gate_proj rows,
-    then up_proj rows) and w2_weight (down_proj), everything else as it is."""
+    """What ``ckpt_engine_checksums`` of a TP=1 worker reports for ``checkpoint``'s files."""
     files = load_file(checkpoint.path / "model.safetensors")
-    out = {}
-    for name, tensor in files.items():
-        if ".k_proj." in name or ".v_proj." in name or ".experts." in name:
-            continue
-        if ".q_proj." in name:
-            parts = [files[name.replace(".q_proj.", f".{x}_proj.")] for x in "qkv"]
-            out[name.replace("q_proj", "qkv_proj")] = torch.cat(parts)
-        else:
-            out[name] = tensor
-    layers = {n.partition(".mlp.experts.")[0] for n in files if ".mlp.experts." in n}
-    for layer in sorted(layers):
-        experts = f"{layer}.mlp.experts"
-
-        def part(e: int, proj: str, experts=experts) -> torch.Tensor:
-            return files[f"{experts}.{e}.{proj}.weight"]
-
-        fused = f"{experts}.routed_experts"
-        out[f"{fused}.w13_weight"] = torch.stack(
-            [torch.cat([part(e, "gate_proj"), part(e, "up_proj")]) for e in range(EXPERTS)]
-        )
-        out[f"{fused}.w2_weight"] = torch.stack([part(e, "down_proj") for e in range(EXPERTS)])
-    return {
-        f"0:{n}": hashlib.sha256(
-            t.float().contiguous().view(torch.uint8).numpy().tobytes()
-        ).hexdigest()
-        for n, t in out.items()
-    }
+    return sha256s(moe_shard(files, experts=EXPERTS))
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,20 @@ whole and zero rows of the 2 others, so it reads none of them.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
-from vllm_testutil import EXTENSION, Checkpoint, require_vllm, start_vllm
+from vllm_testutil import (
+    EXTENSION,
+    Checkpoint,
+    moe_shard,
+    require_vllm,
+    run_join,
+    sha256s,
+    start_vllm,
+)
 from workers_testutil import make_hf_model, poll, save_checkpoint, start_updater, stop_group
 
 pytestmark = pytest.mark.slow
@@ -65,58 +70,10 @@ def vllm_ep(ckpts, tmp_path_factory):
     server.stop()
 
 
-def shard(files: dict[str, torch.Tensor], rank: int, ep: bool) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors as TP rank ``rank`` of ``TP`` holds them in vLLM: q/k/v rows fused
-    into qkv_proj, o_proj columns, embedding and LM head vocabulary rows, each layer's experts
-    stacked into w13_weight (gate_proj then up_proj rows of this rank) and w2_weight (down_proj
-    columns of this rank), the rest whole. ``ep``: the experts of this rank, whole."""
-
-    def mine(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        return t.chunk(TP, dim)[rank]
-
-    def expert(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        return t if ep else mine(t, dim)
-
-    ids = range(rank * EXPERTS // TP, (rank + 1) * EXPERTS // TP) if ep else range(EXPERTS)
-
-    out = {}
-    for name, tensor in files.items():
-        if ".mlp.experts." in name or ".k_proj." in name or ".v_proj." in name:
-            continue
-        if ".q_proj." in name:
-            parts = [files[name.replace(".q_proj.", f".{x}_proj.")] for x in "qkv"]
-            out[name.replace("q_proj", "qkv_proj")] = torch.cat([mine(p) for p in parts])
-        elif ".o_proj." in name:
-            out[name] = mine(tensor, 1)
-        elif "embed_tokens" in name or name.startswith("lm_head"):
-            out[name] = mine(tensor)
-        else:
-            out[name] = tensor
-    layers = {n.partition(".mlp.experts.")[0] for n in files if ".mlp.experts." in n}
-    for layer in sorted(layers):
-        experts = f"{layer}.mlp.experts"
-
-        def part(e: int, proj: str, experts=experts) -> torch.Tensor:
-            return files[f"{experts}.{e}.{proj}.weight"]
-
-        fused = f"{experts}.routed_experts"
-        out[f"{fused}.w13_weight"] = torch.stack(
-            [torch.cat([expert(part(e, "gate_proj")), expert(part(e, "up_proj"))]) for e in ids]
-        )
-        out[f"{fused}.w2_weight"] = torch.stack([expert(part(e, "down_proj"), 1) for e in ids])
-    return out
-
-
 def expected_checksums(checkpoint: Checkpoint, *, ep: bool = False) -> list[dict[str, str]]:
     """What ``ckpt_engine_checksums`` reports for ``checkpoint``'s files, per TP rank."""
     files = load_file(checkpoint.path / "model.safetensors")
-    return [
-        {
-            f"0:{n}": hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-            for n, t in shard(files, rank, ep).items()
-        }
-        for rank in range(TP)
-    ]
+    return [sha256s(moe_shard(files, experts=EXPERTS, tp=TP, rank=r, ep=ep)) for r in range(TP)]
 
 
 def kept_bytes(checkpoint: Checkpoint) -> tuple[int, int, int]:
@@ -150,19 +107,10 @@ def p2p_join(server, checkpoint: Checkpoint, tmp: Path) -> dict[int, tuple[int, 
     try:
         poll(lambda: metas.exists() or owners.poll() is not None, JOIN_TIMEOUT_S, "owners' metas")
         assert owners.poll() is None, owners_log.read_text()
-        log, report = tmp / "join.log", tmp / "join.jsonl"
-        join = updater(
-            "--load-metas-file", str(metas), "--update-method", "p2p", "--endpoint", server.url,
-            "--json-out", str(report), log=log,
-        )  # fmt: skip
-        try:
-            rc = join.wait(timeout=JOIN_TIMEOUT_S)
-        finally:
-            stop_group(join)
+        rc, log, records = run_join(updater, server.url, metas, tmp, JOIN_TIMEOUT_S)
     finally:
         stop_group(owners)
-    assert rc == 0, log.read_text() + server.output()[-3000:]
-    records = [json.loads(x) for x in report.read_text().splitlines() if x.strip()]
+    assert rc == 0, log + server.output()[-3000:]
     return {r["rank"]: (r["p2p_read_bytes"], r["p2p_sharded"]) for r in records}
 
 

@@ -13,7 +13,6 @@ every rank keeps its weights exactly, and the updater resumes vLLM (nothing was 
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 from pathlib import Path
@@ -26,6 +25,7 @@ from vllm_testutil import (
     make_checkpoints,
     push,
     require_vllm,
+    run_join,
     start_vllm,
 )
 from workers_testutil import poll, start_updater, stop_group
@@ -113,17 +113,7 @@ def owners(vllm, ckpts, tmp_path_factory):
 def join(vllm, metas: Path, tmp: Path) -> tuple[int, str, list[dict]]:
     """A new job pulls the owners' checkpoint into the vLLM instance over P2P: (returncode,
     log, --json-out records)."""
-    log, report = tmp / "join.log", tmp / "join.jsonl"
-    proc = updater(
-        "--load-metas-file", str(metas), "--update-method", "p2p", "--endpoint", vllm.url,
-        "--json-out", str(report), log=log,
-    )  # fmt: skip
-    try:
-        rc = proc.wait(timeout=JOIN_TIMEOUT_S)
-    finally:
-        stop_group(proc)
-    records = [json.loads(x) for x in report.read_text().splitlines() if x.strip()]
-    return rc, log.read_text(), records
+    return run_join(updater, vllm.url, metas, tmp, JOIN_TIMEOUT_S)
 
 
 def test_p2p_join_reads_only_each_ranks_rows_and_lands_exact_weights(vllm, ckpts, owners, tmp_path):

@@ -9,6 +9,7 @@ Skip policy: the tests skip when the venv is missing, unless ``CKPT_ENGINE_REQUI
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -115,10 +116,75 @@ def expected_checksums(model, tp: int = 1, rank: int = 0) -> dict[str, str]:
             out[name] = mine(tensor)
         elif not any(f".{x}_proj." in name for x in ("k", "v", "up")):
             out[name] = tensor
+    return sha256s(out)
+
+
+def moe_shard(
+    files: dict[str, torch.Tensor], *, experts: int, tp: int = 1, rank: int = 0, ep: bool = False
+) -> dict[str, torch.Tensor]:
+    """A Qwen3-MoE checkpoint's tensors as TP rank ``rank`` of ``tp`` holds them in vLLM: q/k/v
+    rows fused into qkv_proj, o_proj columns, embedding and LM head vocabulary rows, each layer's
+    ``experts`` stacked into w13_weight (gate_proj then up_proj rows of this rank) and w2_weight
+    (down_proj columns of this rank), the rest whole. ``ep``: the rank's own experts, whole."""
+
+    def mine(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        return t.chunk(tp, dim)[rank]
+
+    def expert(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        return t if ep else mine(t, dim)
+
+    ids = range(rank * experts // tp, (rank + 1) * experts // tp) if ep else range(experts)
+    out = {}
+    for name, tensor in files.items():
+        if ".mlp.experts." in name or ".k_proj." in name or ".v_proj." in name:
+            continue
+        if ".q_proj." in name:
+            parts = [files[name.replace(".q_proj.", f".{x}_proj.")] for x in "qkv"]
+            out[name.replace("q_proj", "qkv_proj")] = torch.cat([mine(p) for p in parts])
+        elif ".o_proj." in name:
+            out[name] = mine(tensor, 1)
+        elif "embed_tokens" in name or name.startswith("lm_head"):
+            out[name] = mine(tensor)
+        else:
+            out[name] = tensor
+    layers = {n.partition(".mlp.experts.")[0] for n in files if ".mlp.experts." in n}
+    for layer in sorted(layers):
+        prefix = f"{layer}.mlp.experts"
+
+        def part(e: int, proj: str, prefix=prefix) -> torch.Tensor:
+            return files[f"{prefix}.{e}.{proj}.weight"]
+
+        fused = f"{prefix}.routed_experts"
+        out[f"{fused}.w13_weight"] = torch.stack(
+            [torch.cat([expert(part(e, "gate_proj")), expert(part(e, "up_proj"))]) for e in ids]
+        )
+        out[f"{fused}.w2_weight"] = torch.stack([expert(part(e, "down_proj"), 1) for e in ids])
+    return out
+
+
+def sha256s(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``ckpt_engine_checksums``' form: ``0:<name>`` -> sha256 of the tensor's bytes."""
     return {
         f"0:{n}": hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-        for n, t in out.items()
+        for n, t in tensors.items()
     }
+
+
+def run_join(updater, url: str, metas: Path, tmp: Path, timeout_s: float):
+    """A new updater job (``updater(*args, log=)`` starts it) pulls the checkpoint of the owners
+    whose metas are in ``metas`` into the instance at ``url`` over P2P: (returncode, its log,
+    its --json-out records)."""
+    log, report = tmp / "join.log", tmp / "join.jsonl"
+    proc = updater(
+        "--load-metas-file", str(metas), "--update-method", "p2p", "--endpoint", url,
+        "--json-out", str(report), log=log,
+    )  # fmt: skip
+    try:
+        rc = proc.wait(timeout=timeout_s)
+    finally:
+        stop_group(proc)
+    text = report.read_text() if report.exists() else ""
+    return rc, log.read_text(), [json.loads(x) for x in text.splitlines() if x.strip()]
 
 
 @dataclass
