@@ -73,7 +73,7 @@ from ckpt_engine import env as ce_env
 from ckpt_engine.device import resolve_device_type
 from ckpt_engine.errors import UpdateError
 from ckpt_engine.ps.collectives import ControlGroup
-from ckpt_engine.updater.client import InferenceClient, InferenceError, refused_before_write
+from ckpt_engine.updater.client import InferenceClient, InferenceError
 from ckpt_engine.updater.config import ConfigError, UpdateArgs
 from ckpt_engine.updater.metas_registry import MetasPublisher, find_metas
 from ckpt_engine.updater.report import format_result, json_line, result_of
@@ -155,15 +155,18 @@ def broadcast_update(job: Job, share: Share | None = None) -> None:
     name, args = job.args.checkpoint_name, job.args
     with weight_transfer_failures(job):
         if share is not None:
-            files, named = share_inputs(share)
-            job.ps.register_and_update(
-                name,
-                job.req_func,
-                files=files,
-                named_tensors=named,
-                timeout=args.timeout,
-                wire=args.wire,
-            )
+            try:
+                files, named = share_inputs(share)
+                job.ps.register_and_update(
+                    name, job.req_func, files=files, named_tensors=named,
+                    timeout=args.timeout, wire=args.wire,
+                )  # fmt: skip
+            except UpdateError:
+                raise
+            except Exception as e:  # e.g. a file changed after the split: no worker was sent
+                if job.ps.last_step_reached_update:  # anything before the update (any rank:
+                    raise  # the update's votes need every rank)
+                raise UpdateError(f"{name!r} not registered: {e}", untouched=True) from e
         else:
             job.ps.update(name, job.req_func, timeout=args.timeout, wire=args.wire)
 
@@ -177,21 +180,8 @@ def weight_transfer_failures(job: Job) -> Iterator[None]:
         yield
     except UpdateError as e:
         if job.args.inference_api == "weight_transfer" and job.is_instance_head:
-            raise UpdateError(weight_transfer_failed(job.client, e)) from e
+            raise UpdateError(job.client.after_failed_update(e)) from e
         raise
-
-
-def weight_transfer_failed(client: InferenceClient, e: UpdateError) -> str:
-    """vLLM's weight-transfer API after a failed update: resume it when provably nothing was
-    written (``refused_before_write``: it serves its previous weights), else leave it paused
-    (workers.vllm.engine): no request sees a mix of old and new weights."""
-    if refused_before_write(e):
-        try:
-            client.resume()
-        except InferenceError as r:
-            return f"{e}; refused before any write, but /resume failed: {r}"
-        return f"{e}; refused before any write: vLLM resumed with its previous weights"
-    return f"{e}; vLLM left paused (weights partly written): a complete update resumes it"
 
 
 def p2p_update(job: Job) -> None:

@@ -264,3 +264,70 @@ def test_wait_ready_gives_up_with_the_cause(tmp_path):
     client = upd.InferenceClient("http://localhost", uds=str(tmp_path / "none.sock"), api_key=None)
     with pytest.raises(upd.InferenceError, match="not up after"):
         client.wait_ready(0.5)
+
+
+class _RecordingClient(upd.InferenceClient):
+    """vLLM's RL endpoints as calls recorded, no server."""
+
+    def __init__(self):
+        super().__init__("http://127.0.0.1:9", uds=None, api_key=None)
+        self.posts = []
+
+    def post(self, path, body=None, *, timeout_s=60):
+        self.posts.append(path)
+        return {}
+
+
+@pytest.fixture
+def overlap_job(tmp_path, monkeypatch):
+    """A one-rank CPU job of `--register-mode overlap --inference-api weight_transfer`."""
+    from types import SimpleNamespace
+
+    from ckpt_engine import ParameterServer, PSConfig
+
+    (tmp_path / "shm").mkdir()
+    monkeypatch.setenv("CKPT_ENGINE_SHM_DIR", str(tmp_path / "shm"))
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    ps = ParameterServer(rank=0, world_size=1, device_type="cpu", config=PSConfig(timeout_s=10.0))
+    args = SimpleNamespace(
+        checkpoint_name="step", timeout=10.0, wire="ckpt-engine",
+        inference_api="weight_transfer", inference_parallel_size=1, weight_version=None,
+    )  # fmt: skip
+    job = upd.Job(args=args, ps=ps, control=None, client=_RecordingClient())
+    yield job
+    ps.close()
+
+
+def test_a_step_failing_before_its_update_resumes_vllm(overlap_job, tmp_path):
+    """A file cut short after the split (the trainer rewrote it): registering fails on the
+    rank before any worker is sent anything, so the paused vLLM is resumed and the error says
+    so, naming the file."""
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.ones(1000)}, path)
+    with open(path, "r+b") as f:
+        f.truncate(f.seek(0, 2) - 100)
+    share = upd.Share(files=(str(path),), nbytes=4000)
+    with pytest.raises(upd.UpdateError, match=r"model\.safetensors") as info:
+        upd.broadcast_update(overlap_job, share)
+    assert "refused before any write: vLLM resumed" in str(info.value)
+    assert info.value.__cause__ is not None and overlap_job.client.posts == ["/resume"]
+    assert not overlap_job.ps.last_step_reached_update
+
+
+def test_a_step_failing_in_its_update_leaves_vllm_paused(overlap_job, tmp_path):
+    """Past the registration the update's own outcome decides: here no worker answers, and
+    vLLM stays paused unless every rank proves it sent nothing (the update's UpdateError)."""
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.ones(1000)}, path)
+
+    def req_func(socket_paths):
+        raise RuntimeError("inference server gone")
+
+    overlap_job.req_func = req_func
+    share = upd.Share(files=(str(path),), nbytes=4000)
+    with pytest.raises(upd.UpdateError) as info:
+        upd.broadcast_update(overlap_job, share)
+    assert overlap_job.ps.last_step_reached_update
+    assert "not registered" not in str(info.value)  # the update's own error, passed on
+    resumed = overlap_job.client.posts == ["/resume"]
+    assert resumed == info.value.__cause__.untouched

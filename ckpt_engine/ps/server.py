@@ -101,6 +101,9 @@ class ParameterServer:
         # phases of the last register_and_update, seconds: register (headers, buffers), gather,
         # update, wait_reads (after it), reads (first to last chunk), mover_waited (for bytes)
         self.last_step_timings: dict[str, float] = {}
+        # whether the last register_and_update reached its update: a failure before it sent no
+        # worker anything (the updater then resumes a paused vLLM)
+        self.last_step_reached_update = False
         self._p2p = None  # ckpt_engine.p2p.service.OwnerService, started on first publication
         logger.info(
             "parameter server rank %d/%d on %s, run id %s (files ckpt-engine-%s-*)",
@@ -173,6 +176,7 @@ class ParameterServer:
             timeout = timeout.total_seconds()
         timeout_s = float(timeout) if timeout is not None else self.config.timeout_s
         error: BaseException | None = None
+        self.last_step_reached_update = False
         t0 = time.perf_counter()
         try:
             self._registry.register(
@@ -186,6 +190,7 @@ class ParameterServer:
             if error is not None:
                 raise error
             t2 = time.perf_counter()
+            self.last_step_reached_update = True
             self.update(name, req_func, timeout=timeout_s, wire=wire)
             t3 = time.perf_counter()
             ckpt = self._registry.get(name)

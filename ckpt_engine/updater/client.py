@@ -131,6 +131,19 @@ class InferenceClient:
     def resume(self) -> None:
         self.post("/resume")
 
+    def after_failed_update(self, error: Exception) -> str:
+        """vLLM's weight-transfer API after a failed update: resumed when provably nothing was
+        written (``refused_before_write``: it serves its previous weights), else left paused
+        (workers.vllm.engine): no request sees a mix of old and new weights. Returns
+        ``error``'s message with what was done."""
+        if refused_before_write(error):
+            try:
+                self.resume()
+            except InferenceError as r:
+                return f"{error}; refused before any write, but /resume failed: {r}"
+            return f"{error}; refused before any write: vLLM resumed with its previous weights"
+        return f"{error}; vLLM left paused (weights partly written): a complete update resumes it"
+
 
 def refused_before_write(error: Exception) -> bool:
     """True when a failed update (``ckpt_engine.UpdateError``) provably wrote nothing: every
