@@ -12,8 +12,11 @@ item 5), on one device, the dense workload (bench/workload.py):
   ``push_seconds`` (its --json-out) is shown beside it. Step k-1's folder is deleted after step k.
 - ``trainer``: the weights on the trainer's device (as a gathered FSDP / Megatron shard),
   pushed in this process: ``unregister_checkpoint(previous)`` + ``register_and_update(name,
-  req_func, named_tensors=weights)`` (device-to-host straight into the pool's pinned buffers,
-  then the update); the clock runs from the call to the worker's post-hook. The step's new
+  req_func, named_tensors=weights)`` (the update fills the slots device-to-device from the
+  weights while their device-to-host copy into the pool's pinned buffers runs beside it:
+  ckpt_engine.ps.direct); the clock runs from the call to its return (the worker's post-hook
+  has run and that host copy is complete: what the trainer waits for); the phases
+  (``last_step_timings``: ``update``, ``host_copy``, ...) are printed per step. The step's new
   values are written into the weights on the device first (not timed).
 
 The worker (a spawned process, one per run) checks every byte of every step after its
@@ -252,8 +255,12 @@ def run_trainer(a, base, worker, dtype, index) -> list[dict]:
             if k > 1:
                 ps.unregister_checkpoint(f"train-{k - 1}")  # its pinned buffers serve this step
             ps.register_and_update(f"train-{k}", req, named_tensors=weights)
+            returned = time.time()  # the host copy is complete too
             reply = worker.wait(k, a.step_limit_s)
-            steps.append(record(k, reply["applied"] - start, reply, None))
+            steps.append(record(k, max(reply["applied"], returned) - start, reply, None))
+            phases = {p: round(v, 4) for p, v in ps.last_step_timings.items()}
+            steps[-1]["phases"] = phases
+            print(f"step {k}: phases {phases}", flush=True)
     finally:
         ps.close()
     return steps

@@ -1,5 +1,7 @@
 """Moving one bucket into its IPC slot on every rank: owner's host memory -> device slot ->
-broadcast into the same slot on all ranks. No intermediate buffer, no second copy.
+broadcast into the same slot on all ranks. No intermediate buffer, no second copy. (In
+``register_and_update``, named tensors on the owner's own device are copied into the slot from
+where they are, device-to-device, not from host memory: ckpt_engine.ps.direct.)
 
 GPU: two side streams. The owner's host-to-device copies (non-blocking, from pinned memory) go
 on ``h2d``; the NCCL broadcast goes on ``comm`` after an event of those copies (world size 1:
@@ -97,8 +99,12 @@ class SlotMover:
         if self.checkpoint is None:
             raise RuntimeError(f"rank {self.rank} owns bucket {bucket.id} but holds no checkpoint")
         reads = self.checkpoint.reads  # register_and_update: reads may still be running
+        direct = self.checkpoint.direct  # and named tensors read where they are (ps/direct.py)
         deadline = time.monotonic() + self.timeout_s
         for c in bucket.copies:
+            if direct is not None and direct.covers(c.buffer):
+                direct.fill(view, c.buffer, c.src, c.dst, c.nbytes)
+                continue
             if reads is not None:  # one copy per run once all of it is read (ps/staging.py)
                 reads.wait_range(c.buffer, c.src, c.src + c.nbytes, deadline)
             src = self.checkpoint.buffers[c.buffer].tensor[c.src : c.src + c.nbytes]

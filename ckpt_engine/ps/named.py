@@ -9,7 +9,7 @@ and decides when each copy runs.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -103,15 +103,18 @@ def plan_copies(
     where: Sequence[int],
     offsets: Sequence[int],
     bases: Sequence[int],
+    skip: Collection[int] = (),
 ) -> tuple[list[list[int]], list[int]]:
     """``[dst address, src address, bytes]`` of the contiguous host tensors (``bases``: each
     buffer's address), merged where both sides continue (views into one flat buffer, e.g. a
-    trainer's), and the indices of the tensors torch must copy (device memory, strided)."""
+    trainer's), and the indices of the tensors torch must copy (device memory, strided).
+    The tensors at ``skip`` are copied elsewhere (ckpt_engine.ps.direct)."""
     host_jobs: list[list[int]] = []
     by_torch: list[int] = []
     last = [-1, -1, 0]
+    skip = set(skip)
     for i, (tensor, nbytes, chunk, offset) in enumerate(zip(tensors, sizes, where, offsets)):
-        if not nbytes:
+        if not nbytes or i in skip:
             continue
         if tensor.is_cpu and tensor.is_contiguous():
             dst, src = bases[chunk] + offset, tensor.data_ptr()

@@ -22,6 +22,7 @@ from ckpt_engine.errors import CheckpointError, CheckpointFileError
 from ckpt_engine.metas import TensorMeta
 from ckpt_engine.pool import HostPool
 from ckpt_engine.progress import Progress
+from ckpt_engine.ps.direct import DirectSources, is_direct
 from ckpt_engine.ps.named import (
     NAMED_TENSORS_SOURCE,
     check_named,
@@ -51,6 +52,35 @@ class RegisteredCheckpoint:
     checked_metas: object = field(default=None, repr=False, compare=False)
     # File reads still running (register(..., defer_reads=True)); None once registered whole.
     reads: StagedReads | None = field(default=None, repr=False, compare=False)
+    # Named tensors on this rank's device, read by the update straight from there while their
+    # host copy runs (register(..., defer_reads=True); ckpt_engine.ps.direct); None once whole.
+    direct: DirectSources | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def pending(self) -> bool:
+        """Whether the host copy may still be incomplete (reads or named copies running)."""
+        return self.reads is not None or self.direct is not None
+
+    def settle(self, deadline: float) -> dict[str, float]:
+        """Wait until the host copy is complete (raising the first read or copy error), then
+        drop the deferred state (and with it every reference to named tensors): the
+        checkpoint is then as after a plain registration. Returns the seconds of the reads
+        (first to last chunk), of the mover's waits for bytes, and of the named host copy."""
+        timings: dict[str, float] = {}
+        if self.reads is not None:
+            reads = self.reads
+            reads.wait_all(deadline)
+            reads.close()
+            self.reads = None
+            timings["reads"] = (reads.finished or reads.started) - reads.started
+            timings["mover_waited"] = reads.waited_s
+        if self.direct is not None:
+            direct = self.direct
+            direct.wait(deadline)
+            direct.close()
+            self.direct = None
+            timings["host_copy"] = (direct.finished or direct.started) - direct.started
+        return timings
 
     @property
     def nbytes(self) -> int:
@@ -73,6 +103,9 @@ class RegisteredCheckpoint:
     def close(self) -> None:
         if self.reads is not None:
             self.reads.close()  # no read may still write into a buffer handed back
+        if self.direct is not None:
+            self.direct.close()  # nor a queued device-to-host copy
+            self.direct = None
         for buf in self.buffers:
             buf.close()
         self.buffers = []
@@ -96,8 +129,10 @@ class Registry:
         label: str,
         pool_bytes: int = 0,
         rank: int = 0,
+        device: torch.device | None = None,
     ) -> None:
         self._kind = host_memory_kind
+        self._device = device  # named tensors there are read in place by register_and_update
         # buffers handed back by unregister, taken again by the next register (ckpt_engine.pool)
         self.pool = HostPool(kind=host_memory_kind, shm_dir=shm_dir, max_bytes=pool_bytes)
         self._shm_dir = shm_dir
@@ -133,7 +168,9 @@ class Registry:
     ) -> RegisteredCheckpoint:
         """``defer_reads``: return once the buffers are ready, with the file reads running in
         the background (``ckpt.reads``; see ckpt_engine.ps.staging); files are then always
-        copied into host buffers, never mapped in place."""
+        copied into host buffers, never mapped in place; named tensors on this rank's device
+        are copied into host memory in the background too, and the update reads them where
+        they are (``ckpt.direct``; ckpt_engine.ps.direct). ``ckpt.settle`` ends both."""
         if not isinstance(name, str) or not name:
             raise CheckpointError(f"checkpoint name must be a non-empty string, got {name!r}")
         if name in self._checkpoints:
@@ -147,7 +184,7 @@ class Registry:
         ckpt = RegisteredCheckpoint(name=name)
         try:
             metas = self._load_files(ckpt, headers, label=_label(name), defer=defer_reads)
-            metas += self._load_named(ckpt, named, label=_label(name))
+            metas += self._load_named(ckpt, named, label=_label(name), defer=defer_reads)
             ckpt.tensors = tuple(metas)
         except BaseException:
             ckpt.close()
@@ -261,12 +298,18 @@ class Registry:
         return metas
 
     def _load_named(
-        self, ckpt: RegisteredCheckpoint, named: Mapping[str, torch.Tensor], *, label: str
+        self,
+        ckpt: RegisteredCheckpoint,
+        named: Mapping[str, torch.Tensor],
+        *,
+        label: str,
+        defer: bool = False,
     ) -> list[TensorMeta]:
         """Pack the tensors into buffers taken from the pool (pinned already when reused;
         ckpt_engine.ps.named), pin the new ones, then copy the tensors in: contiguous host
         tensors on the read threads, device and strided tensors by torch, device-to-host
-        straight into the pinned buffers.
+        straight into the pinned buffers. ``defer``: the tensors on this rank's device
+        (``direct.is_direct``) are copied in the background instead (``ckpt.direct``).
 
         Pinning runs before the copies, not beside them: measured on the H200 host (16 cores),
         filling the page tables while the copies touch the same buffers took 3.5 s instead of
@@ -286,11 +329,23 @@ class Registry:
             ckpt.sources.append(NAMED_TENSORS_SOURCE)
         buffers = ckpt.buffers[first:]
         bases = [b.tensor.data_ptr() for b in buffers]
-        host_jobs, by_torch = plan_copies(list(named.values()), sizes, where, offsets, bases)
+        tensors = list(named.values())
+        direct = [i for i, t in enumerate(tensors) if defer and is_direct(t, self._device)]
+        host_jobs, by_torch = plan_copies(tensors, sizes, where, offsets, bases, skip=direct)
         metas = metas_of(named, sizes, where, offsets, first)
 
         if self._pin:
             self._pin_all(buffers)
+        if direct:  # queued first: the device-to-host copies overlap the host copies below
+            ckpt.direct = DirectSources(
+                named,
+                direct,
+                buffers=[b.tensor for b in ckpt.buffers],
+                where=[first + w for w in where],
+                offsets=offsets,
+                device=self._device,
+                threads=self._threads,
+            )
         total = sum(n for _, _, n in host_jobs)
         with Progress(f"register {label!r}", total, rank=self._rank) as progress:
             copy_host(host_jobs, threads=self._threads, progress=progress)

@@ -89,6 +89,9 @@ class ParameterServer:
             label=f"{self.run_id}-r{self.rank}",
             pool_bytes=self.config.host_pool_bytes,
             rank=self.rank,
+            device=torch.device(self.device_type, self.device_index)
+            if self.device_type == "cuda"
+            else torch.device("cpu"),
         )
         self._metas: dict[str, CheckpointMetas] = {}
         self._plans: dict = {}  # the last plan per checkpoint (ps.context.choose_plan)
@@ -99,7 +102,8 @@ class ParameterServer:
         self._updates = 0
         self.last_update_timings: dict[str, float | int] = {}  # phases of the last broadcast
         # phases of the last register_and_update, seconds: register (headers, buffers), gather,
-        # update, wait_reads (after it), reads (first to last chunk), mover_waited (for bytes)
+        # update, wait_reads (after it, for the reads and the named host copy), reads (first to
+        # last chunk), mover_waited (for bytes), host_copy (named tensors read in place)
         self.last_step_timings: dict[str, float] = {}
         # whether the last register_and_update reached its update: a failure before it sent no
         # worker anything (the updater then resumes a paused vLLM)
@@ -164,8 +168,11 @@ class ParameterServer:
         (ckpt_engine.ps.staging), and each bucket moves host-to-device and is broadcast as soon
         as its bytes are read, so the step costs about max(read, transfer). Files are copied
         into host memory, never mapped in place (the trainer may overwrite them next step).
-        Returns when every worker applied the update and the host copy is complete (serving
-        P2P readers from the next ``gather_metas``).
+        Named tensors on this rank's device go into the slots from where they are while their
+        copy into the pool runs beside the update (ckpt_engine.ps.direct says which); others
+        are copied into host memory first. Returns when every worker applied the update and
+        the host copy is complete (serving P2P readers from the next ``gather_metas``); the
+        named tensors are no longer referenced then and may change.
 
         Any failure (a bad or truncated file, named in the CheckpointFileError or UpdateError;
         a worker's refusal; a timeout) raises on every rank and leaves ``name`` unregistered,
@@ -193,18 +200,13 @@ class ParameterServer:
             self.last_step_reached_update = True
             self.update(name, req_func, timeout=timeout_s, wire=wire)
             t3 = time.perf_counter()
-            ckpt = self._registry.get(name)
-            reads = ckpt.reads
-            reads.wait_all(time.monotonic() + timeout_s)
-            reads.close()
-            ckpt.reads = None
+            settled = self._registry.get(name).settle(time.monotonic() + timeout_s)
             self.last_step_timings = {
                 "register": t1 - t0,
                 "gather": t2 - t1,
                 "update": t3 - t2,
                 "wait_reads": time.perf_counter() - t3,
-                "reads": (reads.finished or t3) - reads.started,
-                "mover_waited": reads.waited_s,
+                **settled,
             }
         except BaseException as e:
             if name in self._registry:
@@ -234,9 +236,9 @@ class ParameterServer:
     def local_metas(self, name: str) -> RankMetas:
         """What this rank holds of ``name``; with ``config.p2p_serve`` this starts serving it to
         P2P readers (until unregistered) and the record says how to reach it, token included;
-        not while its file reads still run (``register_and_update``: from the next call)."""
+        not while its host copy is incomplete (``register_and_update``: from the next call)."""
         ckpt = self._registry.get(name)
-        publish = self.config.p2p_serve and ckpt.reads is None
+        publish = self.config.p2p_serve and not ckpt.pending
         return RankMetas(
             rank=self.rank,
             device_key=self.device_key,

@@ -144,6 +144,26 @@ class Worker:
             self.proc.join(5)
 
 
+def push(ps, req_func, files: list[Path], named: dict) -> dict:
+    """``register_and_update("pushed", ...)`` of this rank's files and of its named tensors on
+    its own device (read by the update where they are: ckpt_engine.ps.direct); then whether the
+    host copy holds every named tensor's bytes and whether any deferred state is left, and
+    "pushed" unregistered again."""
+    import torch
+
+    device = torch.device(ps.device_type, ps.device_index if ps.device_type == "cuda" else None)
+    on_device = {n: t.to(device) for n, t in named.items()}
+    ps.register_and_update(
+        "pushed", req_func, files=[str(f) for f in files], named_tensors=on_device
+    )
+    ckpt = ps.checkpoint("pushed")
+    host_exact = all(_tensors.same_bits(ckpt.get_tensor(n), t) for n, t in named.items())
+    left = ckpt.pending
+    ps.unregister_checkpoint("pushed")
+    direct = "host_copy" in ps.last_step_timings  # named tensors read where they are
+    return {"host_exact": host_exact, "pending_left": left, "direct": direct}
+
+
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     rank = int(os.environ["RANK"])
@@ -198,8 +218,11 @@ def main() -> None:
             for _ in range(step.get("repeat", 1)):
                 start = time.monotonic()
                 try:
-                    ps.update("ckpt", req_func, wire=spec.get("wire", "ckpt-engine"))
-                    result: dict = {"ok": True}
+                    if step["op"] == "register_and_update":
+                        result: dict = {"ok": True, **push(ps, req_func, [path_a, path_b], named)}
+                    else:
+                        ps.update("ckpt", req_func, wire=spec.get("wire", "ckpt-engine"))
+                        result = {"ok": True}
                 except UpdateError as e:
                     result = {
                         "ok": False,
@@ -210,6 +233,7 @@ def main() -> None:
                         "summary": str(e),
                         "untouched": e.untouched,
                     }
+                result["pushed_registered"] = "pushed" in ps.registered_checkpoints()
                 result["elapsed"] = time.monotonic() - start
                 result["worker"] = worker.last_reply
                 result["usage"] = {

@@ -3,9 +3,11 @@ shard) pushed every step with ``register_and_update(name, req_func, named_tensor
 the previous step unregistered first, so its pinned buffers serve the next step (host memory:
 one checkpoint).
 
-Device tensors are copied device-to-host straight into the pool's pinned buffers
-(``ckpt_engine.ps.named.copy_into``, one stream synchronization per device); strided host
-tensors take the same function, so the CPU run covers its path. The colocated worker is a
+Contiguous tensors on the server's device are read by the update where they are, their host
+copy made beside it (ckpt_engine.ps.direct; tests/ckpt_engine/test_direct.py); strided ones,
+on either device, are copied into the pool's pinned buffers first by
+``ckpt_engine.ps.named.copy_into`` (device-to-host straight into pinned memory, one stream
+synchronization per device), so the CPU run covers that function too. The colocated worker is a
 spawned process (CUDA IPC needs a second process) that answers the sha256 of every tensor it
 received; world size 1."""
 
@@ -122,9 +124,8 @@ def test_trainer_weights_every_step_bit_exact_pool_reused(device, env, monkeypat
                 first = ps.host_pool.allocated_bytes
         assert ps.host_pool.allocated_bytes == first, "later steps reuse the pinned buffers"
         assert ps.host_pool.reused >= STEPS - 1
-        # on GPU every tensor went device-to-host through copy_into; on CPU the strided ones
-        per_step = len(weights) if device == "cuda" else 2
-        assert copies == [device] * per_step * STEPS
+        # the strided ones (w_t, w_rows) through copy_into; the others read in place
+        assert copies == [device] * 2 * STEPS
     finally:
         here.send(None)
         proc.join(30)

@@ -41,6 +41,35 @@ def flat_then_failures(last_rank: int) -> list[dict]:
     ]
 
 
+def named_steps(last_rank: int) -> list[dict]:
+    """register_and_update of every rank's files and named tensors (on its device: the named
+    ones go into the slots from there, ckpt_engine.ps.direct); once with a worker failing."""
+    return [
+        {"op": "register_and_update", "step": "pushed", "repeat": 2},
+        {
+            "op": "register_and_update",
+            "step": "pushed_raises",
+            "inject": {"kind": "fail_at", "rank": last_rank, "bucket": 2},
+        },
+        {"op": "update", "step": "after_pushed"},
+    ]
+
+
+def check_named_steps(records, ranks) -> None:
+    for r in ranks:
+        pushed = updates(records[r], "pushed")
+        assert len(pushed) == 2 and all(u["ok"] for u in pushed), pushed
+        assert all(u["host_exact"] and not u["pending_left"] for u in pushed), pushed
+        assert all(u["direct"] for u in pushed), pushed
+        assert not any(u["pushed_registered"] for u in pushed), pushed  # unregistered after
+        (failed,) = updates(records[r], "pushed_raises")
+        assert not failed["pushed_registered"], failed  # unregistered on every rank
+        assert updates(records[r], "after_pushed")[0]["ok"], records[r]
+    text = "injected failure at bucket 2"
+    last = len(ranks) - 1
+    assert_failed_everywhere(records, ranks, "pushed_raises", rank=last, bucket=2, text=text)
+
+
 def check_flat_then_failures(records, ranks) -> None:
     sys.path.insert(0, str(HERE))
     import _tensors
@@ -175,10 +204,12 @@ def test_two_ranks_correct_flat_and_failures(tmp_path, port):
             "inject": {"kind": "req_func_raises", "rank": 1},
         },
         {"op": "update", "step": "final"},
+        *named_steps(last_rank=1),
     ]
     records, codes = run_ranks(tmp_path, 2, steps, port=port, per_node=2)
     assert codes == [0, 0], logs(tmp_path)
     check_flat_then_failures(records, (0, 1))
+    check_named_steps(records, (0, 1))
     text = "injected req_func failure"
     assert_failed_everywhere(records, (0, 1), "req_func_raises", rank=1, bucket=None, text=text)
     # before any bucket: every rank says that no worker was sent one (nothing written anywhere)
@@ -194,13 +225,14 @@ def test_gpu_ranks_correct_flat_and_failures(tmp_path, port):
     records, codes = run_ranks(
         tmp_path,
         world,
-        flat_then_failures(last_rank=world - 1),
+        [*flat_then_failures(last_rank=world - 1), *named_steps(last_rank=world - 1)],
         port=port,
         per_node=world,
         device="cuda",
     )
     assert codes == [0] * world, logs(tmp_path)
     check_flat_then_failures(records, tuple(range(world)))
+    check_named_steps(records, tuple(range(world)))
 
 
 def test_four_ranks_on_two_nodes(tmp_path, port):
