@@ -17,7 +17,10 @@ The two copies of a direct tensor, both from the same source bytes:
 - into the slot (``fill``, called by the mover for every copy run of a buffer that holds a
   direct tensor; ckpt_engine.ps.sources cuts the run): GPU: device-to-device on the mover's
   stream, which first waits for the same event; CPU: memcpy. Host-held tensors of a mixed run
-  are copied from the host buffer as before.
+  are copied from the host buffer as before. A run of many small direct tensors (MoE experts;
+  ``sources.from_host``) is copied whole from the host buffer instead, once that buffer's host
+  copy has landed (GPU: the mover's stream waits for an event recorded after it; CPU: the
+  mover waits for the copy thread, until its deadline).
 So the update does not wait for the device-to-host copy: a step costs about the longer of the
 two, not their sum.
 
@@ -31,6 +34,7 @@ it (``record_stream``), so torch does not hand its memory out while a queued cop
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,7 +45,7 @@ import torch
 from ckpt_engine.errors import CheckpointError
 from ckpt_engine.progress import Progress
 from ckpt_engine.ps.named import copy_host
-from ckpt_engine.ps.sources import HOST, SourceMap, Span
+from ckpt_engine.ps.sources import HOST, SourceMap, Span, from_host
 
 
 def is_direct(tensor: torch.Tensor, device: torch.device | None) -> bool:
@@ -102,6 +106,9 @@ class DirectSources:
         self._streams: set[int] = set()  # streams already recorded on every source storage
         self._future: Future | None = None
         self._done: torch.cuda.Event | None = None
+        # each buffer's host copy landed: GPU events on the copy stream, CPU threading events
+        self._landed: dict[int, torch.cuda.Event | threading.Event] = {}
+        self._error: BaseException | None = None  # CPU: the copy thread's failure
         self.ready: torch.cuda.Event | None = None  # GPU: the sources' producers are done
         self.started = time.perf_counter()
         self.finished: float | None = None
@@ -112,13 +119,16 @@ class DirectSources:
             raise
 
     def _start_host_copy(self, threads: int) -> None:
-        pieces = [(b, p) for b in self.map.buffers() for p in self._host_pieces(b)]
+        by_buffer = {
+            b: self.map.host_copies(b, self._buffers[b].numel()) for b in self.map.buffers()
+        }
         if not self._cuda:
-            jobs = [
-                [self._buffers[b].data_ptr() + p.dst, self._storages[p.storage].data_ptr() + p.src,
-                 p.nbytes]
-                for b, p in pieces
-            ]  # fmt: skip
+            jobs = {
+                b: [[self._buffers[b].data_ptr() + p.dst,
+                     self._storages[p.storage].data_ptr() + p.src, p.nbytes] for p in pieces]
+                for b, pieces in by_buffer.items()
+            }  # fmt: skip
+            self._landed = {b: threading.Event() for b in jobs}
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="host-copy")
             self._future = self._executor.submit(self._copy_on_cpu, jobs, threads)
             return
@@ -130,26 +140,35 @@ class DirectSources:
         self._done = torch.cuda.Event()
         try:
             with torch.cuda.stream(stream):
-                for b, p in pieces:
-                    dst = self._buffers[b][p.dst : p.dst + p.nbytes]
-                    src = self._storages[p.storage][p.src : p.src + p.nbytes]
-                    try:
-                        dst.copy_(src, non_blocking=True)
-                    except RuntimeError as e:
-                        name = self._names[self.map.tensor_at(b, p.dst)]
-                        raise CheckpointError(
-                            f"named_tensors[{name!r}]: copy to host failed: {e}"
-                        ) from e
+                for b, pieces in by_buffer.items():
+                    for p in pieces:
+                        dst = self._buffers[b][p.dst : p.dst + p.nbytes]
+                        src = self._storages[p.storage][p.src : p.src + p.nbytes]
+                        try:
+                            dst.copy_(src, non_blocking=True)
+                        except RuntimeError as e:
+                            name = self._names[self.map.tensor_at(b, p.dst)]
+                            raise CheckpointError(
+                                f"named_tensors[{name!r}]: copy to host failed: {e}"
+                            ) from e
+                    self._landed[b] = torch.cuda.Event()
+                    self._landed[b].record(stream)
         finally:  # also after a failed enqueue: close() waits for what was queued
             self._done.record(stream)
 
-    def _host_pieces(self, buffer: int):
-        return self.map.host_copies(buffer, self._buffers[buffer].numel())
-
-    def _copy_on_cpu(self, jobs: list[list[int]], threads: int) -> None:
-        total = sum(n for _, _, n in jobs)
-        with Progress("host copy", total, rank=0, mode="off") as progress:
-            copy_host(jobs, threads=threads, progress=progress)
+    def _copy_on_cpu(self, jobs: dict[int, list[list[int]]], threads: int) -> None:
+        try:
+            for b, buffer_jobs in jobs.items():
+                total = sum(n for _, _, n in buffer_jobs)
+                with Progress("host copy", total, rank=0, mode="off") as progress:
+                    copy_host(buffer_jobs, threads=threads, progress=progress)
+                self._landed[b].set()
+        except BaseException as e:  # raised by whoever waits (``wait``, ``_await_host``)
+            self._error = e
+            raise
+        finally:
+            for event in self._landed.values():
+                event.set()
         self.finished = time.perf_counter()
 
     def _record(self, stream: torch.cuda.Stream) -> None:
@@ -166,10 +185,14 @@ class DirectSources:
         """Whether copy runs of ``buffer`` go through ``fill``."""
         return self.map.covers(buffer)
 
-    def fill(self, view: torch.Tensor, buffer: int, src: int, dst: int, nbytes: int) -> None:
+    def fill(
+        self, view: torch.Tensor, buffer: int, src: int, dst: int, nbytes: int, deadline: float
+    ) -> None:
         """Copy bytes ``[src, src + nbytes)`` of ``buffer``'s tensors into ``view[dst:]``: the
-        direct ones from their own memory, the others from the host buffer. GPU: queued on the
-        current stream (the mover's), after the sources' producers; CPU: done on return."""
+        direct ones from their own memory, the others from the host buffer; or, for a run of
+        many small direct ones, all from the host buffer once its host copy landed. GPU:
+        queued on the current stream (the mover's), after the sources' producers; CPU: done
+        on return (waiting for the host copy at most until ``deadline``)."""
         if self._storages is None:
             raise CheckpointError("named tensors released: the registration has ended")
         non_blocking = self._cuda
@@ -177,12 +200,30 @@ class DirectSources:
             stream = torch.cuda.current_stream(self.device)
             stream.wait_event(self.ready)
             self._record(stream)
-        for p in self.map.pieces(buffer, src, nbytes, dst):
+        pieces = self.map.pieces(buffer, src, nbytes, dst)
+        if from_host(pieces):
+            self._await_host(buffer, deadline)
+            whole = self._buffers[buffer][src : src + nbytes]
+            view[dst : dst + nbytes].copy_(whole, non_blocking=non_blocking)
+            return
+        for p in pieces:
             if p.storage == HOST:
                 source = self._buffers[buffer][p.src : p.src + p.nbytes]
             else:
                 source = self._storages[p.storage][p.src : p.src + p.nbytes]
             view[p.dst : p.dst + p.nbytes].copy_(source, non_blocking=non_blocking)
+
+    def _await_host(self, buffer: int, deadline: float) -> None:
+        """GPU: the current stream waits for ``buffer``'s host copy; CPU: the host does (until
+        ``deadline``), raising the copy's error."""
+        landed = self._landed[buffer]
+        if self._cuda:
+            torch.cuda.current_stream(self.device).wait_event(landed)
+            return
+        if not landed.wait(max(0.0, deadline - time.monotonic())):
+            raise CheckpointError("named tensors: the host copy did not finish in time")
+        if self._error is not None:
+            raise CheckpointError(f"named tensors: the host copy failed: {self._error}")
 
     # -- completion ------------------------------------------------------------------------------
     def wait(self, deadline: float) -> None:
@@ -195,6 +236,8 @@ class DirectSources:
                 raise CheckpointError(
                     "named tensors: the host copy did not finish in time"
                 ) from None
+            except Exception as e:
+                raise CheckpointError(f"named tensors: the host copy failed: {e}") from e
             return
         while not self._done.query():
             if time.monotonic() > deadline:
@@ -215,4 +258,5 @@ class DirectSources:
             self._done = None
         self._storages = None
         self._buffers = []
+        self._landed = {}
         self.ready = None

@@ -103,7 +103,7 @@ class SlotMover:
         deadline = time.monotonic() + self.timeout_s
         for c in bucket.copies:
             if direct is not None and direct.covers(c.buffer):
-                direct.fill(view, c.buffer, c.src, c.dst, c.nbytes)
+                direct.fill(view, c.buffer, c.src, c.dst, c.nbytes, deadline)
                 continue
             if reads is not None:  # one copy per run once all of it is read (ps/staging.py)
                 reads.wait_range(c.buffer, c.src, c.src + c.nbytes, deadline)

@@ -11,6 +11,10 @@ offset in it. ``pieces`` cuts a range of a buffer (a plan's copy run, or a whole
 the copies to make: only the tensors' bytes (padding between tensors is not copied unless a
 piece spans it, below), in order, each piece from one source.
 
+A run of many small direct pieces (experts of a large MoE model: 10^5 tensors) is instead
+copied in one piece from the host buffer once the host copy of that buffer has landed
+(``from_host``): one copy call instead of thousands, behind a copy that bounds the step anyway.
+
 Consecutive pieces of one source merge into one copy when the bytes between them are as far
 apart on both sides (the host buffer's runs always are; tensors that are views of one flat
 storage often are), so a trainer's flat buffer costs one copy per run, not one per tensor. The
@@ -22,10 +26,16 @@ range asked for.
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Sequence
 from itertools import pairwise
 from typing import NamedTuple
 
 HOST = -1  # the storage of a span whose bytes are read from the host buffer
+# A run of at least MANY_PIECES direct pieces of fewer than SMALL_PIECE_BYTES each on average
+# is copied from the host copy once that has landed (``from_host``): a copy call costs the
+# host about 10 us, what the host-to-device link moves 512 KiB in.
+MANY_PIECES = 16
+SMALL_PIECE_BYTES = 512 << 10
 
 
 class Span(NamedTuple):
@@ -111,3 +121,11 @@ class SourceMap:
     def host_copies(self, buffer: int, nbytes: int) -> list[Piece]:
         """The direct pieces of a whole buffer of ``nbytes``: what fills its host copy."""
         return [p for p in self.pieces(buffer, 0, nbytes, 0) if p.storage != HOST]
+
+
+def from_host(pieces: Sequence[Piece]) -> bool:
+    """Whether a run is better copied whole from its host copy (once landed) than piece by
+    piece from the sources: at least MANY_PIECES direct pieces, SMALL_PIECE_BYTES or less
+    on average."""
+    direct = [p.nbytes for p in pieces if p.storage != HOST]
+    return len(direct) >= MANY_PIECES and sum(direct) < SMALL_PIECE_BYTES * len(direct)

@@ -285,3 +285,72 @@ def test_decision_per_tensor():
     assert not direct_mod.is_direct(torch.empty(0), cpu)  # no bytes
     assert not direct_mod.is_direct(t, None)  # registration not deferred
     assert not direct_mod.is_direct(t, torch.device("cuda", 0))  # host tensor, GPU server
+
+
+@pytest.mark.parametrize(
+    "device",
+    [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)],
+)
+def test_runs_of_small_tensors_come_from_the_host_copy(device, env, monkeypatch):
+    """64 expert-sized tensors (2000 bytes) in runs of about 32 a bucket: each run is copied
+    whole from the host buffer once its host copy landed (``sources.from_host``), the large
+    tensor beside them from its own memory; bytes exact on both sides. (CPU) a host copy that
+    fails fails the update naming it, and the worker keeps its last good weights."""
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=worker, args=(there, 0), daemon=True)
+    proc.start()
+    config = PSConfig(timeout_s=60.0, connect_poll_s=0.1, bucket_bytes=64 << 10)
+    ps = ParameterServer(rank=0, world_size=1, device_type=device, config=config)
+    g = torch.Generator().manual_seed(1)
+    weights = {f"experts.{i}": torch.randn(500, generator=g).to(device) for i in range(64)}
+    weights["big"] = torch.randn(1 << 16, generator=g).to(device)
+    holders = use_counts(weights)
+    decisions: list[bool] = []
+    real_from_host = direct_mod.from_host
+    monkeypatch.setattr(
+        direct_mod, "from_host", lambda p: decisions.append(real_from_host(p)) or decisions[-1]
+    )
+
+    def req_func(paths):
+        here.send((paths[0][1], False))
+
+    def answer() -> dict:
+        assert here.poll(60), "the worker did not answer"
+        return here.recv()
+
+    try:
+        for step in range(2):
+            train_step(weights)
+            want = {n: digest(t) for n, t in weights.items()}
+            if step:
+                ps.unregister_checkpoint(f"step{step - 1}")
+            ps.register_and_update(f"step{step}", req_func, named_tensors=weights)
+            reply = answer()
+            assert reply["error"] is None and reply["committed"] == want, reply["error"]
+            ckpt = ps.checkpoint(f"step{step}")
+            assert {n: digest(ckpt.get_tensor(n)) for n in weights} == want
+            assert use_counts(weights) == holders
+        assert decisions.count(True) >= 2 * 2, decisions  # the experts' runs, every step
+        assert False in decisions, decisions  # the large tensor, from its own memory
+
+        if device == "cpu":
+            ps.unregister_checkpoint("step1")
+            train_step(weights)
+
+            def broken(jobs, **kw):
+                raise RuntimeError("injected host copy failure")
+
+            monkeypatch.setattr(direct_mod, "copy_host", broken)
+            with pytest.raises(UpdateError, match="host copy failed: injected host copy failure"):
+                ps.register_and_update("broken", req_func, named_tensors=weights)
+            reply = answer()
+            assert reply["committed"] == want and reply["error"] is not None
+            assert ps.registered_checkpoints() == []
+            assert use_counts(weights) == holders
+    finally:
+        here.send(None)
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+        ps.close()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ckpt_engine.ps.sources import HOST, Piece, SourceMap, Span
+from ckpt_engine.ps.sources import HOST, Piece, SourceMap, Span, from_host
 
 # buffer 0: a host-held tensor, then two direct tensors back to back in storage 0 (a trainer's
 # flat buffer: 512 bytes apart there and in the host buffer), then one of storage 1, then a
@@ -98,3 +98,23 @@ def test_spans_are_sorted_and_overlaps_refused():
     assert smap.pieces(0, 0, 266, 0) == [Piece(0, 0, 0, 266)]
     with pytest.raises(ValueError, match="overlap"):
         SourceMap([Span(0, 0, 100), Span(0, 50, 100)])
+
+
+KiB = 1 << 10
+
+
+@pytest.mark.parametrize(
+    ("direct", "host", "want"),
+    [
+        ([4 * KiB] * 16, 0, True),  # many small tensors (MoE experts): from the host copy
+        ([4 * KiB] * 15, 0, False),  # not many
+        ([4 * KiB] * 15, 100, False),  # host-held pieces do not count
+        ([600 * KiB] * 16, 0, False),  # not small on average
+        ([4 * KiB] * 15 + [8 << 20], 0, False),  # one large tensor among them
+        ([512 * KiB - 1] * 16, 0, True),
+        ([], 3, False),
+    ],
+)
+def test_from_host(direct, host, want):
+    pieces = [Piece(0, 0, 0, n) for n in direct] + [Piece(HOST, 0, 0, 1)] * host
+    assert from_host(pieces) is want
