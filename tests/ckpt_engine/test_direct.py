@@ -3,7 +3,9 @@ update fills the slots straight from them while their host copy runs beside it.
 
 On CPU the same path runs with host tensors (a CPU parameter server's device): memcpy into the
 shared-memory slot from the tensors, the host copy on a thread. Checked per step: the worker's
-bytes and the pool's host copy both equal the tensors' bytes, the tensors no longer referenced
+bytes and the pool's host copy both equal the tensors' bytes as they were when the call was
+made (GPU: their producing kernels still queued behind a spin kernel then; the trainer changes
+them again right after the call returns), the tensors no longer referenced
 once the call returns (their storages' use counts as before), strided and other-device tensors
 on the old path; after a worker's refusal and after a bad tensor: the name unregistered, the
 buffers back in the pool, the worker on its last good weights, no reference kept, and (CPU) the
@@ -107,6 +109,14 @@ def train_step(weights: dict[str, torch.Tensor]) -> None:
                 t.add_(1)
 
 
+def queue_step(weights: dict[str, torch.Tensor], device: str) -> None:
+    """The trainer's step still queued when register_and_update starts (GPU: behind a spin
+    kernel of tens of ms on the current stream), so the call must order its copies after it."""
+    if device == "cuda":
+        torch.cuda._sleep(100_000_000)
+    train_step(weights)
+
+
 def use_counts(weights: dict[str, torch.Tensor]) -> dict[str, int]:
     """How many holders each tensor's storage has (ours included)."""
     return {n: torch._C._storage_Use_Count(t.untyped_storage()._cdata) for n, t in weights.items()}
@@ -202,11 +212,12 @@ def test_slots_filled_from_the_tensors_host_copy_complete_failures_clean(device,
     try:
         good = None
         for step in range(3):  # steps: every byte through the slots and into the host copy
-            train_step(weights)
-            want = {n: digest(t) for n, t in weights.items()}
+            queue_step(weights, device)
             if step:
                 ps.unregister_checkpoint(f"step{step - 1}")
             ps.register_and_update(f"step{step}", req_func, named_tensors=weights)
+            want = {n: digest(t) for n, t in weights.items()}  # the values it was called with
+            train_step(weights)  # the trainer goes on once it returned: the step keeps its own
             reply = answer()
             assert reply["error"] is None and reply["committed"] == want, reply["error"]
             ckpt = ps.checkpoint(f"step{step}")
@@ -262,9 +273,9 @@ def test_slots_filled_from_the_tensors_host_copy_complete_failures_clean(device,
         assert use_counts(weights) == holders
 
         # and the next step is whole again
-        train_step(weights)
-        want = {n: digest(t) for n, t in weights.items()}
+        queue_step(weights, device)
         ps.register_and_update("final", req_func, named_tensors=weights)
+        want = {n: digest(t) for n, t in weights.items()}
         reply = answer()
         assert reply["error"] is None and reply["committed"] == want
         assert {n: digest(ps.checkpoint("final").get_tensor(n)) for n in weights} == want
@@ -321,11 +332,12 @@ def test_runs_of_small_tensors_come_from_the_host_copy(device, env, monkeypatch)
 
     try:
         for step in range(2):
-            train_step(weights)
-            want = {n: digest(t) for n, t in weights.items()}
+            queue_step(weights, device)
             if step:
                 ps.unregister_checkpoint(f"step{step - 1}")
             ps.register_and_update(f"step{step}", req_func, named_tensors=weights)
+            want = {n: digest(t) for n, t in weights.items()}  # the values it was called with
+            train_step(weights)  # the trainer goes on once it returned
             reply = answer()
             assert reply["error"] is None and reply["committed"] == want, reply["error"]
             ckpt = ps.checkpoint(f"step{step}")
