@@ -19,5 +19,5 @@ def test_bench_cpu_mode(capsys, tmp_path):
     assert p2p.main(["--cpu", "--streams", "2", "--repeat", "1", "--results", str(results)]) == 0
     out = capsys.readouterr().out
     assert "| tcp | 2 |" in out
-    assert "| tcp, column shard (runs of 12288 B, half the buffer) | 1 |" in out  # verified
+    assert "| tcp, column shard (runs of 12288 B of rows twice that) | 1 |" in out  # verified
     assert "## P2P transport" in results.read_text()
