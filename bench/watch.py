@@ -1,5 +1,6 @@
 """Per-step cost of the two ways a trainer feeds a running inference engine every step (issue 17,
-item 5), on one device, the dense workload (bench/workload.py):
+item 5), on one device, the dense workload or, with ``--workload moe``, the many-tensor one
+(bench/workload.py):
 
 - ``watch``: the updater as it runs in production, ``python -m ckpt_engine.update --watch DIR``
   (one rank, started once, ``--register-mode overlap`` by default), in front of a stub inference
@@ -19,12 +20,14 @@ item 5), on one device, the dense workload (bench/workload.py):
   (``last_step_timings``: ``update``, ``host_copy``, ...) are printed per step. The step's new
   values are written into the weights on the device first (not timed).
 
-The worker (a spawned process, one per run) checks every byte of every step after its
-post-hook (bf16 as int16, ``torch.equal``). Step 1 of each mode allocates and pins the pool
+The worker (a spawned process, one per run) copies each bucket into its parameters with one
+``torch._foreach_copy_`` (so that 10^5 expert tensors measure the transfer, not a Python loop of
+the worker) and checks every byte of every step after its post-hook (bf16 as int16, ``torch.equal``). Step 1 of each mode allocates and pins the pool
 (reported apart); the table shows the median and the range of the later steps.
 
     python bench/watch.py --gib 16 --steps 4            # GPU: about 2-3 minutes
     python bench/watch.py --cpu --gib 0.05 --shrink 8 --steps 3    # CPU smoke run, ~30 s
+    python bench/watch.py --gib 16 --modes trainer --workload moe --tensors 150000
 """
 
 from __future__ import annotations
@@ -77,8 +80,9 @@ def worker_main(device_type, index, spec, q, res):
         reply = {"exact": False, "error": None, "applied": None}
 
         def run(weights):
-            for name, w in weights:
-                views[name].copy_(w)
+            if weights:
+                names, received = zip(*weights)
+                torch._foreach_copy_(list(map(views.__getitem__, names)), list(received))
 
         def post_hook(reply=reply):
             harness.sync(device_type, index)
@@ -293,6 +297,8 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true", help="CPU path (gloo, shared memory)")
     ap.add_argument("--shrink", type=int, default=1, help="divide every dimension (CPU runs)")
     ap.add_argument("--modes", default="watch,trainer", help="comma list of watch, trainer")
+    ap.add_argument("--workload", default="dense", choices=("dense", "moe"))
+    ap.add_argument("--tensors", type=int, default=50_000, help="moe: at least this many tensors")
     ap.add_argument("--register-mode", default="overlap", choices=("overlap", "separate"))
     ap.add_argument("--data-dir", default="/dev/shm", help="where the trainer writes DIR")
     ap.add_argument("--step-limit-s", type=float, default=120.0)
@@ -304,7 +310,7 @@ def main() -> int:
         torch.cuda.set_device(0)
     os.environ["CKPT_ENGINE_DEVICE"] = dtype
     out = Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="bench-watch-"))
-    spec = workload_spec("dense", a.gib, a.shrink)
+    spec = workload_spec(a.workload, a.gib, a.shrink, a.tensors)
     dev = harness.device_of(dtype, 0)
     base = {name: gen(i, shape, dev) for i, (name, shape) in enumerate(spec)}
     nbytes = total_bytes(spec)

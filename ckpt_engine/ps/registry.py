@@ -22,6 +22,7 @@ from ckpt_engine.errors import CheckpointError, CheckpointFileError
 from ckpt_engine.metas import TensorMeta
 from ckpt_engine.pool import HostPool
 from ckpt_engine.progress import Progress
+from ckpt_engine.ps import direct as direct_sources
 from ckpt_engine.ps.direct import DirectSources, is_direct
 from ckpt_engine.ps.named import (
     NAMED_TENSORS_SOURCE,
@@ -331,6 +332,8 @@ class Registry:
         bases = [b.tensor.data_ptr() for b in buffers]
         tensors = list(named.values())
         direct = [i for i, t in enumerate(tensors) if defer and is_direct(t, self._device)]
+        if len(direct) > direct_sources.MAX_TENSORS:  # the host path is faster then
+            direct = []
         host_jobs, by_torch = plan_copies(tensors, sizes, where, offsets, bases, skip=direct)
         metas = metas_of(named, sizes, where, offsets, first)
 

@@ -366,3 +366,49 @@ def test_runs_of_small_tensors_come_from_the_host_copy(device, env, monkeypatch)
         if proc.is_alive():
             proc.kill()
         ps.close()
+
+
+def test_past_max_tensors_every_tensor_takes_the_host_path(env, monkeypatch):
+    """More direct-eligible tensors than ``MAX_TENSORS`` in one registration (10^5 MoE experts):
+    none is read in place (the per-tensor calls would cost more than the overlap); the step is
+    the host path's, bytes exact on both sides. At the limit, they are read in place."""
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=worker, args=(there, 0), daemon=True)
+    proc.start()
+    config = PSConfig(timeout_s=60.0, connect_poll_s=0.1, bucket_bytes=64 << 10)
+    ps = ParameterServer(rank=0, world_size=1, device_type="cpu", config=config)
+    g = torch.Generator().manual_seed(2)
+    weights = {f"experts.{i}": torch.randn(300, generator=g) for i in range(40)}
+    made: list[int] = []
+    real_init = direct_mod.DirectSources.__init__
+
+    def init(self, named, indices, **kw):
+        made.append(len(indices))
+        real_init(self, named, indices, **kw)
+
+    monkeypatch.setattr(direct_mod.DirectSources, "__init__", init)
+
+    def req_func(paths):
+        here.send((paths[0][1], False))
+
+    try:
+        for step, limit in enumerate((39, 40)):
+            monkeypatch.setattr(direct_mod, "MAX_TENSORS", limit)
+            if step:
+                ps.unregister_checkpoint(f"step{step - 1}")
+            ps.register_and_update(f"step{step}", req_func, named_tensors=weights)
+            want = {n: digest(t) for n, t in weights.items()}
+            assert here.poll(60), "the worker did not answer"
+            reply = here.recv()
+            assert reply["error"] is None and reply["committed"] == want, reply["error"]
+            ckpt = ps.checkpoint(f"step{step}")
+            assert {n: digest(ckpt.get_tensor(n)) for n in weights} == want
+            train_step(weights)
+        assert made == [40]  # only the step within the limit read them in place
+    finally:
+        here.send(None)
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+        ps.close()
