@@ -38,8 +38,27 @@ class BucketItem(NamedTuple):
     offset: int
 
 
+class StridedRuns:
+    """``count`` runs of ``nbytes``, each ``stride`` bytes after the previous (a record with
+    those three fields: CopyRange here, the P2P transport's ReadRange)."""
+
+    count: int
+    stride: int
+    nbytes: int
+
+    @property
+    def span(self) -> int:
+        """Bytes from the first run's start to the last run's end."""
+        return (self.count - 1) * self.stride + self.nbytes
+
+    @property
+    def total(self) -> int:
+        """Bytes of the runs."""
+        return self.count * self.nbytes
+
+
 @dataclass(frozen=True)
-class CopyRange:
+class CopyRange(StridedRuns):
     """Owner-side copy: ``nbytes`` bytes of host buffer ``buffer`` at ``src`` to slot ``dst``.
     ``count`` > 1 (only in a P2P receiver's reads of column shards, ``p2p/shards.py``; plans
     have single runs): ``count`` runs of ``nbytes``, each ``stride`` after the previous on both
@@ -51,16 +70,6 @@ class CopyRange:
     nbytes: int
     count: int = 1
     stride: int = 0
-
-    @property
-    def span(self) -> int:
-        """Bytes from the first run's start to the last run's end."""
-        return (self.count - 1) * self.stride + self.nbytes
-
-    @property
-    def total(self) -> int:
-        """Bytes moved."""
-        return self.count * self.nbytes
 
 
 @dataclass(frozen=True)

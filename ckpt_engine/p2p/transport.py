@@ -27,10 +27,11 @@ from typing import Any
 
 from ckpt_engine.errors import TransferError
 from ckpt_engine.host_memory import HostBuffer
+from ckpt_engine.planner import StridedRuns
 
 
 @dataclass(frozen=True)
-class ReadRange:
+class ReadRange(StridedRuns):
     """``nbytes`` bytes at ``offset`` of the owner's buffer ``buffer`` into ``dst`` (writable,
     exactly ``span`` long, local host memory from ``Reader.prepare``). With ``count`` > 1:
     ``count`` runs of ``nbytes``, each ``stride`` bytes after the previous, on both sides (a
@@ -43,15 +44,6 @@ class ReadRange:
     dst: memoryview
     count: int = 1
     stride: int = 0
-
-    @property
-    def span(self) -> int:
-        return (self.count - 1) * self.stride + self.nbytes
-
-    @property
-    def total(self) -> int:
-        """Bytes of the runs."""
-        return self.count * self.nbytes
 
     def runs(self):
         """(owner offset, dst offset) of each run."""
