@@ -228,34 +228,42 @@ def _rank(rank: int, port: int, root: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_ranks_push_what_rank_0_decides_and_stop_together(tmp_path):
-    """Two gloo ranks: both push what rank 0 lists (rank 1's own folder differs), and a stop
-    request on rank 1 alone ends both after the push in flight, with 143."""
+def _two_ranks(target, tmp_path) -> list[dict]:
+    """``target(rank, port, root, out)`` on two spawned ranks (joined within 120 s, else
+    killed); each rank's JSON result."""
     import json
 
     import torch.multiprocessing as mp
     from workers_testutil import free_port
 
-    make(tmp_path / "rank0", "step-1")
-    make(tmp_path / "rank0", "step-2")
-    make(tmp_path / "rank0", "step-3")
-    make(tmp_path / "rank1", "step-9")  # never pushed: rank 1 does not list
-    (tmp_path / "rank1" / "step-1").mkdir()  # its view of a checkpoint: no marker
     ctx = mp.get_context("spawn")
     port = free_port()
     procs = [
-        ctx.Process(target=_rank, args=(r, port, str(tmp_path), str(tmp_path))) for r in (0, 1)
+        ctx.Process(target=target, args=(r, port, str(tmp_path), str(tmp_path))) for r in (0, 1)
     ]
     for p in procs:
         p.start()
-    try:  # step-3 (the newest), then step-4 (written during step-3's push), then the stop
+    try:
         for p in procs:
             p.join(120)
     finally:
         for p in procs:
             if p.is_alive():
                 p.kill()
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_ranks_push_what_rank_0_decides_and_stop_together(tmp_path):
+    """Two gloo ranks: both push what rank 0 lists (rank 1's own folder differs), and a stop
+    request on rank 1 alone ends both after the push in flight, with 143."""
+
+    make(tmp_path / "rank0", "step-1")
+    make(tmp_path / "rank0", "step-2")
+    make(tmp_path / "rank0", "step-3")
+    make(tmp_path / "rank1", "step-9")  # never pushed: rank 1 does not list
+    (tmp_path / "rank1" / "step-1").mkdir()  # its view of a checkpoint: no marker
+    # step-3 (the newest), then step-4 (written during step-3's push), then the stop
+    results = _two_ranks(_rank, tmp_path)
     assert [r["pushed"] for r in results] == [["step-3", "step-4"]] * 2
     assert [r["code"] for r in results] == [143, 143]
 
@@ -286,32 +294,12 @@ def test_a_directory_rank_0_cannot_list_fails_every_rank_naming_it(tmp_path):
     """Rank 0 lists DIR for every rank: when it cannot (here DIR is a file), every rank fails
     with the same error naming DIR, instead of rank 0 alone leaving the loop while the others
     wait in the round's all-gather."""
-    import json
-
-    import torch.multiprocessing as mp
-    from workers_testutil import free_port
-
     from ckpt_engine.errors import CheckpointFileError
 
     (tmp_path / "not-a-folder").write_text("a file")
     (tmp_path / "rank1").mkdir()
     with pytest.raises(CheckpointFileError, match="not-a-folder: cannot list"):
         Watcher(tmp_path / "not-a-folder", ONE_RANK).run(lambda p, i: None)
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [
-        ctx.Process(target=_rank_unlistable, args=(r, port, str(tmp_path), str(tmp_path)))
-        for r in (0, 1)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(120)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-    errors = [json.loads((tmp_path / f"rank{r}.json").read_text())["error"] for r in (0, 1)]
+    errors = [r["error"] for r in _two_ranks(_rank_unlistable, tmp_path)]
     assert all(e is not None and e.startswith("CheckpointFileError") for e in errors), errors
     assert all("not-a-folder: cannot list the --watch directory (rank 0)" in e for e in errors)

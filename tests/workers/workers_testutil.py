@@ -193,8 +193,14 @@ def start_server(
     port = free_port()
     cmd = [*(prefix or []), sys.executable, "-m", "workers.server", "--model-path", str(model_path)]
     cmd += ["--port", str(port), *args]
+    return Server(proc=spawn(cmd, log, env), url=f"http://127.0.0.1:{port}", log=log)
+
+
+def spawn(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """``cmd`` from the repo root in its own process group (stop it with stop_group), output to
+    ``log``, ``env`` added to the environment."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             cmd,
             cwd=REPO,
             stdout=out,
@@ -202,7 +208,6 @@ def start_server(
             start_new_session=True,
             env={**os.environ, **(env or {})},
         )
-    return Server(proc=proc, url=f"http://127.0.0.1:{port}", log=log)
 
 
 def wait_until_up(server: Server, deadline_s: float = 120.0) -> None:
@@ -240,15 +245,7 @@ def start_updater(*args: str, nproc: int, log: Path, env: dict | None = None) ->
     background, in its own process group (stop it with stop_group), output to ``log``."""
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     cmd = [torchrun, "--standalone", "--nproc-per-node", str(nproc), "examples/update.py", *args]
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, **(env or {})},
-        )
+    return spawn(cmd, log, env)
 
 
 def run_updater(
