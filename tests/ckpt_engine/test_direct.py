@@ -186,105 +186,122 @@ def env(tmp_path, monkeypatch):
     monkeypatch.delenv("MASTER_PORT", raising=False)
 
 
+class Inference:
+    """The spawned worker, driven through the parameter server's ``req_func``; ``refuse``: its
+    next update refuses the manifest."""
+
+    def __init__(self):
+        ctx = mp.get_context("spawn")
+        self.here, there = ctx.Pipe()
+        self.proc = ctx.Process(target=worker, args=(there, 0), daemon=True)
+        self.proc.start()
+        self.refuse = False
+
+    def req_func(self, paths):
+        self.here.send((paths[0][1], self.refuse))
+
+    def answer(self) -> dict:
+        assert self.here.poll(60), "the worker did not answer"
+        return self.here.recv()
+
+    def close(self):
+        self.here.send(None)
+        self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+@pytest.fixture
+def served(device, env):
+    """(the worker, a parameter server on ``device``), world size 1, small buckets."""
+    inference = Inference()
+    config = PSConfig(timeout_s=60.0, connect_poll_s=0.1, bucket_bytes=64 << 10)
+    ps = ParameterServer(rank=0, world_size=1, device_type=device, config=config)
+    yield inference, ps
+    inference.close()
+    ps.close()
+
+
 @pytest.mark.parametrize(
     "device",
     [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)],
 )
-def test_slots_filled_from_the_tensors_host_copy_complete_failures_clean(device, env, monkeypatch):
-    ctx = mp.get_context("spawn")
-    here, there = ctx.Pipe()
-    proc = ctx.Process(target=worker, args=(there, 0), daemon=True)
-    proc.start()
-    config = PSConfig(timeout_s=60.0, connect_poll_s=0.1, bucket_bytes=64 << 10)
-    ps = ParameterServer(rank=0, world_size=1, device_type=device, config=config)
+def test_slots_filled_from_the_tensors_host_copy_complete_failures_clean(
+    device, served, monkeypatch
+):
+    inference, ps = served
     spy = Spy(monkeypatch, ps)
     weights = trainer_weights(device)
     holders = use_counts(weights)
-    refuse = [False]
-
-    def req_func(paths):
-        here.send((paths[0][1], refuse[0]))
-
-    def answer() -> dict:
-        assert here.poll(60), "the worker did not answer"
-        return here.recv()
-
-    try:
-        good = None
-        for step in range(3):  # steps: every byte through the slots and into the host copy
-            queue_step(weights, device)
-            if step:
-                ps.unregister_checkpoint(f"step{step - 1}")
-            ps.register_and_update(f"step{step}", req_func, named_tensors=weights)
-            want = {n: digest(t) for n, t in weights.items()}  # the values it was called with
-            train_step(weights)  # the trainer goes on once it returned: the step keeps its own
-            reply = answer()
-            assert reply["error"] is None and reply["committed"] == want, reply["error"]
-            ckpt = ps.checkpoint(f"step{step}")
-            assert {n: digest(ckpt.get_tensor(n)) for n in weights} == want  # the host copy
-            assert not ckpt.pending and "host_copy" in ps.last_step_timings
-            assert use_counts(weights) == holders, "a reference to the tensors was kept"
-            good = want
-        by_torch = {"w_t", "w_rows", "other_gpu"} & set(weights)  # strided, another GPU
-        assert spy.torch_copies == len(by_torch) * 3  # each step; the others read in place
-        assert spy.fills >= 3
-
-        # the worker refuses: name unregistered, buffers back, last good weights kept
-        ps.unregister_checkpoint("step2")
-        free = ps.host_pool.free_bytes
-        train_step(weights)
-        refuse[0], spy.block, spy.events[:] = True, device == "cpu", []
-        with pytest.raises(UpdateError, match="manifest refused by the test"):
-            ps.register_and_update("refused", req_func, named_tensors=weights)
-        refuse[0], spy.block = False, False
-        reply = answer()
-        assert reply["committed"] == good and "refused" in reply["error"]
-        assert ps.registered_checkpoints() == []
-        assert ps.host_pool.free_bytes == free
-        assert use_counts(weights) == holders
-        if device == "cpu":  # the host copy ended before a buffer went back to the pool
-            events = spy.events
-            assert "close waits for the host copy" in events, events
-            assert events.index("host copy done") < events.index("given back"), events
-
-        # a tensor without data among them: refused naming it, nothing kept
-        bad = {**weights, "layers.0.w": torch.empty(4, device="meta")}
-        with pytest.raises(CheckpointError, match=r"named_tensors\['layers.0.w'\].*meta"):
-            ps.register_and_update("bad", req_func, named_tensors=bad)
-        del bad
-        assert ps.registered_checkpoints() == []
-        assert ps.host_pool.free_bytes == free
-        assert use_counts(weights) == holders
-
-        # a strided copy failing after the direct host copy started: waited for, then given back
-        spy.events[:] = []
-        real = named_mod.copy_into
-
-        def failing(dst, t):
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-
-        monkeypatch.setattr(named_mod, "copy_into", failing)
-        with pytest.raises(CheckpointError, match=r"named_tensors\['w_t'\].*illegal memory"):
-            ps.register_and_update("copy_fails", req_func, named_tensors=weights)
-        monkeypatch.setattr(named_mod, "copy_into", real)
-        events = spy.events
-        assert events.index("close") < events.index("given back"), events
-        assert ps.registered_checkpoints() == [] and ps.host_pool.free_bytes == free
-        assert use_counts(weights) == holders
-
-        # and the next step is whole again
+    good = None
+    for step in range(3):  # steps: every byte through the slots and into the host copy
         queue_step(weights, device)
-        ps.register_and_update("final", req_func, named_tensors=weights)
-        want = {n: digest(t) for n, t in weights.items()}
-        reply = answer()
-        assert reply["error"] is None and reply["committed"] == want
-        assert {n: digest(ps.checkpoint("final").get_tensor(n)) for n in weights} == want
-    finally:
-        here.send(None)
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-        ps.close()
+        if step:
+            ps.unregister_checkpoint(f"step{step - 1}")
+        ps.register_and_update(f"step{step}", inference.req_func, named_tensors=weights)
+        want = {n: digest(t) for n, t in weights.items()}  # the values it was called with
+        train_step(weights)  # the trainer goes on once it returned: the step keeps its own
+        reply = inference.answer()
+        assert reply["error"] is None and reply["committed"] == want, reply["error"]
+        ckpt = ps.checkpoint(f"step{step}")
+        assert {n: digest(ckpt.get_tensor(n)) for n in weights} == want  # the host copy
+        assert not ckpt.pending and "host_copy" in ps.last_step_timings
+        assert use_counts(weights) == holders, "a reference to the tensors was kept"
+        good = want
+    by_torch = {"w_t", "w_rows", "other_gpu"} & set(weights)  # strided, another GPU
+    assert spy.torch_copies == len(by_torch) * 3  # each step; the others read in place
+    assert spy.fills >= 3
+
+    # the worker refuses: name unregistered, buffers back, last good weights kept
+    ps.unregister_checkpoint("step2")
+    free = ps.host_pool.free_bytes
+    train_step(weights)
+    inference.refuse, spy.block, spy.events[:] = True, device == "cpu", []
+    with pytest.raises(UpdateError, match="manifest refused by the test"):
+        ps.register_and_update("refused", inference.req_func, named_tensors=weights)
+    inference.refuse, spy.block = False, False
+    reply = inference.answer()
+    assert reply["committed"] == good and "refused" in reply["error"]
+    assert ps.registered_checkpoints() == []
+    assert ps.host_pool.free_bytes == free
+    assert use_counts(weights) == holders
+    if device == "cpu":  # the host copy ended before a buffer went back to the pool
+        events = spy.events
+        assert "close waits for the host copy" in events, events
+        assert events.index("host copy done") < events.index("given back"), events
+
+    # a tensor without data among them: refused naming it, nothing kept
+    bad = {**weights, "layers.0.w": torch.empty(4, device="meta")}
+    with pytest.raises(CheckpointError, match=r"named_tensors\['layers.0.w'\].*meta"):
+        ps.register_and_update("bad", inference.req_func, named_tensors=bad)
+    del bad
+    assert ps.registered_checkpoints() == []
+    assert ps.host_pool.free_bytes == free
+    assert use_counts(weights) == holders
+
+    # a strided copy failing after the direct host copy started: waited for, then given back
+    spy.events[:] = []
+    real = named_mod.copy_into
+
+    def failing(dst, t):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(named_mod, "copy_into", failing)
+    with pytest.raises(CheckpointError, match=r"named_tensors\['w_t'\].*illegal memory"):
+        ps.register_and_update("copy_fails", inference.req_func, named_tensors=weights)
+    monkeypatch.setattr(named_mod, "copy_into", real)
+    events = spy.events
+    assert events.index("close") < events.index("given back"), events
+    assert ps.registered_checkpoints() == [] and ps.host_pool.free_bytes == free
+    assert use_counts(weights) == holders
+
+    # and the next step is whole again
+    queue_step(weights, device)
+    ps.register_and_update("final", inference.req_func, named_tensors=weights)
+    want = {n: digest(t) for n, t in weights.items()}
+    reply = inference.answer()
+    assert reply["error"] is None and reply["committed"] == want
+    assert {n: digest(ps.checkpoint("final").get_tensor(n)) for n in weights} == want
 
 
 def test_decision_per_tensor():
@@ -302,17 +319,12 @@ def test_decision_per_tensor():
     "device",
     [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)],
 )
-def test_runs_of_small_tensors_come_from_the_host_copy(device, env, monkeypatch):
+def test_runs_of_small_tensors_come_from_the_host_copy(device, served, monkeypatch):
     """64 expert-sized tensors (2000 bytes) in runs of about 32 a bucket: each run is copied
     whole from the host buffer once its host copy landed (``sources.from_host``), the large
     tensor beside them from its own memory; bytes exact on both sides. (CPU) a host copy that
     fails fails the update naming it, and the worker keeps its last good weights."""
-    ctx = mp.get_context("spawn")
-    here, there = ctx.Pipe()
-    proc = ctx.Process(target=worker, args=(there, 0), daemon=True)
-    proc.start()
-    config = PSConfig(timeout_s=60.0, connect_poll_s=0.1, bucket_bytes=64 << 10)
-    ps = ParameterServer(rank=0, world_size=1, device_type=device, config=config)
+    inference, ps = served
     g = torch.Generator().manual_seed(1)
     weights = {f"experts.{i}": torch.randn(500, generator=g).to(device) for i in range(64)}
     weights["big"] = torch.randn(1 << 16, generator=g).to(device)
@@ -323,61 +335,43 @@ def test_runs_of_small_tensors_come_from_the_host_copy(device, env, monkeypatch)
         direct_mod, "from_host", lambda p: decisions.append(real_from_host(p)) or decisions[-1]
     )
 
-    def req_func(paths):
-        here.send((paths[0][1], False))
+    for step in range(2):
+        queue_step(weights, device)
+        if step:
+            ps.unregister_checkpoint(f"step{step - 1}")
+        ps.register_and_update(f"step{step}", inference.req_func, named_tensors=weights)
+        want = {n: digest(t) for n, t in weights.items()}  # the values it was called with
+        train_step(weights)  # the trainer goes on once it returned
+        reply = inference.answer()
+        assert reply["error"] is None and reply["committed"] == want, reply["error"]
+        ckpt = ps.checkpoint(f"step{step}")
+        assert {n: digest(ckpt.get_tensor(n)) for n in weights} == want
+        assert use_counts(weights) == holders
+    assert decisions.count(True) >= 2 * 2, decisions  # the experts' runs, every step
+    assert False in decisions, decisions  # the large tensor, from its own memory
 
-    def answer() -> dict:
-        assert here.poll(60), "the worker did not answer"
-        return here.recv()
+    if device == "cpu":
+        ps.unregister_checkpoint("step1")
+        train_step(weights)
 
-    try:
-        for step in range(2):
-            queue_step(weights, device)
-            if step:
-                ps.unregister_checkpoint(f"step{step - 1}")
-            ps.register_and_update(f"step{step}", req_func, named_tensors=weights)
-            want = {n: digest(t) for n, t in weights.items()}  # the values it was called with
-            train_step(weights)  # the trainer goes on once it returned
-            reply = answer()
-            assert reply["error"] is None and reply["committed"] == want, reply["error"]
-            ckpt = ps.checkpoint(f"step{step}")
-            assert {n: digest(ckpt.get_tensor(n)) for n in weights} == want
-            assert use_counts(weights) == holders
-        assert decisions.count(True) >= 2 * 2, decisions  # the experts' runs, every step
-        assert False in decisions, decisions  # the large tensor, from its own memory
+        def broken(jobs, **kw):
+            raise RuntimeError("injected host copy failure")
 
-        if device == "cpu":
-            ps.unregister_checkpoint("step1")
-            train_step(weights)
-
-            def broken(jobs, **kw):
-                raise RuntimeError("injected host copy failure")
-
-            monkeypatch.setattr(direct_mod, "copy_host", broken)
-            with pytest.raises(UpdateError, match="host copy failed: injected host copy failure"):
-                ps.register_and_update("broken", req_func, named_tensors=weights)
-            reply = answer()
-            assert reply["committed"] == want and reply["error"] is not None
-            assert ps.registered_checkpoints() == []
-            assert use_counts(weights) == holders
-    finally:
-        here.send(None)
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-        ps.close()
+        monkeypatch.setattr(direct_mod, "copy_host", broken)
+        with pytest.raises(UpdateError, match="host copy failed: injected host copy failure"):
+            ps.register_and_update("broken", inference.req_func, named_tensors=weights)
+        reply = inference.answer()
+        assert reply["committed"] == want and reply["error"] is not None
+        assert ps.registered_checkpoints() == []
+        assert use_counts(weights) == holders
 
 
-def test_past_max_tensors_every_tensor_takes_the_host_path(env, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu"])
+def test_past_max_tensors_every_tensor_takes_the_host_path(device, served, monkeypatch):
     """More direct-eligible tensors than ``MAX_TENSORS`` in one registration (10^5 MoE experts):
     none is read in place (the per-tensor calls would cost more than the overlap); the step is
     the host path's, bytes exact on both sides. At the limit, they are read in place."""
-    ctx = mp.get_context("spawn")
-    here, there = ctx.Pipe()
-    proc = ctx.Process(target=worker, args=(there, 0), daemon=True)
-    proc.start()
-    config = PSConfig(timeout_s=60.0, connect_poll_s=0.1, bucket_bytes=64 << 10)
-    ps = ParameterServer(rank=0, world_size=1, device_type="cpu", config=config)
+    inference, ps = served
     g = torch.Generator().manual_seed(2)
     weights = {f"experts.{i}": torch.randn(300, generator=g) for i in range(40)}
     made: list[int] = []
@@ -389,26 +383,15 @@ def test_past_max_tensors_every_tensor_takes_the_host_path(env, monkeypatch):
 
     monkeypatch.setattr(direct_mod.DirectSources, "__init__", init)
 
-    def req_func(paths):
-        here.send((paths[0][1], False))
-
-    try:
-        for step, limit in enumerate((39, 40)):
-            monkeypatch.setattr(direct_mod, "MAX_TENSORS", limit)
-            if step:
-                ps.unregister_checkpoint(f"step{step - 1}")
-            ps.register_and_update(f"step{step}", req_func, named_tensors=weights)
-            want = {n: digest(t) for n, t in weights.items()}
-            assert here.poll(60), "the worker did not answer"
-            reply = here.recv()
-            assert reply["error"] is None and reply["committed"] == want, reply["error"]
-            ckpt = ps.checkpoint(f"step{step}")
-            assert {n: digest(ckpt.get_tensor(n)) for n in weights} == want
-            train_step(weights)
-        assert made == [40]  # only the step within the limit read them in place
-    finally:
-        here.send(None)
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-        ps.close()
+    for step, limit in enumerate((39, 40)):
+        monkeypatch.setattr(direct_mod, "MAX_TENSORS", limit)
+        if step:
+            ps.unregister_checkpoint(f"step{step - 1}")
+        ps.register_and_update(f"step{step}", inference.req_func, named_tensors=weights)
+        want = {n: digest(t) for n, t in weights.items()}
+        reply = inference.answer()
+        assert reply["error"] is None and reply["committed"] == want, reply["error"]
+        ckpt = ps.checkpoint(f"step{step}")
+        assert {n: digest(ckpt.get_tensor(n)) for n in weights} == want
+        train_step(weights)
+    assert made == [40]  # only the step within the limit read them in place
