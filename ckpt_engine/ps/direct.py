@@ -67,6 +67,13 @@ def is_direct(tensor: torch.Tensor, device: torch.device | None) -> bool:
     )
 
 
+def direct_indices(tensors: Sequence[torch.Tensor], device: torch.device | None) -> list[int]:
+    """The indices of ``tensors`` one registration reads in place: those ``is_direct`` says,
+    none when they are more than ``MAX_TENSORS``."""
+    direct = [i for i, t in enumerate(tensors) if is_direct(t, device)]
+    return direct if len(direct) <= MAX_TENSORS else []
+
+
 def _storage_bytes(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The whole storage under ``tensor`` as uint8, and the tensor's byte offset in it."""
     storage = tensor.untyped_storage()

@@ -22,8 +22,7 @@ from ckpt_engine.errors import CheckpointError, CheckpointFileError
 from ckpt_engine.metas import TensorMeta
 from ckpt_engine.pool import HostPool
 from ckpt_engine.progress import Progress
-from ckpt_engine.ps import direct as direct_sources
-from ckpt_engine.ps.direct import DirectSources, is_direct
+from ckpt_engine.ps.direct import DirectSources, direct_indices
 from ckpt_engine.ps.named import (
     NAMED_TENSORS_SOURCE,
     check_named,
@@ -310,7 +309,7 @@ class Registry:
         ckpt_engine.ps.named), pin the new ones, then copy the tensors in: contiguous host
         tensors on the read threads, device and strided tensors by torch, device-to-host
         straight into the pinned buffers. ``defer``: the tensors on this rank's device
-        (``direct.is_direct``) are copied in the background instead (``ckpt.direct``).
+        (``direct.direct_indices``) are copied in the background instead (``ckpt.direct``).
 
         Pinning runs before the copies, not beside them: measured on the H200 host (16 cores),
         filling the page tables while the copies touch the same buffers took 3.5 s instead of
@@ -331,9 +330,7 @@ class Registry:
         buffers = ckpt.buffers[first:]
         bases = [b.tensor.data_ptr() for b in buffers]
         tensors = list(named.values())
-        direct = [i for i, t in enumerate(tensors) if defer and is_direct(t, self._device)]
-        if len(direct) > direct_sources.MAX_TENSORS:  # the host path is faster then
-            direct = []
+        direct = direct_indices(tensors, self._device) if defer else []
         host_jobs, by_torch = plan_copies(tensors, sizes, where, offsets, bases, skip=direct)
         metas = metas_of(named, sizes, where, offsets, first)
 
