@@ -11,6 +11,7 @@ timed from files complete to the update applied; ours (one pass, and register + 
 pool) against upstream (registering each step) and instanttensor loading the same files:
     python bench/run.py --steps 6 --gib 16     # --systems ours,ours-2pass,upstream,instanttensor
     python bench/run.py --cpu --steps 4        # ours only
+    python bench/run.py --steps 6 --workload llama3-8b --systems ours,instanttensor  # 16.06 GB
 Many tensors (issue 17; bench/workload.py's ``moe``: experts as separate tensors):
     python bench/run.py --workload moe --tensors 50000 --gib 16 --gpus 1
     python bench/run.py --workload moe --tensors 150000 --gib 16 --gpus 1 --worker-copy foreach

@@ -171,7 +171,8 @@ class Worker:
 def run_ours(system, a, spec, base, data, dtype, index) -> list[dict]:
     from ckpt_engine import ParameterServer, PSConfig
 
-    kw = {"bucket_bytes": a.bucket_mib << 20} if a.bucket_mib else {}
+    n = a.bucket_mib << 20  # the one pass (step_bucket_bytes) and the 2-pass update alike
+    kw = {"bucket_bytes": n, "step_bucket_bytes": n} if n else {}
     config = PSConfig(timeout_s=120.0, pin_in_place=False, **kw)
     trainer = Trainer(base, data)
     ps = ParameterServer(config=config)

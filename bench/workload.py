@@ -4,6 +4,10 @@
 checkpoint: per layer qkv 6144x4096, o 4096x4096, gate_up 24576x4096, down 4096x12288 and two 4096
 norms, layers added until the total reaches `gib` GiB (16 GiB gives 270 tensors, 17.37 GB).
 
+``llama3-8b`` (issue 18's step target): the tensors of Meta-Llama-3-8B (291 tensors, 16.06 GB:
+embeddings and lm_head 128256x4096, per layer q/o 4096x4096, k/v 1024x4096, gate/up 14336x4096,
+down 4096x14336, two norms; the final norm); ``gib`` is ignored.
+
 ``moe`` (many tensors, issue 17): a bf16 mixture-of-experts decoder whose experts are separate
 checkpoint tensors, as in DeepSeek-V3 / Qwen3-MoE checkpoints (`moe_spec_for`).
 
@@ -85,17 +89,38 @@ def moe_spec_for(
     return out
 
 
-WORKLOADS = ("dense", "moe")
+LLAMA3_8B = dict(hidden=4096, kv=1024, inter=14336, vocab=128256, layers=32)
+
+
+def llama3_8b_spec(shrink: int = 1) -> list[tuple[str, tuple[int, ...]]]:
+    """The ``llama3-8b`` workload: Meta-Llama-3-8B's tensor names and shapes, in file order."""
+    h, kv, i, v = (max(1, LLAMA3_8B[k] // shrink) for k in ("hidden", "kv", "inter", "vocab"))
+    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (v, h))]
+    for layer in range(LLAMA3_8B["layers"]):
+        p = f"model.layers.{layer}"
+        out += [(f"{p}.self_attn.{n}_proj.weight", (o, h)) for n, o in (("q", h), ("k", kv))]
+        out += [(f"{p}.self_attn.{n}_proj.weight", (o, h)) for n, o in (("v", kv), ("o", h))]
+        out += [(f"{p}.mlp.{n}_proj.weight", (i, h)) for n in ("gate", "up")]
+        out.append((f"{p}.mlp.down_proj.weight", (h, i)))
+        out += [(f"{p}.{n}.weight", (h,)) for n in ("input_layernorm", "post_attention_layernorm")]
+    out += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+    return out
+
+
+WORKLOADS = ("dense", "moe", "llama3-8b")
 
 
 def workload_spec(
     kind: str, gib: float, shrink: int = 1, tensors: int = 50_000
 ) -> list[tuple[str, tuple[int, ...]]]:
-    """The spec of workload ``kind`` (``dense``: ``tensors`` is ignored)."""
+    """The spec of workload ``kind`` (``dense``: ``tensors`` is ignored; ``llama3-8b``: ``gib``
+    and ``tensors`` are)."""
     if kind == "dense":
         return spec_for(gib, shrink)
     if kind == "moe":
         return moe_spec_for(gib, tensors, shrink)
+    if kind == "llama3-8b":
+        return llama3_8b_spec(shrink)
     raise ValueError(f"unknown workload {kind!r}; known: {', '.join(WORKLOADS)}")
 
 

@@ -46,6 +46,18 @@ def device_key(index: int | None = None, *, device_type: str | None = None) -> s
     return f"CPU-{env.hostname()}-{0 if index is None else index}"
 
 
+def index_for(device_type: str, local_rank: int) -> int:
+    """The device index of the rank with this LOCAL_RANK (a single visible GPU: 0)."""
+    if device_type != "cuda":
+        return local_rank
+    count = torch.cuda.device_count()
+    if count == 1:
+        return 0
+    if local_rank >= count:
+        raise ValueError(f"LOCAL_RANK {local_rank} but only {count} GPUs are visible")
+    return local_rank
+
+
 def torch_device(device_type: str, index: int) -> torch.device:
     return torch.device("cuda", index) if device_type == "cuda" else torch.device("cpu")
 

@@ -25,6 +25,11 @@ class PSConfig:
 
     - bucket_bytes: target size of one bucket (one IPC slot); a single tensor larger than this
       gets a bucket of its own and the slots grow to hold it.
+    - step_bucket_bytes: the bucket size of ``register_and_update`` (a training step: each
+      bucket moves host-to-device as soon as its bytes are read), if below bucket_bytes. Measured on 1x H200
+      (bench/RESULTS.md, training steps), 64 MiB against 512 MiB: Llama-3-8B's 16.06 GB
+      0.394-0.430 s a step against 0.432-0.458 s; the 17.37 GB dense workload 0.48-0.51 s
+      against 0.53-0.54 s.
     - num_slots: slots in the IPC buffer; bucket k uses slot k % num_slots. Up to num_slots
       buckets are in flight (host-to-device, broadcast) while the worker consumes an earlier
       one, so the copy engine never waits for the worker's Ack. Device memory held during an
@@ -60,6 +65,7 @@ class PSConfig:
     """
 
     bucket_bytes: int = field(default_factory=lambda: _env_or(env.bucket_bytes(), GiB // 2))
+    step_bucket_bytes: int = 64 << 20
     num_slots: int = 3
     timeout_s: float = field(default_factory=lambda: _env_or(env.timeout_s(), 300.0))
     device_memory_fraction: float = 0.5
@@ -80,8 +86,9 @@ class PSConfig:
     p2p_shards: bool = field(default_factory=lambda: _env_or(env.p2p_shards(), True))
 
     def __post_init__(self) -> None:
-        if self.bucket_bytes < 4096:
-            raise ValueError(f"bucket_bytes must be >= 4096, got {self.bucket_bytes}")
+        for name in ("bucket_bytes", "step_bucket_bytes"):
+            if getattr(self, name) < 4096:
+                raise ValueError(f"{name} must be >= 4096, got {getattr(self, name)}")
         if self.num_slots < 2:
             raise ValueError(f"num_slots must be >= 2, got {self.num_slots}")
         for name in ("timeout_s", "connect_poll_s", "init_timeout_s"):

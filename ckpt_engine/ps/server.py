@@ -10,6 +10,7 @@ Control traffic and metadata use a separate gloo group with deadlines (ps.groups
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -37,17 +38,6 @@ logger = logging.getLogger(__name__)
 ReqFunc = Callable[[list[tuple[str, str]]], object]
 
 
-def _device_index(device_type: str, local_rank: int) -> int:
-    if device_type != "cuda":
-        return local_rank
-    count = torch.cuda.device_count()
-    if count == 1:
-        return 0
-    if local_rank >= count:
-        raise ValueError(f"LOCAL_RANK {local_rank} but only {count} GPUs are visible")
-    return local_rank
-
-
 class ParameterServer:
     """Holds checkpoints in host memory and pushes them into colocated inference workers."""
 
@@ -71,7 +61,7 @@ class ParameterServer:
         )
         self.config = config if config is not None else PSConfig()
         self.device_type = device.resolve_device_type(device_type)
-        self.device_index = _device_index(self.device_type, self.env.local_rank)
+        self.device_index = device.index_for(self.device_type, self.env.local_rank)
         if self.device_type == "cuda":
             torch.cuda.set_device(self.device_index)
         self.device_key = device.device_key(self.device_index, device_type=self.device_type)
@@ -168,9 +158,9 @@ class ParameterServer:
         (ckpt_engine.ps.staging), and each bucket moves host-to-device and is broadcast as soon
         as its bytes are read, so the step costs about max(read, transfer). Files are copied
         into host memory, never mapped in place (the trainer may overwrite them next step).
-        Named tensors on this rank's device go into the slots from where they are while their
-        copy into the pool runs beside the update (ckpt_engine.ps.direct says which); others
-        are copied into host memory first. Returns when every worker applied the update and
+        Its buckets are of ``config.step_bucket_bytes`` at most. Named tensors on this rank's device
+        go into the slots from where they are while their copy into the pool runs beside the
+        update (ckpt_engine.ps.direct says which); others are copied into host memory first. Returns when every worker applied the update and
         the host copy is complete (serving P2P readers from the next ``gather_metas``); the
         named tensors are no longer referenced then and may change.
 
@@ -198,7 +188,8 @@ class ParameterServer:
                 raise error
             t2 = time.perf_counter()
             self.last_step_reached_update = True
-            self.update(name, req_func, timeout=timeout_s, wire=wire)
+            step_bucket = min(self.config.bucket_bytes, self.config.step_bucket_bytes)
+            self.update(name, req_func, timeout=timeout_s, wire=wire, bucket_bytes=step_bucket)
             t3 = time.perf_counter()
             settled = self._registry.get(name).settle(time.monotonic() + timeout_s)
             self.last_step_timings = {
@@ -292,6 +283,7 @@ class ParameterServer:
         ranks: Sequence[int] | None = None,
         timeout: float | timedelta | None = None,
         wire: str = "ckpt-engine",
+        bucket_bytes: int | None = None,
     ) -> None:
         """Collective: push checkpoint ``name`` into every rank's colocated worker.
 
@@ -313,7 +305,12 @@ class ParameterServer:
         ``wire="upstream"`` (opt-in, unsafe against local attackers: see ckpt_engine.compat)
         speaks the upstream checkpoint-engine 0.4.x wire, so workers running upstream's
         ``checkpoint_engine.worker.update_weights_from_ipc`` (SGLang, vLLM) apply the update.
+        ``bucket_bytes``: this update's bucket size (default ``config.bucket_bytes``; the same
+        on every rank).
         """
+        config = self.config
+        if bucket_bytes is not None:
+            config = dataclasses.replace(config, bucket_bytes=bucket_bytes)
         check_wire(wire)
         if ranks is not None:
             ranks = check_ranks(ranks, self.world_size)
@@ -345,7 +342,7 @@ class ParameterServer:
             control=control,
             data_group=data_group,
             socket_dir=self._socket_dir,
-            config=self.config,
+            config=config,
             timeout_s=timeout_s,
             metas=self._metas.get(name),
             checkpoint=self._registry.get(name) if name in self._registry else None,

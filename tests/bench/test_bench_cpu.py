@@ -74,6 +74,18 @@ def test_moe_workload_shapes():
         workload_spec("sparse", 1)
 
 
+def test_llama3_8b_workload_shapes():
+    """Meta-Llama-3-8B's 291 tensors and 16,060,522,496 bytes (its safetensors index's total)."""
+    from bench.workload import total_bytes, workload_spec
+
+    spec = dict(workload_spec("llama3-8b", 0))
+    assert len(spec) == 291 and total_bytes(list(spec.items())) == 16_060_522_496
+    assert spec["model.layers.31.self_attn.k_proj.weight"] == (1024, 4096)
+    assert spec["model.layers.0.mlp.down_proj.weight"] == (4096, 14336)
+    assert spec["lm_head.weight"] == spec["model.embed_tokens.weight"] == (128256, 4096)
+    assert all(min(s) >= 1 for _, s in workload_spec("llama3-8b", 0, shrink=64))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_bench_cpu_steps(tmp_path):

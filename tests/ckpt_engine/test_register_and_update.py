@@ -31,7 +31,13 @@ def ps(tmp_path, monkeypatch):
         rank=0,
         world_size=1,
         device_type="cpu",
-        config=PSConfig(bucket_bytes=8192, timeout_s=10.0, connect_poll_s=0.1, read_threads=4),
+        config=PSConfig(
+            bucket_bytes=32768,
+            step_bucket_bytes=8192,
+            timeout_s=10.0,
+            connect_poll_s=0.1,
+            read_threads=4,
+        ),
     )
     yield server
     server.close()
@@ -117,6 +123,19 @@ def test_steps_are_bit_exact_and_reuse_the_pool(ps, tmp_path):
     pool = ps._registry.pool
     assert pool.allocated == 6 and pool.reused == 6, "two steps' buffers, then only reuse"
     ps.update("step3", Inference().req_func)  # a plain update of it still works
+
+
+def test_a_step_moves_buckets_of_step_bucket_bytes(ps, tmp_path):
+    path = tmp_path / "small.safetensors"  # 64 tensors of 1 KiB
+    save_file({f"t{i}": torch.full((256,), float(i)) for i in range(64)}, path)
+    inference = Inference()
+    ps.register_and_update("step", inference.req_func, files=[path])
+    assert ps.last_update_timings["buckets_n"] == 8  # 64 KiB in buckets of 8 KiB
+    assert_same(inference.weights, expected([path]))
+    ps.update("step", Inference().req_func)
+    assert ps.last_update_timings["buckets_n"] == 2  # a plain update: of 32 KiB
+    with pytest.raises(ValueError, match="step_bucket_bytes must be >= 4096"):
+        PSConfig(step_bucket_bytes=1024)
 
 
 def _fails_keeping_the_last_good(ps, inference, tmp_path, name, match):
