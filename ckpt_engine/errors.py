@@ -20,6 +20,10 @@ class CheckpointError(CkptEngineError):
     """Registering, looking up or unregistering a checkpoint failed (not a file's fault)."""
 
 
+class HostCopyError(CheckpointError):
+    """A batched host-to-host copy (ckpt_engine.ps.hostcopy) failed or made no progress."""
+
+
 class MetasError(CkptEngineError):
     """Tensor metadata is missing, malformed, or disagrees between ranks."""
 
