@@ -17,8 +17,11 @@ item 5), on one device, the dense workload or, with ``--workload moe``, the many
   weights while their device-to-host copy into the pool's pinned buffers runs beside it:
   ckpt_engine.ps.direct); the clock runs from the call to its return (the worker's post-hook
   has run and that host copy is complete: what the trainer waits for); the phases
-  (``last_step_timings``: ``update``, ``host_copy``, ...) are printed per step. The step's new
-  values are written into the weights on the device first (not timed).
+  (``last_step_timings``: ``update``, ``host_copy``, ...) are printed per step, and
+  ``host_path_copy``: the seconds of the tensors that took the host path (``register`` holds
+  them: past ``direct.MAX_TENSORS``, all of them; gathered on the device first when many,
+  ckpt_engine.ps.gather). The step's new values are written into the weights on the device
+  first (not timed).
 
 The worker (a spawned process, one per run) copies each bucket into its parameters with one
 ``torch._foreach_copy_`` (so that 10^5 expert tensors measure the transfer, not a Python loop of
@@ -239,12 +242,33 @@ def updater_line(path: Path, name: str, timeout_s: float, updater: subprocess.Po
     raise RuntimeError(f"no --json-out line for {name} (updater exit code {updater.poll()})")
 
 
+def timed_host_copies(seconds: list[float]):
+    """Wraps the registry's ``copy_by_torch`` (the host path's device-to-host copies: one per
+    tensor, or gathered, ckpt_engine.ps.gather) to append its seconds per call; returns the
+    function that restores it."""
+    from ckpt_engine.ps import registry
+
+    real = registry.copy_by_torch
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    registry.copy_by_torch = timed
+    return lambda: setattr(registry, "copy_by_torch", real)
+
+
 def run_trainer(a, base, worker, dtype, index) -> list[dict]:
     from ckpt_engine import ParameterServer, PSConfig
 
     ps = ParameterServer(device_type=dtype, config=PSConfig(timeout_s=120.0))
     weights = {n: torch.empty_like(t) for n, t in base.items()}
     steps = []
+    copies: list[float] = []
+    restore = timed_host_copies(copies)
 
     def req(socket_paths):
         worker.apply(socket_paths[0][1])
@@ -263,9 +287,13 @@ def run_trainer(a, base, worker, dtype, index) -> list[dict]:
             reply = worker.wait(k, a.step_limit_s)
             steps.append(record(k, max(reply["applied"], returned) - start, reply, None))
             phases = {p: round(v, 4) for p, v in ps.last_step_timings.items()}
+            if copies:  # within ``register``: the host path's device-to-host copies
+                phases["host_path_copy"] = round(sum(copies), 4)
+                copies.clear()
             steps[-1]["phases"] = phases
             print(f"step {k}: phases {phases}", flush=True)
     finally:
+        restore()
         ps.close()
     return steps
 

@@ -25,6 +25,7 @@ from ckpt_engine.errors import CheckpointError
 from ckpt_engine.metas import TensorMeta
 from ckpt_engine.planner import ALIGN
 from ckpt_engine.progress import Progress
+from ckpt_engine.ps.gather import copy_gathered
 from ckpt_engine.ps.hostcopy import copy_ranges
 
 NAMED_TENSORS_SOURCE = "<named_tensors>"
@@ -208,9 +209,11 @@ def copy_by_torch(
     offsets: Sequence[int],
 ) -> None:
     """``copy_into`` for the tensors at ``indices`` (``buffers``: each buffer's uint8 tensor,
-    pinned); returns once every queued device-to-host copy has landed, also on failure (the
+    pinned), many small device tensors gathered on their device first (ckpt_engine.ps.gather);
+    returns once every queued device-to-host copy has landed, also on failure (the
     buffers may go back to the pool)."""
     names, tensors = list(named), list(named.values())
+    indices = copy_gathered(buffers, names, tensors, indices, sizes, where, offsets)
     devices: set[torch.device] = set()
     try:
         for i in indices:

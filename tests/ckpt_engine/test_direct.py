@@ -23,6 +23,7 @@ import torch
 
 from ckpt_engine import CheckpointError, ParameterServer, PSConfig, UpdateError
 from ckpt_engine.ps import direct as direct_mod
+from ckpt_engine.ps import gather as gather_mod
 from ckpt_engine.ps import named as named_mod
 
 
@@ -366,32 +367,47 @@ def test_runs_of_small_tensors_come_from_the_host_copy(device, served, monkeypat
         assert use_counts(weights) == holders
 
 
-@pytest.mark.parametrize("device", ["cpu"])
+@pytest.mark.parametrize(
+    "device",
+    [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)],
+)
 def test_past_max_tensors_every_tensor_takes_the_host_path(device, served, monkeypatch):
     """More direct-eligible tensors than ``MAX_TENSORS`` in one registration (10^5 MoE experts):
     none is read in place (the per-tensor calls would cost more than the overlap); the step is
-    the host path's, bytes exact on both sides. At the limit, they are read in place."""
+    the host path's, bytes exact on both sides (GPU: packed on the device, then copied to host
+    in a few copies, ckpt_engine.ps.gather; the step still queued at the call). At the limit,
+    they are read in place."""
     inference, ps = served
     g = torch.Generator().manual_seed(2)
-    weights = {f"experts.{i}": torch.randn(300, generator=g) for i in range(40)}
+    weights = {f"experts.{i}": torch.randn(300, generator=g).to(device) for i in range(40)}
     made: list[int] = []
     real_init = direct_mod.DirectSources.__init__
+    packs: list[int] = []
+    real_pack = gather_mod.pack
 
     def init(self, named, indices, **kw):
         made.append(len(indices))
         real_init(self, named, indices, **kw)
 
+    def pack(segment, *args):
+        packs.append(len(segment.indices))
+        return real_pack(segment, *args)
+
     monkeypatch.setattr(direct_mod.DirectSources, "__init__", init)
+    monkeypatch.setattr(gather_mod, "pack", pack)
+    monkeypatch.setattr(gather_mod, "STAGING_BYTES", 4096)  # 3 tensors a segment
 
     for step, limit in enumerate((39, 40)):
         monkeypatch.setattr(direct_mod, "MAX_TENSORS", limit)
         if step:
             ps.unregister_checkpoint(f"step{step - 1}")
+        queue_step(weights, device)  # GPU: still queued behind a spin kernel at the call
         ps.register_and_update(f"step{step}", inference.req_func, named_tensors=weights)
         want = {n: digest(t) for n, t in weights.items()}
         reply = inference.answer()
         assert reply["error"] is None and reply["committed"] == want, reply["error"]
         ckpt = ps.checkpoint(f"step{step}")
         assert {n: digest(ckpt.get_tensor(n)) for n in weights} == want
-        train_step(weights)
     assert made == [40]  # only the step within the limit read them in place
+    # the host path's step (GPU): 13 segments of 3 packed, the 40th tensor copied alone
+    assert packs == ([3] * 13 if device == "cuda" else [])
