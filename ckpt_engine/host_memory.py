@@ -218,9 +218,7 @@ def pin_all(buffers: Sequence[HostBuffer], *, threads: int) -> tuple[float, floa
         buf.pin(populated=True)
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        chunks = [c for b in todo for c in b.populate_chunks()]
-        for future in [pool.submit(_populate_range, *c) for c in chunks]:
-            future.result()
+        _populate_on(pool, todo)
         populated = time.perf_counter()
         futures = [pool.submit(pin, b) for b in todo]
         error = None
@@ -236,6 +234,30 @@ def pin_all(buffers: Sequence[HostBuffer], *, threads: int) -> tuple[float, floa
                 buf.pinned = False
         raise error
     return populated - start, time.perf_counter() - populated
+
+
+def _populate_on(pool: ThreadPoolExecutor, buffers: Sequence[HostBuffer]) -> None:
+    chunks = [c for b in buffers for c in b.populate_chunks()]
+    for future in [pool.submit(_populate_range, *c) for c in chunks]:
+        future.result()
+
+
+def populate_all(buffers: Sequence[HostBuffer], *, threads: int) -> float:
+    """Fill the page tables of ``buffers`` (pages already there are kept: cheap for buffers
+    reused from the pool), in 64 MiB chunks on ``threads`` threads; returns the seconds.
+    Unpinned buffers before process_vm_writev fills them (ckpt_engine.ps.hostcopy), which
+    faults missing pages in one at a time: 150,000 x 16 KiB on CPU took 5.3 s that way,
+    against about 0.4 s populating plus 0.4 s copying."""
+    start = time.perf_counter()
+    todo = [b for b in buffers if b.nbytes > 0]
+    if (len(todo) == 1 and todo[0].nbytes <= POPULATE_CHUNK_BYTES) or threads <= 1:
+        for b in todo:
+            for c in b.populate_chunks():
+                _populate_range(*c)
+    elif todo:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            _populate_on(pool, todo)
+    return time.perf_counter() - start
 
 
 def _pinned(buf: HostBuffer) -> HostBuffer:

@@ -12,7 +12,8 @@ iteration as much again), the rest is numpy; a per-tensor loop runs only to name
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
 from functools import partial
 from itertools import compress
 from operator import attrgetter
@@ -35,6 +36,22 @@ _PLAIN_TYPES = {torch.Tensor, torch.nn.Parameter}
 _layout, _is_meta, _is_cpu = attrgetter("layout"), attrgetter("is_meta"), attrgetter("is_cpu")
 _dtype, _shape, _nbytes = attrgetter("dtype"), attrgetter("shape"), attrgetter("nbytes")
 _meta = partial(tuple.__new__, TensorMeta)  # TensorMeta from a 6-tuple, no Python frame
+# The copy list and the records are made on a thread beside pinning and the copies, whose
+# threads need the interpreter lock for a moment between system calls: a column is read in
+# slices, and the lock let go briefly after each (else a waiter gets it only after the 5 ms
+# switch interval).
+SLICE = 4096
+PAUSE_S = 50e-6
+
+
+def _column(getter: Callable, items: list, dtype: type) -> np.ndarray:
+    """``getter`` of each item, as an array, read in slices with a pause after each."""
+    out = np.empty(len(items), dtype=dtype)
+    for lo in range(0, len(items), SLICE):
+        part = items[lo : lo + SLICE]
+        out[lo : lo + len(part)] = np.fromiter(map(getter, part), dtype=dtype, count=len(part))
+        time.sleep(PAUSE_S)
+    return out
 
 
 def check_named(named: Mapping[str, torch.Tensor]) -> None:
@@ -118,18 +135,25 @@ def metas_of(
     offsets: Sequence[int],
     first: int,
 ) -> list[TensorMeta]:
-    """The registry's record of each tensor; ``first``: the index of the first buffer."""
-    tensors = named.values()
-    torch_dtypes = list(map(_dtype, tensors))
-    spelled = {d: dtypes.from_torch(d) for d in set(torch_dtypes)}
-    shapes = map(tuple, map(_shape, tensors))
-    buffers = map(first.__add__, where) if first else where
-    return list(
-        map(
-            _meta,
-            zip(named, map(spelled.__getitem__, torch_dtypes), shapes, sizes, buffers, offsets),
+    """The registry's record of each tensor; ``first``: the index of the first buffer.
+    Made in slices, with a pause after each (see SLICE)."""
+    names, tensors = list(named), list(named.values())
+    buffers = list(map(first.__add__, where)) if first else where
+    spelled: dict[torch.dtype, str] = {}
+    out: list[TensorMeta] = []
+    for lo in range(0, len(tensors), SLICE):
+        hi = lo + SLICE
+        part = tensors[lo:hi]
+        torch_dtypes = list(map(_dtype, part))
+        for d in set(torch_dtypes).difference(spelled):
+            spelled[d] = dtypes.from_torch(d)
+        kinds = map(spelled.__getitem__, torch_dtypes)
+        shapes = [tuple(t.shape) for t in part]
+        out += map(
+            _meta, zip(names[lo:hi], kinds, shapes, sizes[lo:hi], buffers[lo:hi], offsets[lo:hi])
         )
-    )
+        time.sleep(PAUSE_S)
+    return out
 
 
 def plan_copies(
@@ -146,9 +170,10 @@ def plan_copies(
     memory, strided). The tensors at ``skip`` are copied elsewhere (ckpt_engine.ps.direct)."""
     n = len(tensors)
     size = np.asarray(sizes, dtype=np.int64).reshape(n)
-    on_host = np.fromiter(map(_is_cpu, tensors), dtype=bool, count=n)
+    tensors = list(tensors)
+    on_host = _column(_is_cpu, tensors, bool)
     if on_host.all():
-        dense = np.fromiter(map(torch.Tensor.is_contiguous, tensors), dtype=bool, count=n)
+        dense = _column(torch.Tensor.is_contiguous, tensors, bool)
     else:
         dense = np.fromiter((t.is_cpu and t.is_contiguous() for t in tensors), bool, count=n)
     wanted = size > 0
@@ -157,11 +182,7 @@ def plan_copies(
     by_torch = np.flatnonzero(wanted & ~(on_host & dense)).tolist()
     mine = wanted & on_host & dense
     picked = np.flatnonzero(mine)
-    src = np.fromiter(
-        map(torch.Tensor.data_ptr, compress(tensors, mine.tolist())),
-        dtype=np.int64,
-        count=len(picked),
-    )
+    src = _column(torch.Tensor.data_ptr, list(compress(tensors, mine.tolist())), np.int64)
     dst = np.asarray(bases, dtype=np.int64)[np.asarray(where, dtype=np.int64)[picked]]
     dst += np.asarray(offsets, dtype=np.int64)[picked]
     nbytes = size[picked]

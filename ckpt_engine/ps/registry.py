@@ -22,6 +22,7 @@ from ckpt_engine.errors import CheckpointError, CheckpointFileError
 from ckpt_engine.metas import TensorMeta
 from ckpt_engine.pool import HostPool
 from ckpt_engine.progress import Progress
+from ckpt_engine.ps import hostcopy
 from ckpt_engine.ps.direct import DirectSources, direct_indices
 from ckpt_engine.ps.named import (
     NAMED_TENSORS_SOURCE,
@@ -340,6 +341,8 @@ class Registry:
             recorded = helper.submit(metas_of, named, sizes, where, offsets, first)
             if self._pin:
                 self._pin_all(buffers)
+            elif hostcopy.method == "writev":  # which faults pages in one at a time
+                host_memory.populate_all(buffers, threads=self._threads)
             host_jobs, by_torch = planned.result()
             if direct:  # queued first: the device-to-host copies overlap the host copies below
                 ckpt.direct = DirectSources(

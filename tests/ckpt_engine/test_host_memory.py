@@ -73,6 +73,23 @@ def test_populate_chunks_cover_the_buffer_exactly(monkeypatch):
     buf.close()
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_populate_all_populates_every_chunk_and_keeps_the_bytes(monkeypatch, threads):
+    monkeypatch.setattr(host_memory, "POPULATE_CHUNK_BYTES", 1 << 20)
+    bufs = [host_memory.create_anonymous(n) for n in (3 << 20, 0, (1 << 20) + 5)]
+    bufs[0].tensor[:4] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)  # reused: kept
+    seen = []
+    real = host_memory._populate_range
+    monkeypatch.setattr(
+        host_memory, "_populate_range", lambda a, n: (seen.append((a, n)), real(a, n))
+    )
+    assert host_memory.populate_all(bufs, threads=threads) >= 0
+    assert sorted(seen) == sorted(c for b in bufs for c in b.populate_chunks())
+    assert bufs[0].tensor[:4].tolist() == [1, 2, 3, 4] and not bool(bufs[2].tensor.any())
+    for b in bufs:
+        b.close()
+
+
 class _FakeLibc:
     def __init__(self, code: int) -> None:
         self.code, self.calls = code, 0

@@ -151,6 +151,33 @@ def test_registered_bytes_are_exact(tmp_path, monkeypatch, method):
     assert hostcopy.method == method
 
 
+@pytest.mark.parametrize("method", ["writev", "memmove"])
+def test_unpinned_buffers_are_populated_before_batched_copies(tmp_path, monkeypatch, method):
+    """process_vm_writev faults missing pages in one at a time: the page tables are filled
+    first (in parallel) when it copies; memmove's own faults are cheap."""
+    if method == "writev" and hostcopy.method != "writev":
+        pytest.skip("process_vm_writev is not available here")
+    monkeypatch.setattr(hostcopy, "method", method)
+    calls = []
+    monkeypatch.setattr(
+        "ckpt_engine.host_memory.populate_all", lambda bufs, threads: calls.append(len(bufs))
+    )
+    reg = Registry(
+        host_memory_kind="anonymous",
+        shm_dir=str(tmp_path),
+        pin=False,
+        pin_in_place=False,
+        read_threads=2,
+        label="t",
+    )
+    try:
+        ckpt = reg.register("m", named_tensors={"x": torch.arange(10.0)})
+        assert torch.equal(ckpt.get_tensor("x"), torch.arange(10.0))
+    finally:
+        reg.close()
+    assert calls == ([1] if method == "writev" else [])
+
+
 @pytest.fixture
 def registry(tmp_path, monkeypatch):
     """A pinning registry (its ``_pin_all`` replaced by each test)."""
