@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ckpt_engine import host_memory
 from ckpt_engine.ps import hostcopy
+from ckpt_engine.ps import named as named_mod
 from ckpt_engine.ps import registry as registry_mod
 
 timings: dict[str, float] = defaultdict(float)
@@ -89,6 +90,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--methods", default="writev,memmove")
     ap.add_argument("--no-pin", action="store_true")
+    ap.add_argument("--beside", default="1,0", help="named.PLAN_BESIDE_PIN values to try")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     pin = not a.no_pin and torch.cuda.is_available()
@@ -100,8 +102,9 @@ def main() -> None:
     )
     print(f"process_vm_writev available: {hostcopy.method == 'writev'}; pin: {pin}")
     results = []
-    for method in a.methods.split(","):
+    for method, beside in [(m, b) for m in a.methods.split(",") for b in a.beside.split(",")]:
         hostcopy.method = method
+        named_mod.PLAN_BESIDE_PIN = beside == "1"
         reg = registry_mod.Registry(
             host_memory_kind="anonymous",
             shm_dir="/dev/shm",
@@ -122,7 +125,12 @@ def main() -> None:
                     for m in ckpt.tensors[:: max(1, a.tensors // 1000)]
                 )
                 reg.unregister(which)
-                row = {"method": hostcopy.method, "registration": which, "total": seconds}
+                row = {
+                    "method": hostcopy.method,
+                    "plan beside pin": named_mod.PLAN_BESIDE_PIN,
+                    "registration": which,
+                    "total": seconds,
+                }
                 row.update(timings)
                 row.update(gbps=nbytes / seconds / 1e9, exact=ok)
                 results.append(row)
@@ -130,14 +138,15 @@ def main() -> None:
         finally:
             reg.close()
     keys = list(dict.fromkeys(k for r in results for k in r))
-    keys = [k for k in keys if k not in ("method", "registration")]
-    print("| method, registration | " + " | ".join(keys) + " |")
+    keys = [k for k in keys if k not in ("method", "plan beside pin", "registration")]
+    print("| method, plan beside pin, registration | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))
     for r in results:
         cells = [
             f"{r.get(k, 0.0):.3f}" if isinstance(r.get(k, 0.0), float) else str(r[k]) for k in keys
         ]
-        print(f"| {r['method']}, {r['registration']} | " + " | ".join(cells) + " |")
+        head = f"{r['method']}, {r['plan beside pin']}, {r['registration']}"
+        print(f"| {head} | " + " | ".join(cells) + " |")
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=1))
 

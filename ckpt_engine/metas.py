@@ -17,6 +17,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain
 from typing import Any, NamedTuple
 
@@ -56,6 +57,11 @@ class TensorMeta(NamedTuple):
             "buffer": self.buffer,
             "offset": self.offset,
         }
+
+
+# TensorMeta from a checked 6-tuple without a Python frame (``_make`` checks the length in
+# Python: 150,000 records 0.2 s against 0.12 s)
+meta_of_tuple = partial(tuple.__new__, TensorMeta)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -271,7 +277,7 @@ def _tensor_columns(obj: dict, where: str, buffer_bytes: tuple[int, ...]) -> tup
                 f"its buffer {buffers[i]}"
             )
     return tuple(
-        map(TensorMeta._make, zip(names, kinds, map(tuple, shapes), nbytes, buffers, offsets))
+        map(meta_of_tuple, zip(names, kinds, map(tuple, shapes), nbytes, buffers, offsets))
     )
 
 

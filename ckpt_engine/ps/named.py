@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from functools import partial
 from itertools import compress
 from operator import attrgetter
 
@@ -23,7 +22,7 @@ import torch
 
 from ckpt_engine import dtypes
 from ckpt_engine.errors import CheckpointError
-from ckpt_engine.metas import TensorMeta
+from ckpt_engine.metas import TensorMeta, meta_of_tuple
 from ckpt_engine.planner import ALIGN
 from ckpt_engine.progress import Progress
 from ckpt_engine.ps.gather import copy_gathered
@@ -35,13 +34,16 @@ NAMED_CHUNK_BYTES = 1 << 30  # named tensors are packed into buffers of about th
 _PLAIN_TYPES = {torch.Tensor, torch.nn.Parameter}
 _layout, _is_meta, _is_cpu = attrgetter("layout"), attrgetter("is_meta"), attrgetter("is_cpu")
 _dtype, _shape, _nbytes = attrgetter("dtype"), attrgetter("shape"), attrgetter("nbytes")
-_meta = partial(tuple.__new__, TensorMeta)  # TensorMeta from a 6-tuple, no Python frame
 # The copy list and the records are made on a thread beside pinning and the copies, whose
 # threads need the interpreter lock for a moment between system calls: a column is read in
 # slices, and the lock let go briefly after each (else a waiter gets it only after the 5 ms
 # switch interval).
 SLICE = 4096
 PAUSE_S = 50e-6
+# Whether the registry makes the copy list and the records while the kernel fills the page
+# tables and pins (else before): they allocate memory meanwhile (mmap, which waits for the
+# populating threads' hold of the address-space lock and holds them up in turn).
+PLAN_BESIDE_PIN = True
 
 
 def _column(getter: Callable, items: list, dtype: type) -> np.ndarray:
@@ -150,7 +152,8 @@ def metas_of(
         kinds = map(spelled.__getitem__, torch_dtypes)
         shapes = [tuple(t.shape) for t in part]
         out += map(
-            _meta, zip(names[lo:hi], kinds, shapes, sizes[lo:hi], buffers[lo:hi], offsets[lo:hi])
+            meta_of_tuple,
+            zip(names[lo:hi], kinds, shapes, sizes[lo:hi], buffers[lo:hi], offsets[lo:hi]),
         )
         time.sleep(PAUSE_S)
     return out

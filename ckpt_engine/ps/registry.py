@@ -10,7 +10,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from ckpt_engine.metas import TensorMeta
 from ckpt_engine.pool import HostPool
 from ckpt_engine.progress import Progress
 from ckpt_engine.ps import hostcopy
+from ckpt_engine.ps import named as named_mod
 from ckpt_engine.ps.direct import DirectSources, direct_indices
 from ckpt_engine.ps.named import (
     NAMED_TENSORS_SOURCE,
@@ -339,6 +340,8 @@ class Registry:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="named-plan") as helper:
             planned = helper.submit(plan_copies, tensors, sizes, where, offsets, bases, direct)
             recorded = helper.submit(metas_of, named, sizes, where, offsets, first)
+            if not named_mod.PLAN_BESIDE_PIN:
+                wait([planned, recorded])
             if self._pin:
                 self._pin_all(buffers)
             elif hostcopy.method == "writev":  # which faults pages in one at a time

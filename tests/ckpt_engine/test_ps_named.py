@@ -194,7 +194,10 @@ def registry(tmp_path, monkeypatch):
     reg.close()
 
 
-def test_a_pinning_failure_fails_the_registration_before_any_copy(registry, monkeypatch):
+@pytest.mark.parametrize("beside", [True, False])
+def test_a_pinning_failure_fails_the_registration_before_any_copy(registry, monkeypatch, beside):
+    monkeypatch.setattr(named, "PLAN_BESIDE_PIN", beside)
+
     def pin_all(buffers):
         if buffers:  # (the registration's files part pins no buffer)
             raise RuntimeError("cudaHostRegister: out of memory")
