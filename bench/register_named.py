@@ -5,12 +5,14 @@ Per copy method (``ckpt_engine.ps.hostcopy``: ``writev`` = process_vm_writev bat
 ``memmove`` = one ctypes.memmove a tensor) a fresh registry registers the tensors twice: first
 into new memory (populated and pinned on a GPU host), then again after an unregister (the host
 pool's buffers reused, as every training step after the first). Phases: page tables and
-cudaHostRegister (host_memory.pin_all), the copy list and the records (made on a thread beside
-pinning and the copies: their own wall time, not on the critical path when shorter), the
-copies, and the whole call.
+cudaHostRegister (host_memory.pin_all; unpinned: host_memory.populate_all), the copy list and
+the records (with ``--beside 1``, named.PLAN_BESIDE_PIN, made on a thread beside pinning and
+the copies: their own wall time then, off the critical path when shorter), the copies, and the
+whole call. ``--pretouch-gib``: touch and free that much memory first (a VM whose memory was
+never touched faults it in slowly: the first registration's page tables then cost seconds).
 
 GPU:  python3 bench/register_named.py --tensors 150000 --kib 143 --threads 16
-CPU:  python3 bench/register_named.py --tensors 150000 --kib 16 --threads 2 --no-pin
+CPU:  python3 bench/register_named.py --tensors 150000 --kib 16 --threads 2 --no-pin --pretouch-gib 6
 """
 
 from __future__ import annotations
@@ -64,8 +66,8 @@ real_pin_all, real_populate_all = host_memory.pin_all, host_memory.populate_all
 host_memory.pin_all, host_memory.populate_all = pin_all, populate_all
 for fn, label in [
     ("check_named", "check"),
-    ("plan_copies", "copy list (beside pinning)"),
-    ("metas_of", "records (beside pinning, copies)"),
+    ("plan_copies", "copy list"),
+    ("metas_of", "records"),
     ("copy_host", "copies"),
     ("copy_by_torch", "torch copies"),
 ]:
@@ -91,12 +93,17 @@ def main() -> None:
     ap.add_argument("--methods", default="writev,memmove")
     ap.add_argument("--no-pin", action="store_true")
     ap.add_argument("--beside", default="1,0", help="named.PLAN_BESIDE_PIN values to try")
+    ap.add_argument("--pretouch-gib", type=int, default=0)
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     pin = not a.no_pin and torch.cuda.is_available()
     start = time.perf_counter()
     named = make_tensors(a.tensors, a.kib)
     nbytes = sum(t.nbytes for t in named.values())
+    for _ in range(a.pretouch_gib):
+        buf = host_memory.create_anonymous(1 << 30)
+        host_memory.populate_all([buf], threads=a.threads)
+        buf.close()
     print(
         f"{a.tensors} tensors, {nbytes / 1e9:.2f} GB, made in {time.perf_counter() - start:.1f} s"
     )
@@ -137,8 +144,9 @@ def main() -> None:
                 print(json.dumps(row))
         finally:
             reg.close()
-    keys = list(dict.fromkeys(k for r in results for k in r))
-    keys = [k for k in keys if k not in ("method", "plan beside pin", "registration")]
+    order = ["total", "check", "page tables", "cudaHostRegister", "copy list", "records"]
+    order += ["copies", "torch copies", "gbps", "exact"]
+    keys = [k for k in order if any(k in r for r in results)]
     print("| method, plan beside pin, registration | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))
     for r in results:

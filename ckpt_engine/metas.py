@@ -60,7 +60,7 @@ class TensorMeta(NamedTuple):
 
 
 # TensorMeta from a checked 6-tuple without a Python frame (``_make`` checks the length in
-# Python: 150,000 records 0.2 s against 0.12 s)
+# Python: 150,000 records 0.105 s against 0.051 s on CPU)
 meta_of_tuple = partial(tuple.__new__, TensorMeta)
 
 

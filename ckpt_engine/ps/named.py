@@ -34,16 +34,24 @@ NAMED_CHUNK_BYTES = 1 << 30  # named tensors are packed into buffers of about th
 _PLAIN_TYPES = {torch.Tensor, torch.nn.Parameter}
 _layout, _is_meta, _is_cpu = attrgetter("layout"), attrgetter("is_meta"), attrgetter("is_cpu")
 _dtype, _shape, _nbytes = attrgetter("dtype"), attrgetter("shape"), attrgetter("nbytes")
-# The copy list and the records are made on a thread beside pinning and the copies, whose
-# threads need the interpreter lock for a moment between system calls: a column is read in
-# slices, and the lock let go briefly after each (else a waiter gets it only after the 5 ms
-# switch interval).
+# Made on a thread beside pinning and the copies (PLAN_BESIDE_PIN), whose threads need the
+# interpreter lock for a moment between system calls, a column is read in slices and the lock
+# let go briefly after each (else a waiter gets it only after the 5 ms switch interval).
 SLICE = 4096
 PAUSE_S = 50e-6
-# Whether the registry makes the copy list and the records while the kernel fills the page
-# tables and pins (else before): they allocate memory meanwhile (mmap, which waits for the
-# populating threads' hold of the address-space lock and holds them up in turn).
+# Whether the registry makes the copy list and the records on a thread while the kernel fills
+# the page tables (and pins), and the records while the copies run; else before either.
+# Their allocations (mmap) contend with the populating threads for the address-space lock, and
+# their Python for the cores: CPU (2 cores), 150k x 16 KiB, page tables 0.38-0.42 s beside
+# against 0.24-0.26 s alone, the whole first registration 1.42 s against 1.57 s (the first in
+# a process is seconds slower either way on this VM: huge pages compacted).
+# bench/register_named.py --beside 1,0 measures both on a GPU host.
 PLAN_BESIDE_PIN = True
+
+
+def _pause() -> None:
+    if PLAN_BESIDE_PIN:  # others may wait for the interpreter lock
+        time.sleep(PAUSE_S)
 
 
 def _column(getter: Callable, items: list, dtype: type) -> np.ndarray:
@@ -52,7 +60,7 @@ def _column(getter: Callable, items: list, dtype: type) -> np.ndarray:
     for lo in range(0, len(items), SLICE):
         part = items[lo : lo + SLICE]
         out[lo : lo + len(part)] = np.fromiter(map(getter, part), dtype=dtype, count=len(part))
-        time.sleep(PAUSE_S)
+        _pause()
     return out
 
 
@@ -155,7 +163,7 @@ def metas_of(
             meta_of_tuple,
             zip(names[lo:hi], kinds, shapes, sizes[lo:hi], buffers[lo:hi], offsets[lo:hi]),
         )
-        time.sleep(PAUSE_S)
+        _pause()
     return out
 
 

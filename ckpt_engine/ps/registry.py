@@ -317,9 +317,9 @@ class Registry:
         Pinning runs before the copies, not beside them: measured on the H200 host (16 cores),
         filling the page tables while the copies touch the same buffers took 3.5 s instead of
         0.7 s (150,000 named tensors, 21.5 GB: 6.7 s in all against 3.4 s one after the
-        other; 16 files: 4.8 s against 1.5 s). The copy list and the records are made on a
-        thread of their own meanwhile (they read no buffer; pinning holds no interpreter lock,
-        nor do the batched copies, beside which the records are finished)."""
+        other; 16 files: 4.8 s against 1.5 s). The copy list and the records read no buffer:
+        with ``named.PLAN_BESIDE_PIN`` they are made on a thread while the kernel pins and
+        copies (see there)."""
         if not named:
             return []
         tensors = list(named.values())

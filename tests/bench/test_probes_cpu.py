@@ -1,5 +1,5 @@
 """The GPU probes' CPU modes, so that their code paths stay runnable: the fork end to end (gloo),
-the fork transfer backend alone (gloo), and the register probe without pinning."""
+the fork transfer backend alone (gloo), and the register probes without pinning."""
 
 from __future__ import annotations
 
@@ -60,3 +60,16 @@ def test_register_probe_without_pinning(tmp_path):
     variants = {line.split("|")[1].strip() for line in rows[1:]}
     assert {"in_place", "in_place_populated", "anon_4k", "anon_thp", "anon_thp_whole"} <= variants
     assert list(tmp_path.iterdir()) == []  # the probe's files are removed
+
+
+@pytest.mark.timeout(120)
+def test_register_named_probe_without_pinning():
+    out = run(
+        "register_named.py",
+        *("--tensors", "300", "--kib", "4", "--threads", "2", "--no-pin"),
+        timeout=110,
+    )
+    rows = [line for line in out.splitlines() if line.startswith("| ")][1:]
+    heads = {line.split("|")[1].strip() for line in rows}
+    assert len(rows) == 8 and all(line.rstrip().endswith("True |") for line in rows), out
+    assert {"memmove, True, first", "memmove, False, pool reused"} <= heads
