@@ -40,13 +40,14 @@ _dtype, _shape, _nbytes = attrgetter("dtype"), attrgetter("shape"), attrgetter("
 SLICE = 4096
 PAUSE_S = 50e-6
 # Whether the registry makes the copy list and the records on a thread while the kernel fills
-# the page tables (and pins), and the records while the copies run; else before either.
-# Their allocations (mmap) contend with the populating threads for the address-space lock, and
-# their Python for the cores: CPU (2 cores), 150k x 16 KiB, page tables 0.38-0.42 s beside
-# against 0.24-0.26 s alone, the whole first registration 1.42 s against 1.57 s (the first in
-# a process is seconds slower either way on this VM: huge pages compacted).
-# bench/register_named.py --beside 1,0 measures both on a GPU host.
-PLAN_BESIDE_PIN = True
+# the page tables (and pins), and the records while the copies run; else before either. Off
+# until measured on a GPU host (bench/register_named.py --beside 1,0): the Python runs on an
+# idle core there, but its allocations (1 mmap + 7 brk for the copy list, 23 mmaps for the
+# records at 150k tensors, strace) each wait for the populating threads' hold of the
+# address-space lock, a 64 MiB chunk each (~45 ms on the H200 host), and stall every thread
+# that would start the next chunk meanwhile. CPU (2 cores, nothing idle), 150k x 16 KiB: page
+# tables 0.38-0.42 s beside against 0.24-0.26 s alone, the registration 1.42 s against 1.57 s.
+PLAN_BESIDE_PIN = False
 
 
 def _pause() -> None:
