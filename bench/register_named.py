@@ -107,7 +107,7 @@ def main() -> None:
     print(
         f"{a.tensors} tensors, {nbytes / 1e9:.2f} GB, made in {time.perf_counter() - start:.1f} s"
     )
-    print(f"process_vm_writev available: {hostcopy.method == 'writev'}; pin: {pin}")
+    print(f"process_vm_writev/readv available: {hostcopy.method == 'writev'}; pin: {pin}")
     results = []
     for method, beside in [(m, b) for m in a.methods.split(",") for b in a.beside.split(",")]:
         hostcopy.method = method

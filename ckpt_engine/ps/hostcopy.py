@@ -19,6 +19,10 @@ Measured on CPU (this 2-core VM, 2026-12-02; /work/probes/copybench.py; best of 
 | 15,000 x 143 KiB | 1 | 0.37-0.46 s | 0.55-0.59 s | 0.40-0.45 s | 0.24-0.27 s |
 | 15,000 x 143 KiB | 2 | 0.26-0.32 s | 0.35-0.36 s | 0.29-0.31 s | 0.14-0.17 s |
 
+``readv`` (``method = "readv"``) makes our destinations the local side: their missing pages are
+faulted in by the copy itself, as huge pages, on the copy threads, so a registration into new
+buffers copies first and pins after (ps/registry.py); ``writev`` needs them populated first.
+
 So ``writev`` is kept: on par with memmove for large ranges with few threads, 2x faster for
 small ones, and it holds the lock once per 1024 ranges, not once per range (what 16 threads on
 the H200 host contend for). Where the call is missing or refused (ENOSYS; EPERM or EACCES
@@ -48,16 +52,18 @@ _REFUSED = (errno.ENOSYS, errno.EPERM, errno.EACCES)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _writev = getattr(_libc, "process_vm_writev", None)
-if _writev is not None:
-    _writev.restype = ctypes.c_ssize_t
-    _writev.argtypes = [
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.c_ulong,
-        ctypes.c_void_p,
-        ctypes.c_ulong,
-        ctypes.c_ulong,
-    ]
+_readv = getattr(_libc, "process_vm_readv", None)
+for _call in (_writev, _readv):
+    if _call is not None:
+        _call.restype = ctypes.c_ssize_t
+        _call.argtypes = [
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_ulong,
+            ctypes.c_void_p,
+            ctypes.c_ulong,
+            ctypes.c_ulong,
+        ]
 
 # "writev" until the call is found missing or refused, then "memmove" (tests set it)
 method = "writev" if _writev is not None else "memmove"
@@ -105,28 +111,33 @@ def iovecs(addresses: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
 
 
 def copy_batch(jobs: np.ndarray) -> None:
-    """Copy one batch (at most IOV_MAX rows) by process_vm_writev, or by memmove once that
-    is unavailable; a short count is continued from the first byte not copied."""
+    """Copy one batch (at most IOV_MAX rows) by process_vm_writev or process_vm_readv
+    (``method``), or by memmove once that is unavailable; a short count is continued from the
+    first byte not copied."""
     global method
     jobs = jobs[jobs[:, 2] > 0]
     pid = os.getpid()
-    while len(jobs) and method == "writev":
-        local, remote = iovecs(jobs[:, 1], jobs[:, 2]), iovecs(jobs[:, 0], jobs[:, 2])
-        got = _writev(pid, local.ctypes.data, len(jobs), remote.ctypes.data, len(jobs), 0)
+    while len(jobs) and method in ("writev", "readv"):
+        dst, src = iovecs(jobs[:, 0], jobs[:, 2]), iovecs(jobs[:, 1], jobs[:, 2])
+        # writev: our sources are the local side; readv: our destinations are
+        call, local, remote = (_writev, src, dst) if method == "writev" else (_readv, dst, src)
+        got = call(pid, local.ctypes.data, len(jobs), remote.ctypes.data, len(jobs), 0)
         if got < 0:
             code = ctypes.get_errno()
             if code not in _REFUSED:
                 raise HostCopyError(
-                    f"process_vm_writev of {len(jobs)} ranges failed: {os.strerror(code)} "
+                    f"process_vm_{method} of {len(jobs)} ranges failed: {os.strerror(code)} "
                     f"(first range: {int(jobs[0, 2])} bytes from {int(jobs[0, 1]):#x} to "
                     f"{int(jobs[0, 0]):#x})"
                 )
+            logger.info(
+                "process_vm_%s unavailable (%s): memmove a range", method, os.strerror(code)
+            )
             method = "memmove"
-            logger.info("process_vm_writev unavailable (%s): memmove a range", os.strerror(code))
             break
         if got == 0:
             raise HostCopyError(
-                f"process_vm_writev copied nothing of {int(jobs[:, 2].sum())} bytes in "
+                f"process_vm_{method} copied nothing of {int(jobs[:, 2].sum())} bytes in "
                 f"{len(jobs)} ranges"
             )
         jobs = remaining(jobs, got)

@@ -342,11 +342,24 @@ class Registry:
             recorded = helper.submit(metas_of, named, sizes, where, offsets, first)
             if not named_mod.PLAN_BESIDE_PIN:
                 wait([planned, recorded])
-            if self._pin:
+            # process_vm_readv faults the buffers' pages in as it copies (huge pages, on the
+            # copy threads): pinned after the copies; writev pins or populates them first
+            copy_first = hostcopy.method == "readv"
+            if self._pin and not copy_first:
                 self._pin_all(buffers)
             elif hostcopy.method == "writev":  # which faults pages in one at a time
                 host_memory.populate_all(buffers, threads=self._threads)
             host_jobs, by_torch = planned.result()
+
+            def copy_in() -> None:
+                total = int(host_jobs[:, 2].sum())
+                with Progress(f"register {label!r}", total, rank=self._rank) as progress:
+                    copy_host(host_jobs, threads=self._threads, progress=progress)
+
+            if copy_first:
+                copy_in()
+                if self._pin:
+                    self._pin_all(buffers)
             if direct:  # queued first: the device-to-host copies overlap the host copies below
                 ckpt.direct = DirectSources(
                     named,
@@ -357,9 +370,8 @@ class Registry:
                     device=self._device,
                     threads=self._threads,
                 )
-            total = int(host_jobs[:, 2].sum())
-            with Progress(f"register {label!r}", total, rank=self._rank) as progress:
-                copy_host(host_jobs, threads=self._threads, progress=progress)
+            if not copy_first:
+                copy_in()
             copy_by_torch([b.tensor for b in buffers], named, by_torch, sizes, where, offsets)
             metas = recorded.result()
         return metas

@@ -87,10 +87,10 @@ def scattered(count: int, seed: int = 0):
     return dst, expected, jobs, srcs
 
 
-@pytest.mark.parametrize("method", ["writev", "memmove"])
+@pytest.mark.parametrize("method", ["writev", "readv", "memmove"])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_copy_ranges_is_exact_both_ways(monkeypatch, method, threads):
-    if method == "writev" and hostcopy.method != "writev":
+    if method != "memmove" and hostcopy.method != "writev":
         pytest.skip("process_vm_writev is not available here")
     monkeypatch.setattr(hostcopy, "method", method)
     monkeypatch.setattr(hostcopy, "BATCH_BYTES", 20_000)  # many batches, some rows split

@@ -123,9 +123,9 @@ def test_plan_copies_agrees_with_the_loop(seed):
     )
 
 
-@pytest.mark.parametrize("method", ["writev", "memmove"])
+@pytest.mark.parametrize("method", ["writev", "readv", "memmove"])
 def test_registered_bytes_are_exact(tmp_path, monkeypatch, method):
-    if method == "writev" and hostcopy.method != "writev":
+    if method != "memmove" and hostcopy.method != "writev":
         pytest.skip("process_vm_writev is not available here")
     monkeypatch.setattr(hostcopy, "method", method)
     monkeypatch.setattr(hostcopy, "BATCH_BYTES", 4096)  # many batches on both threads
@@ -151,11 +151,11 @@ def test_registered_bytes_are_exact(tmp_path, monkeypatch, method):
     assert hostcopy.method == method
 
 
-@pytest.mark.parametrize("method", ["writev", "memmove"])
+@pytest.mark.parametrize("method", ["writev", "readv", "memmove"])
 def test_unpinned_buffers_are_populated_before_batched_copies(tmp_path, monkeypatch, method):
     """process_vm_writev faults missing pages in one at a time: the page tables are filled
-    first (in parallel) when it copies; memmove's own faults are cheap."""
-    if method == "writev" and hostcopy.method != "writev":
+    first (in parallel) when it copies; memmove's and readv's own faults are cheap."""
+    if method != "memmove" and hostcopy.method != "writev":
         pytest.skip("process_vm_writev is not available here")
     monkeypatch.setattr(hostcopy, "method", method)
     calls = []
@@ -207,6 +207,34 @@ def test_a_pinning_failure_fails_the_registration_before_any_copy(registry, monk
 
     monkeypatch.setattr(registry, "_pin_all", pin_all)
     monkeypatch.setattr("ckpt_engine.ps.registry.copy_host", copy_host)
+    with pytest.raises(RuntimeError, match="cudaHostRegister"):
+        registry.register("a", named_tensors={"x": torch.ones(1000)})
+    assert "a" not in registry
+    assert registry.pool.free_bytes > 0  # the buffer went back
+
+
+@pytest.mark.parametrize(("method", "order"), [("writev", "pin copy"), ("readv", "copy pin")])
+def test_readv_copies_into_new_buffers_before_pinning_them(registry, monkeypatch, method, order):
+    """process_vm_readv faults the new buffers' pages in itself (huge pages, on the copy
+    threads), so they are pinned after it; writev's buffers are pinned (populated) first."""
+    monkeypatch.setattr(hostcopy, "method", method)
+    calls = []
+    monkeypatch.setattr(registry, "_pin_all", lambda bufs: calls.extend(["pin"] * bool(bufs)))
+    monkeypatch.setattr(
+        "ckpt_engine.ps.registry.copy_host", lambda jobs, **kwargs: calls.append("copy")
+    )
+    registry.register("a", named_tensors={"x": torch.ones(1000)})
+    assert " ".join(calls) == order
+
+
+def test_a_pinning_failure_after_readv_copies_fails_the_registration(registry, monkeypatch):
+    monkeypatch.setattr(hostcopy, "method", "readv")
+
+    def pin_all(buffers):
+        if buffers:
+            raise RuntimeError("cudaHostRegister: out of memory")
+
+    monkeypatch.setattr(registry, "_pin_all", pin_all)
     with pytest.raises(RuntimeError, match="cudaHostRegister"):
         registry.register("a", named_tensors={"x": torch.ones(1000)})
     assert "a" not in registry
