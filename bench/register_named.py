@@ -1,7 +1,8 @@
 """Register probe for many named tensors (issue 17): ``Registry.register(named_tensors=...)``
 with 10^5 separately allocated small host tensors (MoE experts), each phase timed.
 
-Per copy method (``ckpt_engine.ps.hostcopy``: ``writev`` = process_vm_writev batches,
+Per copy method (``ckpt_engine.ps.hostcopy``: ``auto`` = readv into new buffers, writev into
+reused ones; ``writev`` = process_vm_writev batches,
 ``memmove`` = one ctypes.memmove a tensor) a fresh registry registers the tensors twice: first
 into new memory (populated and pinned on a GPU host), then again after an unregister (the host
 pool's buffers reused, as every training step after the first). Phases: page tables and
@@ -90,7 +91,7 @@ def main() -> None:
     ap.add_argument("--tensors", type=int, default=150_000)
     ap.add_argument("--kib", type=int, default=143)
     ap.add_argument("--threads", type=int, default=16)
-    ap.add_argument("--methods", default="writev,memmove")
+    ap.add_argument("--methods", default="auto,writev,memmove")
     ap.add_argument("--no-pin", action="store_true")
     ap.add_argument("--beside", default="1,0", help="named.PLAN_BESIDE_PIN values to try")
     ap.add_argument("--pretouch-gib", type=int, default=0)
@@ -107,7 +108,7 @@ def main() -> None:
     print(
         f"{a.tensors} tensors, {nbytes / 1e9:.2f} GB, made in {time.perf_counter() - start:.1f} s"
     )
-    print(f"process_vm_writev/readv available: {hostcopy.method == 'writev'}; pin: {pin}")
+    print(f"process_vm_writev/readv available: {hostcopy.method != 'memmove'}; pin: {pin}")
     results = []
     for method, beside in [(m, b) for m in a.methods.split(",") for b in a.beside.split(",")]:
         hostcopy.method = method

@@ -65,8 +65,18 @@ for _call in (_writev, _readv):
             ctypes.c_ulong,
         ]
 
-# "writev" until the call is found missing or refused, then "memmove" (tests set it)
-method = "writev" if _writev is not None else "memmove"
+# "auto" (readv into buffers whose pages the copy faults in, else writev) until a call is
+# found missing or refused, then "memmove"; "writev" or "readv": always that call (tests, bench)
+method = "auto" if _writev is not None and _readv is not None else "memmove"
+
+
+def call_for(*, fault_in: bool) -> str:
+    """The copy ``copy_ranges`` makes under ``method``: ``fault_in`` says that the destinations
+    are new buffers whose pages the copy is to fault in (readv does, as huge pages, on the copy
+    threads; writev pins them one page at a time)."""
+    if method == "auto":
+        return "readv" if fault_in else "writev"
+    return method
 
 
 def as_jobs(jobs: object) -> np.ndarray:
@@ -110,34 +120,33 @@ def iovecs(addresses: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
     return vec
 
 
-def copy_batch(jobs: np.ndarray) -> None:
+def copy_batch(jobs: np.ndarray, call: str | None = None) -> None:
     """Copy one batch (at most IOV_MAX rows) by process_vm_writev or process_vm_readv
-    (``method``), or by memmove once that is unavailable; a short count is continued from the
-    first byte not copied."""
+    (``call``, default ``call_for(fault_in=False)``), or by memmove once those are unavailable;
+    a short count is continued from the first byte not copied."""
     global method
     jobs = jobs[jobs[:, 2] > 0]
     pid = os.getpid()
-    while len(jobs) and method in ("writev", "readv"):
+    call = call or call_for(fault_in=False)
+    while len(jobs) and call in ("writev", "readv") and method != "memmove":
         dst, src = iovecs(jobs[:, 0], jobs[:, 2]), iovecs(jobs[:, 1], jobs[:, 2])
         # writev: our sources are the local side; readv: our destinations are
-        call, local, remote = (_writev, src, dst) if method == "writev" else (_readv, dst, src)
-        got = call(pid, local.ctypes.data, len(jobs), remote.ctypes.data, len(jobs), 0)
+        fn, local, remote = (_writev, src, dst) if call == "writev" else (_readv, dst, src)
+        got = fn(pid, local.ctypes.data, len(jobs), remote.ctypes.data, len(jobs), 0)
         if got < 0:
             code = ctypes.get_errno()
             if code not in _REFUSED:
                 raise HostCopyError(
-                    f"process_vm_{method} of {len(jobs)} ranges failed: {os.strerror(code)} "
+                    f"process_vm_{call} of {len(jobs)} ranges failed: {os.strerror(code)} "
                     f"(first range: {int(jobs[0, 2])} bytes from {int(jobs[0, 1]):#x} to "
                     f"{int(jobs[0, 0]):#x})"
                 )
-            logger.info(
-                "process_vm_%s unavailable (%s): memmove a range", method, os.strerror(code)
-            )
+            logger.info("process_vm_%s unavailable (%s): memmove a range", call, os.strerror(code))
             method = "memmove"
             break
         if got == 0:
             raise HostCopyError(
-                f"process_vm_{method} copied nothing of {int(jobs[:, 2].sum())} bytes in "
+                f"process_vm_{call} copied nothing of {int(jobs[:, 2].sum())} bytes in "
                 f"{len(jobs)} ranges"
             )
         jobs = remaining(jobs, got)
@@ -156,16 +165,20 @@ def remaining(jobs: np.ndarray, copied: int) -> np.ndarray:
     return rest
 
 
-def copy_ranges(jobs: object, *, threads: int, on_copied: Callable[[int], None]) -> None:
+def copy_ranges(
+    jobs: object, *, threads: int, on_copied: Callable[[int], None], fault_in: bool = False
+) -> None:
     """Copy every ``[dst, src, nbytes]`` row on ``threads`` threads, in batches of at most
-    IOV_MAX ranges and about BATCH_BYTES bytes; ``on_copied(bytes)`` after each batch."""
+    IOV_MAX ranges and about BATCH_BYTES bytes; ``on_copied(bytes)`` after each batch;
+    ``fault_in``: see ``call_for``."""
+    call = call_for(fault_in=fault_in)
     rows = split_large(as_jobs(jobs), BATCH_BYTES)
     if not len(rows):
         return
     parts = [rows[a:b] for a, b in batches(rows, max_bytes=BATCH_BYTES)]
 
     def run(part: np.ndarray) -> None:
-        copy_batch(part)
+        copy_batch(part, call)
         on_copied(int(part[:, 2].sum()))
 
     if threads <= 1 or len(parts) == 1:

@@ -208,15 +208,19 @@ def plan_copies(
 
 
 def copy_host(
-    jobs: Sequence[Sequence[int]] | np.ndarray, *, threads: int, progress: Progress
+    jobs: Sequence[Sequence[int]] | np.ndarray,
+    *,
+    threads: int,
+    progress: Progress,
+    fault_in: bool = False,
 ) -> None:
     """Copy each ``[dst, src, nbytes]`` row on ``threads`` threads (ckpt_engine.ps.hostcopy).
 
     One torch ``copy_`` per tensor costs a dispatch and a parallel region each: 10^5
     expert tensors of a few hundred KB ran at about 3 GB/s that way; one ctypes.memmove per
     tensor takes the interpreter lock per tensor. ``process_vm_writev`` copies up to 1024
-    ranges a call without it."""
-    copy_ranges(jobs, threads=threads, on_copied=progress.advance)
+    ranges a call without it; ``fault_in``: into new buffers (``hostcopy.call_for``)."""
+    copy_ranges(jobs, threads=threads, on_copied=progress.advance, fault_in=fault_in)
 
 
 def copy_into(dst: torch.Tensor, tensor: torch.Tensor) -> bool:

@@ -342,19 +342,21 @@ class Registry:
             recorded = helper.submit(metas_of, named, sizes, where, offsets, first)
             if not named_mod.PLAN_BESIDE_PIN:
                 wait([planned, recorded])
-            # process_vm_readv faults the buffers' pages in as it copies (huge pages, on the
-            # copy threads): pinned after the copies; writev pins or populates them first
-            copy_first = hostcopy.method == "readv"
+            # new buffers: process_vm_readv faults their pages in as it copies (huge pages, on
+            # the copy threads), pinned after; writev's are pinned or populated first
+            new = self._pin and any(not b.pinned for b in buffers)
+            call = hostcopy.call_for(fault_in=new)
+            copy_first = call == "readv"
             if self._pin and not copy_first:
                 self._pin_all(buffers)
-            elif hostcopy.method == "writev":  # which faults pages in one at a time
+            elif call == "writev":  # which faults pages in one at a time
                 host_memory.populate_all(buffers, threads=self._threads)
             host_jobs, by_torch = planned.result()
 
             def copy_in() -> None:
                 total = int(host_jobs[:, 2].sum())
                 with Progress(f"register {label!r}", total, rank=self._rank) as progress:
-                    copy_host(host_jobs, threads=self._threads, progress=progress)
+                    copy_host(host_jobs, threads=self._threads, progress=progress, fault_in=new)
 
             if copy_first:
                 copy_in()

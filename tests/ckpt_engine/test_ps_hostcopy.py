@@ -90,8 +90,8 @@ def scattered(count: int, seed: int = 0):
 @pytest.mark.parametrize("method", ["writev", "readv", "memmove"])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_copy_ranges_is_exact_both_ways(monkeypatch, method, threads):
-    if method != "memmove" and hostcopy.method != "writev":
-        pytest.skip("process_vm_writev is not available here")
+    if method != "memmove" and hostcopy.method == "memmove":
+        pytest.skip("process_vm_writev/readv are not available here")
     monkeypatch.setattr(hostcopy, "method", method)
     monkeypatch.setattr(hostcopy, "BATCH_BYTES", 20_000)  # many batches, some rows split
     dst, expected, jobs, _ = scattered(3000)
@@ -100,6 +100,21 @@ def test_copy_ranges_is_exact_both_ways(monkeypatch, method, threads):
     assert torch.equal(dst, expected)
     assert sum(copied) == sum(n for _, _, n in jobs) and len(copied) > 10
     assert hostcopy.method == method
+
+
+@pytest.mark.parametrize(
+    ("method", "fault_in", "call"),
+    [
+        ("auto", True, "readv"),
+        ("auto", False, "writev"),
+        ("writev", True, "writev"),
+        ("readv", False, "readv"),
+        ("memmove", True, "memmove"),
+    ],
+)
+def test_auto_reads_into_new_buffers_and_writes_into_others(monkeypatch, method, fault_in, call):
+    monkeypatch.setattr(hostcopy, "method", method)
+    assert hostcopy.call_for(fault_in=fault_in) == call
 
 
 def fake_writev(behaviour):
@@ -164,7 +179,7 @@ def test_no_progress_or_a_bad_address_raises(monkeypatch, result, code, match):
 
 
 def test_the_real_call_reports_a_bad_address():
-    if hostcopy.method != "writev":
+    if hostcopy.method == "memmove":
         pytest.skip("process_vm_writev is not available here")
     dst = torch.zeros(64, dtype=torch.uint8)
     with pytest.raises(HostCopyError, match="Bad address"):
