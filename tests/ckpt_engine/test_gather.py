@@ -306,17 +306,9 @@ def test_cpu_tensors_are_not_gathered():
 
 # -- GPU -------------------------------------------------------------------------------------------
 def registry(tmp_path):
-    from ckpt_engine.ps.registry import Registry
+    from registry_testutil import make_registry
 
-    return Registry(
-        host_memory_kind="anonymous",
-        shm_dir=str(tmp_path),
-        pin=True,
-        pin_in_place=False,
-        read_threads=2,
-        label="t",
-        pool_bytes=1 << 30,
-    )
+    return make_registry(tmp_path, pin=True, pool_bytes=1 << 30)
 
 
 def gpu_weights(seed: int) -> dict[str, torch.Tensor]:

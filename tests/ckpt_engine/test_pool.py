@@ -6,11 +6,11 @@ import time
 
 import pytest
 import torch
+from registry_testutil import make_registry
 from safetensors.torch import save_file
 
 from ckpt_engine import PSConfig, host_memory
 from ckpt_engine.pool import HostPool
-from ckpt_engine.ps.registry import Registry
 
 
 @pytest.fixture
@@ -25,14 +25,8 @@ def pins(monkeypatch):
 
 
 def registry(tmp_path, pool_bytes, *, pin=True):
-    return Registry(
-        host_memory_kind="anonymous",
-        shm_dir=str(tmp_path / "shm"),
-        pin=pin,
-        pin_in_place=True,
-        read_threads=4,
-        label="t",
-        pool_bytes=pool_bytes,
+    return make_registry(
+        tmp_path / "shm", pin=pin, pool_bytes=pool_bytes, pin_in_place=True, read_threads=4
     )
 
 

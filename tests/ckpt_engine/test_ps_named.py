@@ -5,12 +5,12 @@ import random
 
 import pytest
 import torch
+from registry_testutil import make_registry
 
 from ckpt_engine import ParameterServer, PSConfig
 from ckpt_engine.planner import ALIGN, align_up
 from ckpt_engine.ps import hostcopy, named
 from ckpt_engine.ps.named import NAMED_CHUNK_BYTES, pack, plan_copies
-from ckpt_engine.ps.registry import Registry
 
 
 def pack_by_loop(sizes, limit):
@@ -130,14 +130,7 @@ def test_registered_bytes_are_exact(tmp_path, monkeypatch, method):
     monkeypatch.setattr(hostcopy, "method", method)
     monkeypatch.setattr(hostcopy, "BATCH_BYTES", 4096)  # many batches on both threads
     tensors = mixed_tensors(7, count=3000)
-    reg = Registry(
-        host_memory_kind="anonymous",
-        shm_dir=str(tmp_path),
-        pin=False,
-        pin_in_place=False,
-        read_threads=2,
-        label="t",
-    )
+    reg = make_registry(tmp_path, pin=False)
     try:
         ckpt = reg.register("m", named_tensors=tensors)
         assert [m.name for m in ckpt.tensors] == list(tensors)
@@ -162,14 +155,7 @@ def test_unpinned_buffers_are_populated_before_batched_copies(tmp_path, monkeypa
     monkeypatch.setattr(
         "ckpt_engine.host_memory.populate_all", lambda bufs, threads: calls.append(len(bufs))
     )
-    reg = Registry(
-        host_memory_kind="anonymous",
-        shm_dir=str(tmp_path),
-        pin=False,
-        pin_in_place=False,
-        read_threads=2,
-        label="t",
-    )
+    reg = make_registry(tmp_path, pin=False)
     try:
         ckpt = reg.register("m", named_tensors={"x": torch.arange(10.0)})
         assert torch.equal(ckpt.get_tensor("x"), torch.arange(10.0))
@@ -181,15 +167,7 @@ def test_unpinned_buffers_are_populated_before_batched_copies(tmp_path, monkeypa
 @pytest.fixture
 def registry(tmp_path, monkeypatch):
     """A pinning registry (its ``_pin_all`` replaced by each test)."""
-    reg = Registry(
-        host_memory_kind="anonymous",
-        shm_dir=str(tmp_path),
-        pin=True,
-        pin_in_place=False,
-        read_threads=2,
-        label="t",
-        pool_bytes=1 << 30,
-    )
+    reg = make_registry(tmp_path, pin=True, pool_bytes=1 << 30)
     yield reg
     reg.close()
 
