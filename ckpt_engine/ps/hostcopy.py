@@ -1,16 +1,23 @@
-"""Many scattered host-to-host copies in few calls: ``process_vm_writev`` on our own process.
+"""Many scattered host-to-host copies in few calls: ``process_vm_readv`` / ``process_vm_writev``
+on our own process.
 
 Registering 10^5 separately allocated named tensors (MoE experts) copies each into the rank's
 host buffers. One ``ctypes.memmove`` a tensor takes and drops the interpreter lock per tensor:
 on the H200 host 16 threads copied 150,000 tensors of 143 KB at 17 GB/s (1.14-1.32 s for
 21.5 GB), bound by the lock's hand-offs. ``process_vm_writev(getpid(), local, n, remote, n, 0)``
-copies up to ``IOV_MAX`` (1024) ranges in one system call without the lock (a process may
-always access its own memory); the iovec arrays are built from address columns with numpy.
-The *remote* side, whose pages the kernel pins page by page, is the destination (our buffers:
-huge pages); the sources are read as plain user memory. ``process_vm_readv`` the other way
-round (the tensors' 4 KiB pages pinned) was slower.
+and ``process_vm_readv`` copy up to ``IOV_MAX`` (1024) ranges in one system call without the
+lock (a process may always access its own memory); the iovec arrays are built from address
+columns with numpy. The kernel pins the *remote* side's pages page by page and faults the
+*local* side's in as any user copy does (huge pages where the mapping has them). So
+``method = "auto"`` (the default) copies into a registration's new buffers by readv (our
+buffers local: their pages faulted in by the copy itself, on the copy threads; the registry
+pins them after the copies) and into pinned, populated ones by writev (our buffers remote).
 
-Measured on CPU (this 2-core VM, 2026-12-02; /work/probes/copybench.py; best of 3):
+Measured on 1x H200's host (16 threads, 150,000 x 143 KiB, 21.5 GB; bench/register_named.py,
+bench/RESULTS.md): into new buffers, readv then pin 1.63-2.13 s in all against writev after
+populating and pinning 1.86-3.13 s; into the pool's pinned buffers writev 0.86-1.44 s, readv
+0.93-2.14 s, memmove a tensor 3.9-4.6 s. On CPU (a 2-core VM, best of 3, populated
+destinations):
 
 | ranges | threads | memmove a range | process_vm_readv | process_vm_writev | one memmove |
 |---|---|---|---|---|---|
@@ -19,16 +26,10 @@ Measured on CPU (this 2-core VM, 2026-12-02; /work/probes/copybench.py; best of 
 | 15,000 x 143 KiB | 1 | 0.37-0.46 s | 0.55-0.59 s | 0.40-0.45 s | 0.24-0.27 s |
 | 15,000 x 143 KiB | 2 | 0.26-0.32 s | 0.35-0.36 s | 0.29-0.31 s | 0.14-0.17 s |
 
-``readv`` (``method = "readv"``) makes our destinations the local side: their missing pages are
-faulted in by the copy itself, as huge pages, on the copy threads, so a registration into new
-buffers copies first and pins after (ps/registry.py); ``writev`` needs them populated first.
-
-So ``writev`` is kept: on par with memmove for large ranges with few threads, 2x faster for
-small ones, and it holds the lock once per 1024 ranges, not once per range (what 16 threads on
-the H200 host contend for). Where the call is missing or refused (ENOSYS; EPERM or EACCES
-under a seccomp or Yama policy) every later copy uses ``memmove``, logged once. A short count
-(the kernel stops at a fault or at about 2 GiB a call) is retried from where it stopped; a call
-that makes no progress raises HostCopyError.
+Where a call is missing or refused (ENOSYS; EPERM or EACCES under a seccomp or Yama policy)
+every later copy uses ``memmove``, logged once. A short count (the kernel stops at a fault or
+at about 2 GiB a call) is retried from where it stopped; a call that makes no progress raises
+HostCopyError.
 """
 
 from __future__ import annotations
