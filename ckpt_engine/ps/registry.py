@@ -309,12 +309,13 @@ class Registry:
         defer: bool = False,
     ) -> list[TensorMeta]:
         """Pack the tensors into buffers taken from the pool (pinned already when reused;
-        ckpt_engine.ps.named), pin the new ones, then copy the tensors in: contiguous host
-        tensors on the read threads, device and strided tensors by torch, device-to-host
+        ckpt_engine.ps.named), copy the contiguous host tensors in on the read threads (into
+        new buffers first, by process_vm_readv, which faults their pages in, then pin them;
+        ckpt_engine.ps.hostcopy), then device and strided tensors by torch, device-to-host
         straight into the pinned buffers. ``defer``: the tensors on this rank's device
         (``direct.direct_indices``) are copied in the background instead (``ckpt.direct``).
 
-        Pinning runs before the copies, not beside them: measured on the H200 host (16 cores),
+        Pinning runs before or after the copies, not beside them: measured on the H200 host,
         filling the page tables while the copies touch the same buffers took 3.5 s instead of
         0.7 s (150,000 named tensors, 21.5 GB: 6.7 s in all against 3.4 s one after the
         other; 16 files: 4.8 s against 1.5 s). The copy list and the records read no buffer:
