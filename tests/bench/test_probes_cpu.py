@@ -71,5 +71,6 @@ def test_register_named_probe_without_pinning():
     )
     rows = [line for line in out.splitlines() if line.startswith("| ")][1:]
     heads = {line.split("|")[1].strip() for line in rows}
-    assert len(rows) == 8 and all(line.rstrip().endswith("True |") for line in rows), out
-    assert {"memmove, True, first", "memmove, False, pool reused"} <= heads
+    # three methods (auto, writev, memmove) x beside on/off x first/pool reused
+    assert len(rows) == 12 and all(line.rstrip().endswith("True |") for line in rows), out
+    assert {"auto, True, first", "memmove, False, pool reused"} <= heads
